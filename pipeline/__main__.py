@@ -1,0 +1,71 @@
+"""`python -m pipeline <command>`: the views and tools around the Luigi graph.
+
+- `plan --rid X [--config PATH] [--root DIR]`: read-only; prints every task of the run as done / to run, with the reason.
+- `emulator --port P --state-dir D [--latency S] [--answer-key DIR]`: the offline Fireworks-compatible server.
+- `prepare-data --out DIR [--squad-v2 F] [--triviaqa F] [--nq-open F] [--max-items ...]`: prepared files from the
+  published dataset formats.
+
+Running or resuming a run is Luigi's job: `luigi --module pipeline TrialReport --rid X --local-scheduler`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import exit_codes
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipeline.planview import render_plan
+
+    return render_plan(args.rid, root=args.root, config=args.config, stream=sys.stdout)
+
+
+def _emulator(argv: list[str]) -> int:
+    from pipeline.emulator.server import main
+
+    return main(argv)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.loaders import prepare_from_sources
+
+    summary = prepare_from_sources(squad_v2=args.squad_v2, triviaqa=args.triviaqa, nq_open=args.nq_open,
+                                   out_dir=args.out, seed=args.seed, open_book_max_items=args.open_book_max_items,
+                                   triviaqa_max_items=args.triviaqa_max_items, nq_open_max_items=args.nq_open_max_items)
+    for kind, info in summary.items():
+        print(f"{kind}: {info['items']} items, sha256 {info['sha256'][:12]}")
+    return exit_codes.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulator"]:
+        return _emulator(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="read-only: what would run and why")
+    plan.add_argument("--rid", required=True)
+    plan.add_argument("--config", default="", help="experiment config (default: the run's frozen one, else "
+                                                   "config/experiment.yaml)")
+    plan.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    plan.set_defaults(func=_plan)
+    sub.add_parser("emulator", help="run the offline Fireworks emulator (see `python -m pipeline emulator --help`)")
+    prep = sub.add_parser("prepare-data", help="write open_book.jsonl / closed_book.jsonl from published datasets")
+    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--squad-v2", type=Path, help="SQuAD v2 official JSON or HF JSON lines")
+    prep.add_argument("--triviaqa", type=Path, help="TriviaQA rc.nocontext (HF rows or unfiltered JSON)")
+    prep.add_argument("--nq-open", type=Path, help="NQ-Open JSON lines")
+    prep.add_argument("--seed", type=int, default=2025)
+    prep.add_argument("--open-book-max-items", type=int)
+    prep.add_argument("--triviaqa-max-items", type=int)
+    prep.add_argument("--nq-open-max-items", type=int)
+    prep.set_defaults(func=_prepare)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The experiment config: a YAML file validated by pydantic, and its expansion into trials.
+
+The schema follows the original system's `EvalConfigModel` (model ids and aliases, prompt sets, temps,
+samples per item, top_p/top_k/max_new_tokens, sweep or explicit trials, sizes, pricing, provider) so its
+`effective_config.yaml` files stay readable. Relative paths in a config file resolve against the directory
+of that file; `load_config` returns them absolute, which is what gets frozen into a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.naming import fmt_param, is_safe_component, short_hash, temp_label, temp_str
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PACKAGE_ROOT / "config" / "experiment.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MaxNewTokens(_Model):
+    closed_book: Annotated[int, Field(gt=0, le=131072)] = 1024
+    open_book: Annotated[int, Field(gt=0, le=131072)] = 1024
+
+
+class PromptSet(_Model):
+    control: str
+    treatment: str
+
+
+class Sizes(_Model):
+    open_book_max_items: Annotated[int, Field(gt=0)] | None = None
+    closed_book_max_items: Annotated[int, Field(gt=0)] | None = None
+    squad_v2_max_items: Annotated[int, Field(gt=0)] | None = None
+    triviaqa_max_items: Annotated[int, Field(gt=0)] | None = None
+    nq_open_max_items: Annotated[int, Field(gt=0)] | None = None
+
+
+class Paths(_Model):
+    prepared_dir: str = "../data/sample"
+    task_instructions_dir: str = "task_instructions"
+    experiments_dir: str | None = None
+
+
+class Provider(_Model):
+    """Where batches go. `emulator` (default) starts a local Fireworks-compatible server per run."""
+
+    name: Literal["emulator", "fireworks"] = "emulator"
+    latency_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    poll_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    poll_timeout_s: Annotated[float, Field(gt=0)] = 48 * 3600
+    pricing_key: str | None = None
+
+
+class Batching(_Model):
+    lines_per_part: Annotated[int, Field(gt=0, le=1_000_000)] = 500
+
+
+class Pricing(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_million: Annotated[float, Field(ge=0)] = 0.15
+    output_per_million: Annotated[float, Field(ge=0)] = 0.60
+    batch_discount: Annotated[float, Field(ge=0, le=1)] | None = 0.5
+    providers: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+
+    @field_validator("providers")
+    @classmethod
+    def _entries_complete(cls, value: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+        allowed = {"input_per_mtok", "output_per_mtok", "input_per_mtok_batch", "output_per_mtok_batch", "batch_discount"}
+        for provider, table in value.items():
+            for model, entry in table.items():
+                where = f"pricing.providers.{provider}[{model!r}]"
+                unknown = set(entry) - allowed
+                if unknown:
+                    raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+                standard = {"input_per_mtok", "output_per_mtok"} <= set(entry)
+                batch = {"input_per_mtok_batch", "output_per_mtok_batch"} <= set(entry)
+                if not (standard or batch):
+                    raise ValueError(f"{where}: give input_per_mtok+output_per_mtok or the *_batch pair")
+                if any(v < 0 for v in entry.values()):
+                    raise ValueError(f"{where}: rates must be >= 0")
+        return value
+
+
+class Unsupported(_Model):
+    strategy: Literal["baseline", "overlap"] = "baseline"
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    min_token_overlap: Annotated[float, Field(ge=0, le=1)] = 0.6
+
+
+class Scoring(_Model):
+    abstain_markers: list[str] | None = None
+
+
+class Stats(_Model):
+    bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 5000
+    permutation_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 5000
+    random_seed: int = 1337
+    enable_permutation: bool = True
+    enable_fdr: bool = True
+    risk_thresholds: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    tost_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    tost_margins: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"em": 0.01, "f1": 0.01})
+
+    @field_validator("risk_thresholds")
+    @classmethod
+    def _sorted(cls, value: list[float]) -> list[float]:
+        return sorted(set(value))
+
+
+class Sweep(_Model):
+    models: list[str] | None = None
+    prompt_sets: list[str] | None = None
+    top_p: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    top_k: list[Annotated[int, Field(ge=0)]] | None = None
+    max_new_tokens: dict[Literal["open_book", "closed_book"], list[Annotated[int, Field(gt=0)]]] | None = None
+
+
+class TrialSpec(_Model):
+    id: str | None = None
+    model: str | None = None
+    model_id: str | None = None
+    prompt_set: str | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    max_new_tokens: MaxNewTokens | None = None
+
+
+Temp = Annotated[float, Field(ge=0, le=2)]
+
+
+class ExperimentConfig(_Model):
+    """The whole experiment. Unknown keys are refused so that typos do not silently fall back to defaults."""
+
+    model_id: str = "accounts/fireworks/models/gpt-oss-120b"
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    models: list[str] | None = None
+    temps: list[Temp] = Field(default_factory=lambda: [0.0, 0.7])
+    samples_per_item: dict[str, Annotated[int, Field(gt=0, le=1000)]]
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = 1.0
+    top_k: Annotated[int, Field(ge=0)] | None = 50
+    max_new_tokens: MaxNewTokens = Field(default_factory=MaxNewTokens)
+    stop: list[str] = Field(default_factory=list)
+    prompt_sets: dict[str, PromptSet] = Field(default_factory=dict)
+    default_prompt_set: str | None = None
+    sweep: Sweep | None = None
+    trials: list[TrialSpec] | None = None
+    sizes: Sizes = Field(default_factory=Sizes)
+    paths: Paths = Field(default_factory=Paths)
+    provider: Provider = Field(default_factory=Provider)
+    batching: Batching = Field(default_factory=Batching)
+    use_batch_api: bool = True
+    pricing: Pricing = Field(default_factory=Pricing)
+    unsupported: Unsupported = Field(default_factory=Unsupported)
+    scoring: Scoring = Field(default_factory=Scoring)
+    stats: Stats = Field(default_factory=Stats)
+
+    @field_validator("samples_per_item", mode="before")
+    @classmethod
+    def _normalize_sample_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out: dict[str, Any] = {}
+        for key, k in value.items():
+            try:
+                label = temp_str(float(key))
+            except (TypeError, ValueError):
+                raise ValueError(f"samples_per_item key {key!r} is not a temperature") from None
+            if label in out:
+                raise ValueError(f"samples_per_item has two keys for temperature {label}")
+            out[label] = k
+        return out
+
+    @field_validator("temps")
+    @classmethod
+    def _unique_temps(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("temps must list at least one temperature")
+        labels: dict[str, float] = {}
+        for t in value:
+            label = temp_label(t)
+            if label in labels:
+                raise ValueError(f"temperatures {labels[label]} and {t} share the label t{label}; remove one")
+            labels[label] = t
+        return value
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _safe_prompt_set_names(cls, value: dict[str, PromptSet]) -> dict[str, PromptSet]:
+        for name in value:
+            if not is_safe_component(name) or "." in name:
+                raise ValueError(f"prompt set name {name!r} must match [A-Za-z0-9][A-Za-z0-9_-]* (it becomes part of file names)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if not self.prompt_sets:
+            raise ValueError("prompt_sets is empty: define at least one {name: {control: FILE, treatment: FILE}}")
+        if self.default_prompt_set is not None and self.default_prompt_set not in self.prompt_sets:
+            raise ValueError(f"default_prompt_set {self.default_prompt_set!r} is not in prompt_sets {sorted(self.prompt_sets)}")
+        for t in self.temps:
+            if temp_str(t) not in self.samples_per_item:
+                raise ValueError(f"samples_per_item has no entry for temperature {temp_str(t)}; add '{temp_str(t)}: K'")
+        names = set(self.prompt_sets)
+        used = list(self.sweep.prompt_sets or []) if self.sweep else []
+        used += [t.prompt_set for t in self.trials or [] if t.prompt_set]
+        for name in used:
+            if name not in names:
+                raise ValueError(f"prompt set {name!r} is used but not defined in prompt_sets {sorted(names)}")
+        return self
+
+    def resolve_model(self, name: str) -> str:
+        return self.model_aliases.get(name, name)
+
+    def short_model_name(self, model_id: str) -> str:
+        for alias, full in self.model_aliases.items():
+            if full == model_id:
+                return alias
+        return re.sub(r"[^a-zA-Z0-9_-]+", "-", model_id.rstrip("/").split("/")[-1])
+
+    @property
+    def default_set(self) -> str:
+        return self.default_prompt_set or sorted(self.prompt_sets)[0]
+
+
+class Trial(BaseModel):
+    """One expanded trial: a model, a prompt set and sampling parameters, over every temperature of the run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slug: str
+    model_id: str
+    prompt_set: str
+    top_p: float | None
+    top_k: int | None
+    max_new_tokens: MaxNewTokens
+    temps: list[float]
+
+    def max_tokens_for(self, type_: str) -> int:
+        return self.max_new_tokens.open_book if type_ == "open" else self.max_new_tokens.closed_book
+
+    def as_manifest(self) -> dict[str, Any]:
+        return {
+            "id": self.slug,
+            "model_id": self.model_id,
+            "prompt_set": self.prompt_set,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens.model_dump(),
+        }
+
+
+def _base_slug(cfg: ExperimentConfig, model_id: str, prompt_set: str, top_p: float | None, top_k: int | None,
+               mx: MaxNewTokens) -> str:
+    parts = [cfg.short_model_name(model_id), prompt_set]
+    if top_p is not None:
+        parts.append(f"tp{fmt_param(top_p)}")
+    if top_k is not None:
+        parts.append(f"tk{int(top_k)}")
+    parts.append(f"mx{mx.closed_book}-{mx.open_book}")
+    return "-".join(parts)
+
+
+def expand_trials(cfg: ExperimentConfig) -> list[Trial]:
+    """Explicit `trials:` entries, else the sweep's cartesian product, else the base lists; slugs are unique."""
+    models = [cfg.resolve_model(m) for m in (cfg.models or [cfg.model_id])]
+    prompt_sets = [cfg.default_set]
+    rows: list[tuple[str | None, str, str, float | None, int | None, MaxNewTokens]] = []
+    if cfg.trials:
+        for spec in cfg.trials:
+            model = cfg.resolve_model(spec.model or spec.model_id or models[0])
+            rows.append((spec.id, model, spec.prompt_set or prompt_sets[0],
+                         spec.top_p if spec.top_p is not None else cfg.top_p,
+                         spec.top_k if spec.top_k is not None else cfg.top_k,
+                         spec.max_new_tokens or cfg.max_new_tokens))
+    else:
+        sweep = cfg.sweep or Sweep()
+        sweep_models = [cfg.resolve_model(m) for m in sweep.models] if sweep.models else models
+        top_ps: list[float | None] = list(sweep.top_p) if sweep.top_p else [cfg.top_p]
+        top_ks: list[int | None] = list(sweep.top_k) if sweep.top_k else [cfg.top_k]
+        mx = sweep.max_new_tokens or {}
+        mxs = [MaxNewTokens(closed_book=cb, open_book=ob)
+               for cb in mx.get("closed_book", [cfg.max_new_tokens.closed_book])
+               for ob in mx.get("open_book", [cfg.max_new_tokens.open_book])]
+        for model, ps, tp, tk, m in itertools.product(sweep_models, sweep.prompt_sets or prompt_sets, top_ps, top_ks, mxs):
+            rows.append((None, model, ps, tp, tk, m))
+    return _assign_slugs(cfg, rows)
+
+
+def _assign_slugs(cfg: ExperimentConfig, rows: list[tuple[str | None, str, str, float | None, int | None, MaxNewTokens]]
+                  ) -> list[Trial]:
+    seen_params: set[tuple[Any, ...]] = set()
+    base: list[str] = []
+    for explicit, model, ps, tp, tk, mx in rows:
+        key = (model, ps, tp, tk, mx.closed_book, mx.open_book)
+        if key in seen_params:
+            raise ConfigError(f"trial {model} / {ps} / top_p={tp} / top_k={tk} / {mx} is listed twice; remove the duplicate")
+        seen_params.add(key)
+        slug = explicit or _base_slug(cfg, model, ps, tp, tk, mx)
+        if not is_safe_component(slug):
+            raise ConfigError(f"trial id {slug!r} is not a safe directory name; use letters, digits, '-', '_' and '.'")
+        base.append(slug)
+    counts = {s: base.count(s) for s in base}
+    trials: list[Trial] = []
+    for slug, (explicit, model, ps, tp, tk, mx) in zip(base, rows, strict=True):
+        if counts[slug] > 1:
+            if explicit:
+                raise ConfigError(f"trial id {slug!r} is used by more than one trial; give each a distinct id")
+            # Two models can share a short name (the last path segment); a hash of the full id keeps slugs apart.
+            slug = f"{slug}-{short_hash(model, ps, tp, tk, mx.closed_book, mx.open_book, length=6)}"
+        trials.append(Trial(slug=slug, model_id=model, prompt_set=ps, top_p=tp, top_k=tk, max_new_tokens=mx,
+                            temps=list(cfg.temps)))
+    return trials
+
+
+def _format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid experiment config ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  - {loc}: {err['msg']}")
+    lines.append("Fix these keys (see config/experiment.yaml for a complete example) and run again.")
+    return "\n".join(lines)
+
+
+def _resolve(base: Path, value: str) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    p = Path(expanded)
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _absolutize(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make every path in the raw config absolute, relative to `base` (the config file's directory)."""
+    out = dict(raw)
+    if isinstance(out.get("prompt_sets"), dict):
+        out["prompt_sets"] = {
+            name: {k: _resolve(base, v) if isinstance(v, str) else v for k, v in spec.items()}
+            if isinstance(spec, dict) else spec
+            for name, spec in out["prompt_sets"].items()
+        }
+    if isinstance(out.get("paths"), dict):
+        out["paths"] = {k: _resolve(base, v) if isinstance(v, str) else v for k, v in out["paths"].items()}
+    else:
+        out["paths"] = {k: _resolve(base, v) for k, v in Paths().model_dump().items() if isinstance(v, str)}
+    for key in ("prepared_dir", "task_instructions_dir"):
+        out["paths"].setdefault(key, _resolve(base, getattr(Paths(), key)))
+    return out
+
+
+def parse_config(raw: Any, source: Path, *, base: Path | None = None) -> ExperimentConfig:
+    """Validate a raw mapping; `source` names the file in error messages, `base` anchors relative paths."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(_absolutize(raw, base or source.parent))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+    for name, ps in cfg.prompt_sets.items():
+        for cond in ("control", "treatment"):
+            path = Path(getattr(ps, cond))
+            if not path.is_file():
+                raise ConfigError(f"{source}: prompt_sets.{name}.{cond}: file {path} does not exist")
+    expand_trials(cfg)
+    return cfg
+
+
+def load_config(path: Path) -> ExperimentConfig:
+    """Read and validate a config file; errors name the file and each bad key."""
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}; pass an existing file with --config") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, path)
+
+
+def config_dump(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The canonical plain form of a config: what is frozen and what drift is measured on."""
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(json.dumps(config_dump(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two plain config dumps, one `key: old -> new` line each."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{where}: (absent) -> {json.dumps(new[key])}")
+            elif key not in new:
+                out.append(f"{where}: {json.dumps(old[key])} -> (absent)")
+            else:
+                out.extend(diff_configs(old[key], new[key], where))
+        return out
+    return [] if old == new else [f"{prefix}: {json.dumps(old)} -> {json.dumps(new)}"]

@@ -1,0 +1,1 @@
+"""Offline Fireworks-compatible batch-inference emulator (HTTP server, simulated model, process helper)."""

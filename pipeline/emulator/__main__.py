@@ -1,0 +1,7 @@
+"""`python -m pipeline.emulator --state-dir D [--port P --latency S --answer-key DIR --idle-exit S]`."""
+
+from __future__ import annotations
+
+from pipeline.emulator.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""Process exit codes, distinct so cron and scripts can tell outcomes apart.
+
+Luigi's own codes come from the `[retcode]` block of config/luigi.cfg (10 already running, 20 missing data,
+25 not run, 30 task failed, 35 scheduling error, 40 unhandled exception); ours do not collide with them.
+"""
+
+OK = 0
+CONFIG_INVALID = 2
+CONFIG_DRIFT = 3

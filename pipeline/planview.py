@@ -1,0 +1,60 @@
+"""`plan`: walk a run's task graph without running or writing anything, and say what is done and why."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from luigi.task import flatten
+
+from pipeline import exit_codes
+from pipeline.config import ConfigError
+from pipeline.run import ConfigDriftError, check_drift, open_run
+
+
+def _children(task):  # noqa: ANN001, ANN202
+    from pipeline.tasks.parse import ParsePredictions
+    from pipeline.tasks.remote import DownloadPart, run_parts
+
+    deps = list(flatten(task.requires()))
+    if isinstance(task, ParsePredictions):
+        try:
+            refs = run_parts(task)[task.trial]
+        except (OSError, KeyError):
+            refs = []
+        deps += [DownloadPart(trial=r.owner, jkey=r.jkey, **task.common()) for r in refs]
+    return deps
+
+
+def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO) -> int:
+    from pipeline.tasks.report import TrialReport
+
+    try:
+        run = open_run(rid, root or None, config or None)
+        check_drift(run, config or None)
+    except ConfigDriftError as exc:
+        print(f"error: {exc}", file=stream)
+        return exit_codes.CONFIG_DRIFT
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=stream)
+        return exit_codes.CONFIG_INVALID
+    source = "frozen effective_config.yaml" if run.frozen else str(run.source)
+    print(f"run {rid} at {run.layout.run_dir} (config: {source}); {len(run.trials)} trial(s)", file=stream)
+    seen: set[str] = set()
+    counts = {"done": 0, "to run": 0}
+
+    def visit(task, depth: int) -> None:  # noqa: ANN001
+        if task.task_id in seen:
+            return
+        seen.add(task.task_id)
+        target = task.output()
+        done = target.exists()
+        if not done:
+            for dep in _children(task):
+                visit(dep, depth + 1)
+        state = "done" if done else "to run"
+        counts[state] += 1
+        print(f"  {state:<7} {task.stage:<10} {task.describe():<55} ({target.reason})", file=stream)
+
+    visit(TrialReport(rid=rid, root=str(run.layout.root), config=config), 0)
+    print(f"{counts['done']} done, {counts['to run']} to run", file=stream)
+    return exit_codes.OK

@@ -1,0 +1,29 @@
+"""The provider client for a run: the embedded emulator (default) or the real Fireworks service.
+
+Both are the same `FireworksClient`; only the base URL and the credentials differ. The emulator keeps its
+state under the run (`.emulator/`), so a re-run after a crash finds the same datasets and jobs.
+"""
+
+from __future__ import annotations
+
+from pipeline.providers.fireworks import FireworksClient
+from pipeline.run import Run
+
+EMULATOR_POLL_S = 0.1
+FIREWORKS_POLL_S = 30.0
+
+
+def make_client(run: Run) -> FireworksClient:
+    if run.cfg.provider.name == "fireworks":
+        return FireworksClient.from_env()
+    from pipeline.emulator.process import ensure_emulator
+
+    base_url = ensure_emulator(run.layout.emulator_dir, answer_key=run.layout.prepared_dir,
+                               latency_s=run.cfg.provider.latency_s)
+    return FireworksClient(base_url, "emulator-key", "emulator", allow_loopback_http=True, backoff_s=0.05)
+
+
+def poll_interval(run: Run) -> float:
+    if run.cfg.provider.poll_interval_s is not None:
+        return run.cfg.provider.poll_interval_s
+    return EMULATOR_POLL_S if run.cfg.provider.name == "emulator" else FIREWORKS_POLL_S

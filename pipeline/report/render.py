@@ -1,0 +1,493 @@
+"""Render the per-trial `report.md` and the run's `aggregate_report.md` from plain data.
+
+Contract:
+- `render_trial_report(ctx)` / `render_aggregate_report(ctx)` take the dicts described on each function and
+  return Markdown text; the same inputs always give the same text (no clock, sorted keys, fixed formats).
+- Units are fixed: rates are percentages with one decimal (`45.0%`), differences are percentage points with two
+  decimals and a sign (`+2.50 pp`), p- and q-values use 3 significant digits (`0.0123`) or `<1e-4`, money is USD
+  with 4 decimals.
+- `—` marks a metric that does not apply (false-answer and unsupported rates of closed-book items, a metric
+  column absent from the scores); `n/a` marks a value that applies but is missing (an absent significance block,
+  a None in significance.json, a group without scored items). Every block of significance.json and costs.json is
+  optional: a missing one renders `n/a`, it never raises.
+The module turns the inputs into rows of display strings; the templates only lay them out.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from pipeline.naming import CONDITIONS, TYPES, temp_str
+
+NA = "n/a"
+NOT_APPLICABLE = "—"
+TYPE_TITLES = {"closed": "Closed-book", "open": "Open-book"}
+# per_item_scores.csv column -> display name, in table order
+METRICS = {
+    "em": "EM",
+    "f1": "F1",
+    "abstain_rate": "Abstain",
+    "false_answer_rate": "False-Ans",
+    "unsupported_rate": "Unsupported",
+}
+# Metrics that are undefined for a task type (closed-book items have no passage to contradict or support).
+_UNDEFINED = {"closed": frozenset({"false_answer_rate", "unsupported_rate"}), "open": frozenset()}
+_TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # Markdown, not HTML
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["cell"] = _cell
+    return env
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a finite float, or None for None/NaN/inf/non-numbers (booleans are not numbers here)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _cell(value: Any) -> str:
+    """Free text made safe for one Markdown table cell."""
+    return NA if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def fmt_pct(value: Any) -> str:
+    number = _number(value)
+    return NA if number is None else f"{number * 100:.1f}%"
+
+
+def fmt_pp(value: Any) -> str:
+    number = _number(value)
+    return NA if number is None else f"{number * 100:+.2f} pp"
+
+
+def fmt_ci_pp(ci: Any) -> str:
+    bounds = _pair(ci)
+    return NA if bounds is None else f"[{bounds[0] * 100:+.2f}, {bounds[1] * 100:+.2f}] pp"
+
+
+def fmt_p(value: Any) -> str:
+    number = _number(value)
+    if number is None:
+        return NA
+    return "<1e-4" if number < 1e-4 else f"{number:.3g}"
+
+
+def fmt_num(value: Any, spec: str = ".3g") -> str:
+    number = _number(value)
+    if number is None:
+        # odds ratios may legitimately be infinite; show that rather than n/a
+        return "inf" if isinstance(value, int | float) and value == math.inf else NA
+    return format(number, spec)
+
+
+def fmt_int(value: Any) -> str:
+    number = _number(value)
+    return NA if number is None else f"{int(number):,}"
+
+
+def fmt_usd(value: Any) -> str:
+    number = _number(value)
+    return NA if number is None else f"${number:.4f}"
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    low, high = _number(value[0]), _number(value[1])
+    return None if low is None or high is None else (low, high)
+
+
+def _get(data: Any, *keys: str) -> Any:
+    """Nested dict lookup that yields None as soon as a level is missing or not a dict."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _temp_key(value: Any) -> str | None:
+    number = _number(value)
+    return None if number is None else temp_str(number)
+
+
+def _by_temp(mapping: Any) -> dict[str, Any]:
+    """A dict keyed by temperature strings re-keyed with `temp_str`, so `0.7`, `"0.7"` and `"0.70"` all match."""
+    if not isinstance(mapping, dict):
+        return {}
+    result: dict[str, Any] = {}
+    for key in sorted(mapping, key=str):
+        norm = _temp_key(key)
+        if norm is not None:
+            result.setdefault(norm, mapping[key])
+    return result
+
+
+def _sorted_temps(keys: Any) -> list[str]:
+    return sorted({k for k in keys if k is not None}, key=float)
+
+
+# ---------------------------------------------------------------- per-item scores
+
+
+def _prepare_items(per_item: Any) -> pd.DataFrame:
+    """per_item_scores with a `temp_key` column and only the items that have at least one scored sample."""
+    frame = per_item.copy() if isinstance(per_item, pd.DataFrame) else pd.DataFrame()
+    if frame.columns.empty:
+        # no scores at all: metrics are missing (n/a), not inapplicable (—)
+        frame = pd.DataFrame(columns=list(METRICS), dtype=float)
+    for col in ("item_key", "condition", "type", "temp"):
+        if col not in frame.columns:
+            frame[col] = pd.Series(dtype=object)
+    frame["temp_key"] = [_temp_key(t) for t in frame["temp"]]
+    if "n_excluded" in frame.columns:
+        frame["n_excluded"] = pd.to_numeric(frame["n_excluded"], errors="coerce").fillna(0)
+    else:
+        frame["n_excluded"] = math.nan  # unknown, shown as n/a
+    if "n_samples" in frame.columns:
+        frame["scored"] = pd.to_numeric(frame["n_samples"], errors="coerce").fillna(0) > 0
+    else:
+        frame["scored"] = True
+    return frame
+
+
+def _metric_cell(group: pd.DataFrame, metric: str, type_: str, columns: pd.Index) -> str:
+    if metric in _UNDEFINED.get(type_, ()) or metric not in columns:
+        return NOT_APPLICABLE
+    values = pd.to_numeric(group[metric], errors="coerce").dropna()
+    return fmt_pct(values.mean()) if len(values) else NA
+
+
+def _results_rows(items: pd.DataFrame, temp: str, type_: str) -> list[dict[str, Any]]:
+    rows = []
+    block = items[(items["temp_key"] == temp) & (items["type"] == type_) & items["scored"]]
+    for condition in CONDITIONS:
+        group = block[block["condition"] == condition]
+        cells = [_metric_cell(group, metric, type_, items.columns) for metric in METRICS]
+        rows.append({"condition": condition.capitalize(), "cells": cells, "n": fmt_int(group["item_key"].nunique())})
+    return rows
+
+
+def _balance_rows(items: pd.DataFrame, temps: list[str]) -> list[dict[str, str]]:
+    rows = []
+    for temp in temps:
+        for type_ in TYPES:
+            block = items[(items["temp_key"] == temp) & (items["type"] == type_)]
+            scored = block[block["scored"]]
+            keys = {c: set(scored.loc[scored["condition"] == c, "item_key"]) for c in CONDITIONS}
+            rows.append({"temp": temp, "type": TYPE_TITLES[type_],
+                         "control": fmt_int(len(keys["control"])), "treatment": fmt_int(len(keys["treatment"])),
+                         "paired": fmt_int(len(keys["control"] & keys["treatment"])),
+                         "excluded": fmt_int(block["n_excluded"].sum()) if block["n_excluded"].notna().all() else NA})
+    return rows
+
+
+def _status_line(summary: Any) -> str:
+    counts = summary.get("status_counts", summary) if isinstance(summary, dict) else None
+    if not isinstance(counts, dict) or not counts:
+        return NA
+    names = [s for s in ("ok", "provider_error", "truncated") if s in counts]
+    names += sorted(k for k in counts if k not in names and _number(counts[k]) is not None)
+    return " · ".join(f"{name} {fmt_int(counts[name])}" for name in names) or NA
+
+
+# ---------------------------------------------------------------- significance
+
+
+def _metric_rows(metrics: Any) -> list[dict[str, str]]:
+    if not isinstance(metrics, dict):
+        return []
+    names = [m for m in METRICS if m in metrics] + sorted(m for m in metrics if m not in METRICS)
+    rows = []
+    for name in names:
+        block = metrics[name] if isinstance(metrics[name], dict) else {}
+        rows.append({
+            "metric": METRICS.get(name, name),
+            "delta": fmt_pp(block.get("delta_mean")),
+            "ci": fmt_ci_pp(block.get("ci_95")),
+            "p": fmt_p(_get(block, "wilcoxon", "p_value")),
+            "q": fmt_p(_get(block, "wilcoxon", "q_value")),
+            "hl": fmt_pp(block.get("hodges_lehmann")),
+            "d": fmt_num(block.get("cohens_d"), ".3f"),
+            "cliff": fmt_num(block.get("cliffs_delta"), ".3f"),
+            "perm": fmt_p(block.get("perm_p_value")),
+        })
+    return rows
+
+
+def _mcnemar_line(mcnemar: Any) -> str:
+    if not isinstance(mcnemar, dict) or not mcnemar:
+        return NA
+    p_value = mcnemar.get("p_exact", mcnemar.get("p_value"))
+    ci = _pair(mcnemar.get("or_ci_95"))
+    ci_text = NA if ci is None else f"{fmt_num(ci[0])}–{fmt_num(ci[1])}"
+    method = mcnemar.get("or_ci_method") or NA
+    return (f"b = {fmt_int(mcnemar.get('b'))}, c = {fmt_int(mcnemar.get('c'))}, exact p = {fmt_p(p_value)}, "
+            f"q = {fmt_p(mcnemar.get('q_value'))}; odds ratio = {fmt_num(mcnemar.get('odds_ratio'))} "
+            f"(95% CI {ci_text}; method: {method})")
+
+
+def _tost_lines(tost: Any) -> list[str]:
+    if not isinstance(tost, dict):
+        return []
+    lines = []
+    for name in [m for m in METRICS if m in tost] + sorted(m for m in tost if m not in METRICS):
+        block = tost[name] if isinstance(tost[name], dict) else {}
+        verdict = {True: "non-inferior", False: "non-inferiority not shown"}.get(block.get("non_inferior"), NA)
+        margin = _number(block.get("margin"))
+        ci = f", 95% CI {fmt_ci_pp(block['ci_95'])}" if _pair(block.get("ci_95")) else ""
+        lines.append(f"TOST non-inferiority, {METRICS.get(name, name)}: margin "
+                     f"{NA if margin is None else f'{margin * 100:.2f} pp'}, α = {fmt_num(block.get('alpha'))}, "
+                     f"p = {fmt_p(block.get('p_value'))} → {verdict} (mean Δ {fmt_pp(block.get('mean_delta'))}{ci})")
+    return lines
+
+
+def _aurc_line(selective: Any) -> str | None:
+    aurc = _get(selective, "aurc")
+    if not isinstance(aurc, dict):
+        return None
+    return (f"AURC (risk over coverage, lower is better): control {fmt_num(aurc.get('control'), '.4f')} · "
+            f"treatment {fmt_num(aurc.get('treatment'), '.4f')}")
+
+
+def _meta_lines(meta: Any) -> list[str]:
+    if not isinstance(meta, dict):
+        return []
+    lines = []
+    for name in [m for m in METRICS if m in meta] + sorted(m for m in meta if m not in METRICS):
+        block = meta[name] if isinstance(meta[name], dict) else {}
+        fixed, random, het = (block.get(k) if isinstance(block.get(k), dict) else {}
+                              for k in ("fixed", "random", "heterogeneity"))
+        lines.append(
+            f"Meta-analysis across datasets, {METRICS.get(name, name)}: fixed {fmt_pp(fixed.get('delta_mean'))} "
+            f"{fmt_ci_pp(fixed.get('ci_95'))}; random {fmt_pp(random.get('delta_mean'))} "
+            f"{fmt_ci_pp(random.get('ci_95'))}, τ² = {fmt_num(random.get('tau2'))}; Q = {fmt_num(het.get('Q'))} "
+            f"(df {fmt_int(het.get('df'))}, p = {fmt_p(het.get('p_value'))}), I² = {fmt_pct(het.get('I2'))}")
+    return lines
+
+
+def _subgroup_rows(subgroups: Any) -> list[dict[str, str]]:
+    datasets = _get(subgroups, "dataset")
+    if not isinstance(datasets, dict):
+        return []
+    rows = []
+    for name in sorted(datasets, key=str):
+        block = datasets[name] if isinstance(datasets[name], dict) else {}
+        em = _get(block, "metrics", "em")
+        rows.append({"dataset": str(name), "n": fmt_int(block.get("n_items")),
+                     "delta": fmt_pp(_get(em, "delta_mean")), "ci": fmt_ci_pp(_get(em, "ci_95")),
+                     "p": fmt_p(_get(em, "wilcoxon", "p_value")), "q": fmt_p(_get(em, "wilcoxon", "q_value")),
+                     "mcnemar_p": fmt_p(_get(block, "mcnemar", "p_exact"))})
+    return rows
+
+
+def _significance_view(block: Any) -> dict[str, Any]:
+    if not isinstance(block, dict) or not block:
+        return {"available": False}
+    return {
+        "available": True,
+        "n_items": fmt_int(block.get("n_items")),
+        "mcnemar": _mcnemar_line(block.get("mcnemar")),
+        "metrics": _metric_rows(block.get("metrics")),
+        "tost": _tost_lines(block.get("tost")),
+        "aurc": _aurc_line(block.get("selective_risk")),
+        "meta": _meta_lines(block.get("meta")),
+        "subgroups": _subgroup_rows(block.get("subgroups")),
+    }
+
+
+# ---------------------------------------------------------------- costs
+
+
+def _cost_block(label_temp: str, label_condition: str, block: Any) -> dict[str, str]:
+    block = block if isinstance(block, dict) else {}
+    return {"temp": label_temp, "condition": label_condition, "prompt": fmt_int(block.get("prompt_tokens")),
+            "completion": fmt_int(block.get("completion_tokens")), "total": fmt_int(block.get("total_tokens")),
+            "usd": fmt_usd(block.get("usd"))}
+
+
+def _cost_view(costs: Any) -> dict[str, Any]:
+    costs = costs if isinstance(costs, dict) else {}
+    pricing = costs.get("pricing") if isinstance(costs.get("pricing"), dict) else {}
+    rows = []
+    by_condition_temp = _by_temp(costs.get("by_condition_temp"))
+    for temp in _sorted_temps(by_condition_temp):
+        per_condition = by_condition_temp[temp] if isinstance(by_condition_temp[temp], dict) else {}
+        rows += [_cost_block(temp, c, per_condition.get(c)) for c in sorted(per_condition, key=_condition_order)]
+    by_condition = costs.get("by_condition") if isinstance(costs.get("by_condition"), dict) else {}
+    rows += [_cost_block("all", c, by_condition[c]) for c in sorted(by_condition, key=_condition_order)]
+    if costs:
+        rows.append(_cost_block("all", "all", costs))
+    return {
+        "prompt": fmt_int(costs.get("prompt_tokens")),
+        "completion": fmt_int(costs.get("completion_tokens")),
+        "total": fmt_int(costs.get("total_tokens")),
+        "usd": fmt_usd(costs.get("usd")),
+        "records": fmt_int(costs.get("usage_records")),
+        "batch": _yes_no(costs.get("batch_discount_applied")),
+        "provider": pricing.get("provider") or NA,
+        "model_key": pricing.get("model_key") or NA,
+        "input_rate": fmt_num(pricing.get("input_rate_per_mtok"), "g"),
+        "output_rate": fmt_num(pricing.get("output_rate_per_mtok"), "g"),
+        "rate_type": pricing.get("rate_type") or NA,
+        "table_found": _yes_no(pricing.get("table_found")),
+        "source": pricing.get("source") or NA,
+        "rows": rows,
+    }
+
+
+def _yes_no(value: Any) -> str:
+    return {True: "yes", False: "no"}[value] if isinstance(value, bool) else NA
+
+
+def _condition_order(name: str) -> tuple[int, str]:
+    return (CONDITIONS.index(name) if name in CONDITIONS else len(CONDITIONS), str(name))
+
+
+# ---------------------------------------------------------------- trial report
+
+
+def _header(ctx: dict[str, Any], temps: list[str]) -> dict[str, Any]:
+    trial = ctx.get("trial") if isinstance(ctx.get("trial"), dict) else {}
+    max_tokens = trial.get("max_new_tokens") if isinstance(trial.get("max_new_tokens"), dict) else {}
+    samples = _by_temp(ctx.get("samples_per_item"))
+    return {
+        "slug": trial.get("slug") or NA,
+        "model": trial.get("model") or NA,
+        "prompt_set": trial.get("prompt_set") or NA,
+        "top_p": NA if trial.get("top_p") is None else fmt_num(trial["top_p"], "g"),
+        "top_k": NA if trial.get("top_k") is None else fmt_int(trial["top_k"]),
+        "max_closed": fmt_int(max_tokens.get("closed_book")),
+        "max_open": fmt_int(max_tokens.get("open_book")),
+        "temps": ", ".join(temps) or NA,
+        "samples": " · ".join(f"T={t}: {fmt_int(samples.get(t))}" for t in temps) or NA,
+    }
+
+
+def _prompt_rows(prompts: Any) -> list[dict[str, str]]:
+    prompts = prompts if isinstance(prompts, dict) else {}
+    rows = []
+    for condition in sorted(set(CONDITIONS) | set(prompts), key=_condition_order):
+        info = prompts.get(condition) if isinstance(prompts.get(condition), dict) else {}
+        sha = info.get("sha256")
+        rows.append({"condition": condition.capitalize(), "tokens": fmt_int(info.get("tokens")),
+                     "sha256": f"`{str(sha)[:12]}`" if sha else NA, "path": info.get("path") or NA})
+    return rows
+
+
+def _job_rows(jobs: Any) -> list[dict[str, str]]:
+    jobs = jobs if isinstance(jobs, dict) else {}
+    rows = []
+    for key in sorted(jobs, key=str):
+        info = jobs[key] if isinstance(jobs[key], dict) else {}
+        rows.append({"key": str(key), "job_id": info.get("job_id") or NA, "state": info.get("state") or NA})
+    return rows
+
+
+def render_trial_report(ctx: dict[str, Any]) -> str:
+    """report.md for one trial.
+
+    ctx: `rid`, `trial{slug, model, prompt_set, top_p, top_k, max_new_tokens{closed_book, open_book}}`,
+    `temps` [float], `samples_per_item{temp_str: int}`, `prompts{condition: {path, sha256, tokens}}`,
+    `per_item` (per_item_scores.csv as a DataFrame), `significance` (significance.json), `costs` (costs.json),
+    `score_summary` (status counts, may be empty), `jobs{jkey: {job_id, state}}`, `config_hash`.
+    """
+    items = _prepare_items(ctx.get("per_item"))
+    temps = _sorted_temps(_temp_key(t) for t in ctx.get("temps") or [])
+    significance = _by_temp(_get(ctx.get("significance"), "results"))
+    sections = []
+    for temp in temps:
+        sig_at_temp = significance.get(temp)
+        sections.append({
+            "temp": temp,
+            "types": [{"title": TYPE_TITLES[t], "rows": _results_rows(items, temp, t),
+                       "significance": _significance_view(_get(sig_at_temp, t))} for t in TYPES],
+        })
+    view = {
+        "rid": ctx.get("rid") or NA,
+        "header": _header(ctx, temps),
+        "prompts": _prompt_rows(ctx.get("prompts")),
+        "status_line": _status_line(ctx.get("score_summary")),
+        "balance": _balance_rows(items, temps),
+        "metric_names": list(METRICS.values()),
+        "sections": sections,
+        "cost": _cost_view(ctx.get("costs")),
+        "config_hash": ctx.get("config_hash") or NA,
+        "jobs": _job_rows(ctx.get("jobs")),
+    }
+    return _env().get_template("report.md.j2").render(**view)
+
+
+# ---------------------------------------------------------------- aggregate report
+
+
+def _arrow(group: pd.DataFrame, metric: str, type_: str, columns: pd.Index) -> str:
+    cells = [_metric_cell(group[group["condition"] == c], metric, type_, columns) for c in CONDITIONS]
+    return " → ".join(cells)
+
+
+def _aggregate_rows(trial: dict[str, Any]) -> list[dict[str, str]]:
+    items = _prepare_items(trial.get("per_item"))
+    significance = _by_temp(_get(trial.get("significance"), "results"))
+    costs = trial.get("costs") if isinstance(trial.get("costs"), dict) else {}
+    cost_by_temp = _by_temp(costs.get("by_temp"))
+    temps = _sorted_temps(set(items["temp_key"]) | set(significance) | set(cost_by_temp))
+    rows = []
+    for temp in temps or [NA]:  # a trial without any data still gets its row
+        scored = items[(items["temp_key"] == temp) & items["scored"]]
+        closed, opened = scored[scored["type"] == "closed"], scored[scored["type"] == "open"]
+        em_open = _get(significance.get(temp), "open", "metrics", "em")
+        delta = fmt_pp(_get(em_open, "delta_mean"))
+        ci = _get(em_open, "ci_95")
+        rows.append({
+            "slug": trial.get("slug") or NA, "model": trial.get("model") or NA,
+            "prompt_set": trial.get("prompt_set") or NA, "temp": temp,
+            "em_closed": _arrow(closed, "em", "closed", items.columns),
+            "f1_closed": _arrow(closed, "f1", "closed", items.columns),
+            "em_open": _arrow(opened, "em", "open", items.columns),
+            "f1_open": _arrow(opened, "f1", "open", items.columns),
+            "delta_em_open": delta if _pair(ci) is None else f"{delta} {fmt_ci_pp(ci)}",
+            "usd": fmt_usd(_get(cost_by_temp.get(temp), "usd")),
+        })
+    return rows
+
+
+def render_aggregate_report(ctx: dict[str, Any]) -> str:
+    """aggregate_report.md: one row per trial × temperature, then the run's total cost.
+
+    ctx: `rid`, `trials` [{slug, model, prompt_set, per_item (DataFrame), significance, costs}]. Trials keep
+    the given order; temperatures within a trial are increasing.
+    """
+    trials = [t for t in ctx.get("trials") or [] if isinstance(t, dict)]
+    rows = [row for trial in trials for row in _aggregate_rows(trial)]
+    usds = [_number(_get(t.get("costs"), "usd")) for t in trials]
+    known = [u for u in usds if u is not None]
+    total = fmt_usd(sum(known)) if known else NA
+    unpriced = len(usds) - len(known)
+    view = {"rid": ctx.get("rid") or NA, "rows": rows, "total_usd": total, "n_trials": len(trials),
+            "unpriced": unpriced}
+    return _env().get_template("aggregate_report.md.j2").render(**view)

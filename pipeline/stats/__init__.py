@@ -1,0 +1,1 @@
+"""Paired statistics for control vs treatment comparisons (numpy/scipy, vectorized)."""

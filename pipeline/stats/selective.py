@@ -1,0 +1,50 @@
+"""Selective prediction: accuracy on the items a condition answers, as the abstention gate loosens.
+
+Definitions, per threshold τ (items are the paired items of one block; `em` and `abstain` are per-item rates):
+- answered(τ) = items with abstain_rate ≤ τ;
+- coverage = |answered| / |all items| (the original divided by the kept items, so coverage was always ~1);
+- selective_accuracy = mean EM over the answered items (≤ 1 by construction; None when none is answered);
+- risk = 1 − selective_accuracy.
+AURC = trapezoid area of risk over coverage through the points with a defined risk, sorted by coverage
+(ties in coverage keep threshold order); None when fewer than two distinct coverages are available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def selective_risk(em: np.ndarray, abstain: np.ndarray, thresholds: Sequence[float]) -> dict[str, Any]:
+    """Risk–coverage points per threshold and their AURC (see module docstring)."""
+    em = np.asarray(em, dtype=float)
+    abstain = np.asarray(abstain, dtype=float)
+    if em.shape != abstain.shape:
+        raise ValueError("em and abstain must have the same shape")
+    n = len(em)
+    points = []
+    for tau in thresholds:
+        answered = abstain <= tau
+        n_answered = int(answered.sum())
+        accuracy = float(em[answered].mean()) if n_answered else None
+        points.append(
+            {
+                "threshold": float(tau),
+                "n_answered": n_answered,
+                "coverage": n_answered / n if n else None,
+                "selective_accuracy": accuracy,
+                "risk": None if accuracy is None else 1.0 - accuracy,
+            }
+        )
+    curve = sorted(
+        ((p["coverage"], p["risk"]) for p in points if p["risk"] is not None),
+        key=lambda cr: cr[0],
+    )
+    aurc = None
+    if len({c for c, _ in curve}) >= 2:
+        cov = np.array([c for c, _ in curve])
+        risk = np.array([r for _, r in curve])
+        aurc = float(np.sum(np.diff(cov) * (risk[1:] + risk[:-1]) / 2.0))
+    return {"thresholds": [float(t) for t in thresholds], "points": points, "aurc": aurc}

@@ -1,0 +1,302 @@
+"""significance.json (schema_version 2): paired control-vs-treatment statistics per temperature and task type.
+
+Structure (all floats JSON-safe: NaN/inf become None):
+    {"schema_version": 2, "temps": [trial temps], "stats_config": {effective settings},
+     "fdr": {"method", "n_tests", "scope"},
+     "results": {temp_str(T): {"closed"|"open": BLOCK}}}
+    BLOCK = {"n_items", "counts", "mcnemar", "metrics", "selective_risk",
+             "subgroups": {"dataset": {<dataset>: BLOCK without subgroups/meta/tost}},
+             "meta": {"em"|"f1": …}, "tost": {"em"|"f1": …}}
+Rules:
+- Pairing: an item is paired when per_item has both a control and a treatment row for (item_key, type, temp);
+  each metric then uses the paired items where both values are present (`n_items` per metric).
+- Deltas are treatment − control. McNemar binarizes the per-item EM rate at ≥ 0.5. Cliff's delta compares the
+  treatment and control per-item values as two samples.
+- Subgroups: the dataset, i.e. the item_key prefix before "|". Meta-analysis (em, f1) runs across dataset
+  subgroups with ≥ 2 items when there are at least two of them (else `{"status": "insufficient_groups"}`;
+  a subgroup whose deltas are all equal has no sampling variance: `{"status": "zero_variance"}`).
+- Benjamini–Hochberg q-values over every McNemar and Wilcoxon p-value in the file, written as `q_value`
+  next to each p (None when FDR is disabled or the p-value is undefined).
+- Every randomized test draws from its own generator, seeded by (random_seed, hash of temp, type, subgroup,
+  metric, test), so results do not depend on the order of computation; rows are sorted by item_key first,
+  so the same per-item table in any row order gives byte-identical JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.naming import TYPES, temp_str
+from pipeline.stats.fdr import benjamini_hochberg
+from pipeline.stats.meta import meta_analysis
+from pipeline.stats.paired import (
+    bootstrap_ci,
+    cliffs_delta,
+    cohens_dz,
+    hodges_lehmann,
+    mcnemar_exact,
+    sign_flip_permutation_p,
+    tost_noninferiority,
+    wilcoxon,
+)
+from pipeline.stats.selective import selective_risk
+
+SCHEMA_VERSION = 2
+DEFAULT_STATS_CFG: dict[str, Any] = {
+    "bootstrap_samples": 5000,
+    "permutation_samples": 5000,
+    "random_seed": 1337,
+    "enable_permutation": True,
+    "enable_fdr": True,
+    "risk_thresholds": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "tost_alpha": 0.05,
+    "tost_margins": {"em": 0.01, "f1": 0.01},
+}
+METRICS: dict[str, tuple[str, ...]] = {
+    "closed": ("em", "f1", "abstain_rate"),
+    "open": ("em", "f1", "abstain_rate", "false_answer_rate", "unsupported_rate"),
+}
+PAIRED_METRICS: tuple[str, ...] = ("em", "f1")  # meta-analysis and TOST
+MIN_SUBGROUP_ITEMS = 2
+_KEYS = ("item_key", "type", "condition", "temp")
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash of `parts` that is the same in every process (unlike `hash`)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _rng(cfg: dict[str, Any], *stream: object) -> np.random.Generator:
+    return np.random.default_rng([int(cfg["random_seed"]), stable_hash(*stream)])
+
+
+def effective_stats_cfg(stats_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults overlaid with the given settings (tost_margins merged per metric); unknown keys are kept."""
+    cfg = copy.deepcopy(DEFAULT_STATS_CFG)
+    given = {k: v for k, v in (stats_cfg or {}).items() if v is not None}
+    margins = {**cfg["tost_margins"], **(given.pop("tost_margins", None) or {})}
+    cfg.update(given)
+    cfg["tost_margins"] = margins
+    cfg["risk_thresholds"] = sorted(float(t) for t in cfg["risk_thresholds"])
+    return cfg
+
+
+def _metric_values(ctrl: pd.DataFrame, trt: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Control and treatment values of `metric` on the paired items where both are present."""
+    if metric not in ctrl.columns:
+        return np.empty(0), np.empty(0)
+    c = ctrl[metric].to_numpy(dtype=float)
+    t = trt[metric].to_numpy(dtype=float)
+    valid = ~(np.isnan(c) | np.isnan(t))
+    return c[valid], t[valid]
+
+
+def _metric_block(c: np.ndarray, t: np.ndarray, cfg: dict[str, Any], stream: tuple[str, ...]) -> dict[str, Any]:
+    d = t - c
+    n = len(d)
+    if n == 0:
+        return {
+            "n_items": 0, "control_mean": None, "treatment_mean": None, "delta_mean": None, "ci_95": [None, None],
+            "ci_method": "percentile_bootstrap", "wilcoxon": {"W": None, "p_value": None, "q_value": None},
+            "hodges_lehmann": None, "cohens_d": None, "cliffs_delta": None, "perm_p_value": None,
+        }
+    perm_p = None
+    if cfg["enable_permutation"]:
+        perm_p = sign_flip_permutation_p(
+            d, n_resamples=int(cfg["permutation_samples"]), rng=_rng(cfg, *stream, "sign_flip")
+        )
+    return {
+        "n_items": n,
+        "control_mean": float(c.mean()),
+        "treatment_mean": float(t.mean()),
+        "delta_mean": float(d.mean()),
+        "ci_95": bootstrap_ci(d, n_resamples=int(cfg["bootstrap_samples"]), rng=_rng(cfg, *stream, "bootstrap")),
+        "ci_method": "percentile_bootstrap",
+        "wilcoxon": {**wilcoxon(d), "q_value": None},
+        "hodges_lehmann": hodges_lehmann(d),
+        "cohens_d": cohens_dz(d),
+        "cliffs_delta": cliffs_delta(t, c),
+        "perm_p_value": perm_p,
+    }
+
+
+def _selective(ctrl: pd.DataFrame, trt: pd.DataFrame, thresholds: list[float]) -> dict[str, Any]:
+    cols = ["em", "abstain_rate"]
+    valid = ~(ctrl[cols].isna().any(axis=1).to_numpy() | trt[cols].isna().any(axis=1).to_numpy())
+    per_cond = {
+        name: selective_risk(frame["em"].to_numpy(float)[valid], frame["abstain_rate"].to_numpy(float)[valid],
+                             thresholds)
+        for name, frame in (("control", ctrl), ("treatment", trt))
+    }
+    return {
+        "n_items": int(valid.sum()),
+        "thresholds": list(thresholds),
+        "points": {name: res["points"] for name, res in per_cond.items()},
+        "aurc": {name: res["aurc"] for name, res in per_cond.items()},
+    }
+
+
+def _compare(
+    ctrl: pd.DataFrame, trt: pd.DataFrame, type_: str, cfg: dict[str, Any], stream: tuple[str, ...]
+) -> dict[str, Any]:
+    """McNemar, per-metric tests and selective risk for aligned control/treatment rows of paired items."""
+    c_em, t_em = _metric_values(ctrl, trt, "em")
+    mcnemar = {**mcnemar_exact(c_em >= 0.5, t_em >= 0.5), "q_value": None}
+    if len(c_em) == 0:
+        mcnemar["p_exact"] = None  # no pairs: nothing was tested, keep it out of the FDR family
+    return {
+        "n_items": int(len(ctrl)),
+        "mcnemar": mcnemar,
+        "metrics": {
+            m: _metric_block(*_metric_values(ctrl, trt, m), cfg, (*stream, m)) for m in METRICS[type_]
+        },
+        "selective_risk": _selective(ctrl, trt, cfg["risk_thresholds"]),
+    }
+
+
+def _meta(ctrl: pd.DataFrame, trt: pd.DataFrame, datasets: np.ndarray, metric: str) -> dict[str, Any]:
+    groups, effects, variances, flat = [], [], [], []
+    for name in sorted(set(datasets.tolist())):
+        mask = datasets == name
+        c, t = _metric_values(ctrl[mask], trt[mask], metric)
+        d = t - c
+        if len(d) < MIN_SUBGROUP_ITEMS:
+            continue
+        groups.append(name)
+        effects.append(float(d.mean()))
+        variances.append(float(d.var(ddof=1)) / len(d) if np.ptp(d) > 0 else 0.0)
+        if variances[-1] <= 0:
+            flat.append(name)
+    if len(groups) < 2:
+        return {"status": "insufficient_groups", "groups": groups, "min_items_per_group": MIN_SUBGROUP_ITEMS}
+    if flat:
+        return {"status": "zero_variance", "groups": groups, "zero_variance_groups": flat}
+    return {"status": "ok", "groups": groups, **meta_analysis(effects, variances)}
+
+
+def _counts(part: pd.DataFrame, paired: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"paired_items": paired}
+    for cond in ("control", "treatment"):
+        rows = part[part["condition"] == cond]
+        entry: dict[str, Any] = {"n_items": int(len(rows)), "unpaired_items": int(len(rows)) - paired}
+        for col in ("n_samples", "n_excluded"):
+            if col in rows.columns:
+                entry[col] = int(pd.to_numeric(rows[col], errors="coerce").fillna(0).sum())
+        out[cond] = entry
+    return out
+
+
+def _type_block(part: pd.DataFrame, type_: str, tkey: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    ctrl = part[part["condition"] == "control"].set_index("item_key")
+    trt = part[part["condition"] == "treatment"].set_index("item_key")
+    paired = ctrl.index.intersection(trt.index).sort_values()
+    ctrl, trt = ctrl.loc[paired], trt.loc[paired]
+    block = _compare(ctrl, trt, type_, cfg, (tkey, type_, "all"))
+    block["counts"] = _counts(part, len(paired))
+    datasets = np.array([key.split("|", 1)[0] for key in paired], dtype=object)
+    block["subgroups"] = {
+        "dataset": {
+            name: _compare(ctrl[datasets == name], trt[datasets == name], type_, cfg, (tkey, type_, f"dataset={name}"))
+            for name in sorted(set(datasets.tolist()))
+        }
+    }
+    block["meta"] = {m: _meta(ctrl, trt, datasets, m) for m in PAIRED_METRICS}
+    block["tost"] = {}
+    for m in PAIRED_METRICS:
+        c, t = _metric_values(ctrl, trt, m)
+        margin = float(cfg["tost_margins"][m])
+        block["tost"][m] = tost_noninferiority(t - c, margin=margin, alpha=float(cfg["tost_alpha"]))
+    return block
+
+
+def _prepare(per_item: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in (*_KEYS, "em", "abstain_rate") if c not in per_item.columns]
+    if missing:
+        raise ValueError(f"per-item scores lack required columns {missing}")
+    frame = per_item.copy()
+    for col in ("item_key", "type", "condition"):
+        frame[col] = frame[col].astype(str)
+    frame["temp_key"] = [temp_str(float(t)) for t in frame["temp"]]
+    dup = frame.duplicated(["item_key", "type", "condition", "temp_key"])
+    if dup.any():
+        shown = frame.loc[dup, ["item_key", "type", "condition", "temp_key"]].head(5).values.tolist()
+        raise ValueError(f"per-item scores have {int(dup.sum())} duplicate (item, type, condition, temp) rows: {shown}")
+    return frame.sort_values(["temp_key", "type", "condition", "item_key"], kind="mergesort").reset_index(drop=True)
+
+
+def _tests(obj: Any) -> Iterator[dict[str, Any]]:
+    """Every dict carrying a `q_value` slot (McNemar and Wilcoxon results), in a deterministic order."""
+    if isinstance(obj, dict):
+        if "q_value" in obj:
+            yield obj
+        for key in sorted(obj):
+            yield from _tests(obj[key])
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _tests(value)
+
+
+def _apply_fdr(results: dict[str, Any], enabled: bool) -> dict[str, Any]:
+    tests = list(_tests(results))
+    pvals = [t.get("p_exact", t.get("p_value")) for t in tests]
+    if not enabled:
+        return {"method": None, "n_tests": 0, "scope": "disabled"}
+    qvals = benjamini_hochberg(pvals)
+    for test, q in zip(tests, qvals, strict=True):
+        test["q_value"] = q
+    return {
+        "method": "benjamini_hochberg",
+        "n_tests": sum(p is not None for p in pvals),
+        "scope": "every McNemar p_exact and Wilcoxon p_value in this file (overall and subgroups)",
+    }
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def compute_significance(per_item: pd.DataFrame, *, temps: list[float], stats_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The significance.json document for one trial (see module docstring); `temps` are the trial's temps.
+
+    A temperature with no rows gets an empty entry; a type with no rows at a temperature is omitted.
+    """
+    cfg = effective_stats_cfg(stats_cfg)
+    frame = _prepare(per_item)
+    results: dict[str, Any] = {}
+    for temp in temps:
+        tkey = temp_str(float(temp))
+        at_temp = frame[frame["temp_key"] == tkey]
+        results[tkey] = {
+            type_: _type_block(at_temp[at_temp["type"] == type_], type_, tkey, cfg)
+            for type_ in TYPES
+            if (at_temp["type"] == type_).any()
+        }
+    fdr = _apply_fdr(results, bool(cfg["enable_fdr"]))
+    return _json_safe(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "temps": [float(t) for t in temps],
+            "stats_config": cfg,
+            "fdr": fdr,
+            "results": results,
+        }
+    )

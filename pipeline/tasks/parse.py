@@ -1,0 +1,153 @@
+"""ParsePredictions: every part of a trial downloaded, then `results_combined.jsonl` and `predictions.csv`.
+
+The parts are dynamic dependencies (their number is known only once the batches are built), yielded as one
+list. The combine step reads only the per-part `results.jsonl` files, in plan order, and never its own output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import luigi
+
+from pipeline.naming import temp_label
+from pipeline.parsing import iter_jsonl, prediction_row, predictions_csv
+from pipeline.plan import PartRef
+from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.build import BuildBatches
+from pipeline.tasks.prepare import PrepareData
+from pipeline.tasks.remote import DownloadPart, new_trial_manifest, run_parts
+from targets import store
+from targets.atomic import write_text
+from targets.fingerprint import fingerprint
+from targets.manifest import TrialManifest
+
+log = logging.getLogger("pipeline")
+
+
+class TrialTask(PipelineTask):
+    """A stage of one trial."""
+
+    trial: str = luigi.Parameter(description="Trial slug")
+
+    def describe(self) -> str:
+        return f"trial={self.trial}"
+
+    def record_stage(self, stage: str, artifacts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        def change(manifest: TrialManifest | None) -> TrialManifest:
+            manifest = manifest or new_trial_manifest(self, self.trial)
+            manifest.set_stage(stage, "completed", artifacts)
+            for key, value in (extra or {}).items():
+                setattr(manifest, key, value)
+            return manifest
+
+        store.update(self.layout.trial_manifest(self.trial), TrialManifest, change)
+
+    def stage_done(self, stage: str, current_inputs: dict[str, Any]) -> tuple[bool, str]:
+        manifest = self.manifest(self.trial)
+        if manifest is None:
+            return False, "no trial manifest yet"
+        record = manifest.stage(stage)
+        if record.status != "completed":
+            return False, f"{stage} is {record.status}"
+        ok, why = artifact_current(self.layout, record.artifacts.get("file"))
+        if not ok:
+            return False, why
+        changed = inputs_changed(record.artifacts.get("inputs"), current_inputs)
+        if changed:
+            return False, changed
+        return True, f"{why}, inputs unchanged"
+
+    def input_sha(self, stage: str) -> str | None:
+        """The checksum of the artifact an upstream stage of this trial recorded, if it is still current."""
+        manifest = self.manifest(self.trial)
+        if manifest is None:
+            return None
+        record = manifest.stage(stage).artifacts.get("file")
+        ok, _ = artifact_current(self.layout, record)
+        return record["sha256"] if ok else None
+
+
+def part_results_fingerprints(task: PipelineTask, refs: list[PartRef]) -> dict[str, str | None]:
+    """`{owner/jkey: sha256}` of each part's results, trusting recorded checksums when the stat matches."""
+    known: dict[tuple[str, str], dict] = {}
+    for owner in {r.owner for r in refs}:
+        manifest = task.manifest(owner)
+        for entry in (manifest.stage("downloaded").artifacts.get("parts", []) if manifest else []):
+            known[(owner, entry["job_key"])] = entry
+    out: dict[str, str | None] = {}
+    for ref in refs:
+        fp = fingerprint(task.layout.part_results(ref.owner, ref.jkey), known.get((ref.owner, ref.jkey)))
+        out[f"{ref.owner}/{ref.jkey}"] = fp.sha256 if fp else None
+    return out
+
+
+class ParsePredictions(TrialTask):
+    """Done when predictions.csv is the one recorded and every part's results are those it was parsed from."""
+
+    stage = "parsed"
+    priority = 50  # every trial yields its parts before any part is worked on
+
+    def requires(self) -> list[luigi.Task]:
+        run = self.run_ctx
+        builds = [BuildBatches(prompt_set=ps, temp=t, **self.common())
+                  for ps in dict.fromkeys(tr.prompt_set for tr in run.trials) for t in run.cfg.temps]
+        return [PrepareData(**self.common()), *builds]
+
+    def refs(self) -> list[PartRef]:
+        return run_parts(self)[self.trial]
+
+    def done(self) -> tuple[bool, str]:
+        ok, why = self.stage_done("parsed", {"parts": part_results_fingerprints(self, self.refs())})
+        if not ok and why.startswith("parts changed"):
+            why = "results of some parts changed since parsing"
+        return ok, why
+
+    def run(self):  # type: ignore[override]  # a generator: Luigi resumes it after the yielded parts are done
+        refs = self.refs()
+        yield [DownloadPart(trial=r.owner, jkey=r.jkey, **self.common()) for r in refs]
+        rows: list[dict[str, Any]] = []
+        combined: list[str] = []
+        seen: set[str] = set()
+        for ref in refs:
+            for _, obj in iter_jsonl(self.layout.part_results(ref.owner, ref.jkey)):
+                row = prediction_row(obj)
+                if row["custom_id"] in seen:
+                    raise ValueError(f"custom_id {row['custom_id']} appears in two parts of trial {self.trial}")
+                seen.add(str(row["custom_id"]))
+                rows.append(row)
+                combined.append(json.dumps(obj, ensure_ascii=False, sort_keys=True))
+        expected = sum(r.lines for r in refs)
+        if len(rows) != expected:
+            raise ValueError(f"trial {self.trial}: {len(rows)} predictions for {expected} requests; "
+                             "re-run to repair the parts")
+        combined_path = self.layout.combined_results(self.trial)
+        write_text(combined_path, "".join(line + "\n" for line in combined))
+        predictions = self.layout.predictions(self.trial)
+        write_text(predictions, predictions_csv(rows))
+        inputs = {"parts": part_results_fingerprints(self, refs)}
+        artifacts = {"predictions_csv": self.layout.rel(predictions), "row_count": len(rows),
+                     "file": artifact_record(self.layout, predictions, rows=len(rows)), "inputs": inputs,
+                     "errors": sum(1 for r in rows if r["error"])}
+        self._record(refs, artifacts, combined_path)
+        log.info("done parsed trial=%s (%d predictions from %d parts)", self.trial, len(rows), len(refs))
+
+    def _record(self, refs: list[PartRef], artifacts: dict[str, Any], combined_path) -> None:
+        shared = {f"t{temp_label(r.temp)}": {"mode": "reuse", "producer_trial": r.owner, "temp": r.temp,
+                                              "condition": r.condition}
+                  for r in refs if r.shared}
+
+        def change(manifest: TrialManifest | None) -> TrialManifest:
+            manifest = manifest or new_trial_manifest(self, self.trial)
+            downloaded = manifest.stage("downloaded").artifacts
+            parts = [{"job_key": r.jkey, "owner": r.owner, "path": self.layout.rel(self.layout.part_results(r.owner, r.jkey))}
+                     for r in refs]
+            manifest.set_stage("downloaded", "completed", {**downloaded, "combined_path": self.layout.rel(combined_path),
+                                                           "n_results": artifacts["row_count"], "trial_parts": parts})
+            manifest.set_stage("parsed", "completed", artifacts)
+            manifest.control_registry.update(shared)
+            return manifest
+
+        store.update(self.layout.trial_manifest(self.trial), TrialManifest, change)

@@ -1,0 +1,80 @@
+"""PrepareData: freeze the run's config and snapshot the prepared data into the run, with checksums."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline.data.prepared import read_prepared
+from pipeline.run import freeze
+from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record
+from targets import store
+from targets.atomic import write_text
+from targets.manifest import PreparedManifest
+
+log = logging.getLogger("pipeline")
+KINDS = ("open_book", "closed_book")
+
+
+def select_rows(kind: str, rows: list[dict], sizes: dict[str, int | None]) -> list[dict]:
+    """Apply the config's size caps: per-dataset caps first, then the per-kind cap (input order kept)."""
+    per_dataset = {"squad_v2": sizes.get("squad_v2_max_items"), "triviaqa": sizes.get("triviaqa_max_items"),
+                   "nq_open": sizes.get("nq_open_max_items")}
+    taken: dict[str, int] = {}
+    out: list[dict] = []
+    for row in rows:
+        cap = per_dataset.get(row["dataset"])
+        if cap is not None and taken.get(row["dataset"], 0) >= cap:
+            continue
+        taken[row["dataset"]] = taken.get(row["dataset"], 0) + 1
+        out.append(row)
+    kind_cap = sizes.get(f"{kind}_max_items")
+    return out[:kind_cap] if kind_cap else out
+
+
+class PrepareData(PipelineTask):
+    """Done when `prepared/` holds both files and their checksums match `prepared_manifest.json`."""
+
+    stage = "prepared"
+
+    def done(self) -> tuple[bool, str]:
+        manifest = store.read(self.layout.prepared_manifest, PreparedManifest)
+        if manifest is None:
+            return False, "no prepared snapshot yet"
+        counts = []
+        for kind in KINDS:
+            ok, why = artifact_current(self.layout, manifest.datasets.get(kind))
+            if not ok:
+                return False, why
+            counts.append(f"{kind} {manifest.datasets[kind]['items']} items")
+        return True, ", ".join(counts) + ", checksums match"
+
+    def run(self) -> None:
+        run = self.run_ctx
+        if not run.frozen:
+            freeze(run.layout, run.cfg, run.source)
+            run = self.run_ctx
+        source = Path(run.cfg.paths.prepared_dir)
+        sizes = run.cfg.sizes.model_dump()
+        datasets = {}
+        for kind in KINDS:
+            path = source / f"{kind}.jsonl"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: prepared data file missing; set paths.prepared_dir in the config to a "
+                                        "directory holding open_book.jsonl and closed_book.jsonl "
+                                        "(see `python -m pipeline prepare-data --help`)")
+            rows = select_rows(kind, read_prepared(path, kind), sizes)
+            target = self.layout.prepared_file(kind)
+            write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            datasets[kind] = artifact_record(self.layout, target, items=len(rows))
+        if not any(d["items"] for d in datasets.values()):
+            raise ValueError(f"{source}: both prepared files are empty after size caps; nothing to evaluate")
+        store.update(self.layout.prepared_manifest, PreparedManifest,
+                     lambda _: PreparedManifest(datasets=datasets, source={"prepared_dir": str(source)}))
+        log.info("done prepared run=%s (%s)", self.rid,
+                 ", ".join(f"{k} {v['items']} items" for k, v in datasets.items()))
+
+
+def load_prepared_rows(task: PipelineTask, kind: str) -> list[dict]:
+    return read_prepared(task.layout.prepared_file(kind), kind)

@@ -1,0 +1,156 @@
+"""TrialReport: `reports/report.md` per trial and, for the whole run, `aggregate_report.md`.
+
+`TrialReport --rid X` (no trial) is the command users type: it covers every trial of the run. Creating it
+checks the config: an explicit `--config` that differs from the run's frozen config is refused (exit 3)
+unless `--accept-config-drift`; an invalid config exits 2 with the problems listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import luigi
+
+from pipeline import exit_codes
+from pipeline.config import ConfigError
+from pipeline.run import ConfigDriftError, check_drift, open_run
+from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCosts
+from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.parse import TrialTask
+from targets import store
+from targets.atomic import write_text
+from targets.manifest import RunState
+
+log = logging.getLogger("pipeline")
+_forced: set[str] = set()
+_checked: set[tuple[Any, ...]] = set()
+
+
+class TrialReport(TrialTask):
+    """Done when the report was rendered from the current scores, statistics and costs (or `--force`)."""
+
+    trial: str = luigi.Parameter(default="", description="Trial slug; empty = every trial plus the aggregate report")
+    accept_config_drift: bool = luigi.BoolParameter(significant=False, description="Adopt a changed --config")
+    force: bool = luigi.BoolParameter(significant=False, description="Rebuild the report(s) even if current")
+    stage = "report"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        key = (self.rid, self.root, self.config, self.trial, self.accept_config_drift)
+        if key not in _checked:
+            self._check_config()
+            _checked.add(key)
+
+    def _check_config(self) -> None:
+        try:
+            run = open_run(self.rid, self.root or None, self.config or None)
+            check_drift(run, self.config or None, accept=self.accept_config_drift)
+            if self.trial:
+                run.trial(self.trial)
+        except ConfigDriftError as exc:
+            log.error("%s", exc)
+            sys.exit(exit_codes.CONFIG_DRIFT)
+        except (ConfigError, ValueError) as exc:
+            log.error("%s", exc)
+            sys.exit(exit_codes.CONFIG_INVALID)
+
+    def describe(self) -> str:
+        return f"trial={self.trial}" if self.trial else f"run={self.rid} (aggregate)"
+
+    def requires(self) -> list[PipelineTask]:
+        common = {**self.common(), "force": self.force}
+        if not self.trial:
+            return [TrialReport(trial=t.slug, **common) for t in self.run_ctx.trials]
+        base = self.common()
+        return [ScorePredictions(trial=self.trial, **base), ComputeStats(trial=self.trial, **base),
+                SummarizeCosts(trial=self.trial, **base)]
+
+    def current_inputs(self) -> dict[str, Any]:
+        if not self.trial:
+            return {t.slug: TrialReport(trial=t.slug, **self.common()).input_sha("report") for t in self.run_ctx.trials}
+        return {stage: self.input_sha(stage) for stage in ("scored", "stats", "costs")}
+
+    def done(self) -> tuple[bool, str]:
+        if self.force and self.task_id not in _forced:
+            return False, "--force"
+        if self.trial:
+            return self.stage_done("report", self.current_inputs())
+        state = store.read(self.layout.run_state, RunState)
+        record = state.aggregate_report if state else {}
+        ok, why = artifact_current(self.layout, record.get("file"))
+        if not ok:
+            return False, why
+        changed = inputs_changed(record.get("inputs"), self.current_inputs())
+        return (False, changed) if changed else (True, f"{why}, trial reports unchanged")
+
+    def run(self) -> None:
+        inputs = self.current_inputs()
+        if self.trial:
+            self._trial_report(inputs)
+        else:
+            self._aggregate(inputs)
+        _forced.add(self.task_id)
+
+    def _load(self, slug: str) -> dict[str, Any]:
+        import pandas as pd
+
+        layout = self.layout
+        return {
+            "per_item": pd.read_csv(layout.per_item_scores(slug), dtype={"item_key": str, "condition": str, "type": str}),
+            "significance": json.loads(layout.significance(slug).read_text(encoding="utf-8")),
+            "costs": json.loads(layout.costs(slug).read_text(encoding="utf-8")),
+        }
+
+    def _trial_report(self, inputs: dict[str, Any]) -> None:
+        from pipeline.report.render import render_trial_report
+
+        run = self.run_ctx
+        trial = run.trial(self.trial)
+        manifest = self.manifest(self.trial)
+        assert manifest is not None
+        from pipeline.tasks.remote import run_parts
+
+        jobs = {}
+        for ref in run_parts(self)[self.trial]:
+            owner = manifest if ref.owner == self.trial else self.manifest(ref.owner)
+            record = owner.parts.get(ref.jkey) if owner else None
+            jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {
+                "job_id": record.job_id if record else None, "state": record.state if record else None}
+        prompts = {c: {"path": str(run.prompt_path(trial.prompt_set, c)), **manifest.prompts.get(c, {})}
+                   for c in ("control", "treatment")}
+        from pipeline.config import config_hash
+        from pipeline.naming import temp_str
+
+        ctx = {"rid": self.rid,
+               "trial": {"slug": trial.slug, "model": trial.model_id, "prompt_set": trial.prompt_set,
+                         "top_p": trial.top_p, "top_k": trial.top_k, "max_new_tokens": trial.max_new_tokens.model_dump()},
+               "temps": list(trial.temps),
+               "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
+               "prompts": prompts, **self._load(self.trial),
+               "score_summary": manifest.stage("scored").artifacts.get("summary", {}),
+               "jobs": jobs, "config_hash": config_hash(run.cfg)}
+        path = self.layout.report_md(self.trial)
+        write_text(path, render_trial_report(ctx))
+        self.record_stage("report", {"report_md": self.layout.rel(path), "file": artifact_record(self.layout, path),
+                                     "inputs": inputs})
+        log.info("done report trial=%s (%s)", self.trial, self.layout.rel(path))
+
+    def _aggregate(self, inputs: dict[str, Any]) -> None:
+        from pipeline.report.render import render_aggregate_report
+
+        trials = [{"slug": t.slug, "model": t.model_id, "prompt_set": t.prompt_set, **self._load(t.slug)}
+                  for t in self.run_ctx.trials]
+        path = self.layout.aggregate_report
+        write_text(path, render_aggregate_report({"rid": self.rid, "trials": trials}))
+        record = {"file": artifact_record(self.layout, path), "inputs": inputs}
+
+        def change(state: RunState | None) -> RunState:
+            state = state or RunState(run_id=self.rid, config_hash="")
+            state.aggregate_report = record
+            return state
+
+        store.update(self.layout.run_state, RunState, change)
+        log.info("done aggregate report run=%s (%s)", self.rid, path)

@@ -1,0 +1,1 @@
+"""Manifest models, atomic persistence, fingerprints and the Luigi targets built on them."""

@@ -1,0 +1,155 @@
+"""The default experiment, end to end, through the `luigi` command against the embedded emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+RID = "e2e"
+
+
+def luigi_cmd(root: Path, *extra: str, rid: str = RID, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    luigi = Path(sys.executable).with_name("luigi")
+    args = [str(luigi), "--module", "pipeline", "TrialReport", "--rid", rid, "--root", str(root),
+            "--local-scheduler", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd or root, env=env)
+
+
+def emulator_calls(run_dir: Path) -> dict:
+    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
+    return requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("e2e")
+    config = base / "config"
+    import shutil
+
+    shutil.copytree(REPO / "config", config)
+    raw = yaml.safe_load((config / "experiment.yaml").read_text())
+    raw["paths"]["prepared_dir"] = str(REPO / "data" / "sample")
+    raw["provider"]["latency_s"] = 0.2
+    (config / "experiment.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = base / "experiments"
+    first = luigi_cmd(root, "--config", str(config / "experiment.yaml"), cwd=base)
+    return {"root": root, "run_dir": root / f"run_{RID}", "config": config / "experiment.yaml", "first": first,
+            "base": base}
+
+
+def trial_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in run_dir.glob("*/results/trial_manifest.json"))
+
+
+def test_first_run_writes_every_report(experiment: dict) -> None:
+    first = experiment["first"]
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = experiment["run_dir"]
+    trials = trial_dirs(run_dir)
+    assert len(trials) == 2
+    for trial in trials:
+        report = (trial / "reports" / "report.md").read_text()
+        assert "## Results @ T=0.7" in report and "McNemar" in report
+        sig = json.loads((trial / "results" / "significance.json").read_text())
+        assert sig["schema_version"] == 2 and set(sig["results"]) == {"0.0", "0.7"}
+        manifest = json.loads((trial / "results" / "trial_manifest.json").read_text())
+        assert manifest["schema_version"] == 2
+        assert all(manifest["stage_status"][s]["status"] == "completed"
+                   for s in ("downloaded", "parsed", "scored", "stats", "costs", "report"))
+    assert (run_dir / "aggregate_report.md").read_text().startswith("# Aggregate Trial Comparison")
+    assert (run_dir / "effective_config.yaml").exists()
+
+
+def test_each_part_submitted_exactly_once_and_controls_shared(experiment: dict) -> None:
+    run_dir = experiment["run_dir"]
+    calls = emulator_calls(run_dir)
+    owned = {}
+    for trial in trial_dirs(run_dir):
+        manifest = json.loads((trial / "results" / "trial_manifest.json").read_text())
+        owned.update({p["job_id"]: p for p in manifest["parts"].values()})
+    assert set(calls["job_creates"]) == set(owned)
+    assert all(n == 1 for n in calls["job_creates"].values())
+    # 2 temps x (control shared + 2 treatments) x parts: controls are not paid twice
+    controls = [p for p in owned.values() if p["group"].endswith("control")]
+    treatments = [p for p in owned.values() if p["group"].endswith("treatment")]
+    assert len(treatments) == 2 * len(controls)
+
+
+def test_second_run_does_nothing(experiment: dict) -> None:
+    before = emulator_calls(experiment["run_dir"])
+    again = luigi_cmd(experiment["root"], cwd=experiment["base"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done " not in again.stderr.replace("Done", "")
+    assert "skip report run=e2e (aggregate)" in again.stderr
+    assert emulator_calls(experiment["run_dir"]) == before
+
+
+def test_deleted_predictions_rerun_only_that_trial(experiment: dict) -> None:
+    first, second = trial_dirs(experiment["run_dir"])
+    other_report = second / "reports" / "report.md"
+    stamp = other_report.stat().st_mtime_ns
+    (first / "results" / "predictions.csv").unlink()
+    again = luigi_cmd(experiment["root"], cwd=experiment["base"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"done parsed trial={first.name}" in again.stderr
+    assert f"done parsed trial={second.name}" not in again.stderr
+    assert "predictions.csv is missing" in again.stderr
+    assert other_report.stat().st_mtime_ns == stamp
+
+
+def test_edited_results_line_reruns_that_parts_downstream(experiment: dict) -> None:
+    run_dir = experiment["run_dir"]
+    owner = trial_dirs(run_dir)[0]
+    part = sorted((owner / "results").glob("t07_treatment_p*/results.jsonl"))[0]
+    lines = part.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["response"]["choices"][0]["message"]["content"] = "an edited answer"
+    lines[0] = json.dumps(row, sort_keys=True)
+    part.write_text("\n".join(lines) + "\n")
+    again = luigi_cmd(experiment["root"], cwd=experiment["base"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "results of some parts changed since parsing" in again.stderr
+    for stage in ("parsed", "scored", "stats", "costs", "report"):
+        assert f"done {stage} trial={owner.name}" in again.stderr, stage
+    assert "an edited answer" in (owner / "results" / "predictions.csv").read_text()
+    assert "submit job" not in again.stderr
+
+
+def test_plan_is_read_only_and_reports_done(experiment: dict) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--rid", RID, "--root", str(experiment["root"])],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "done    report" in out.stdout and "0 to run" in out.stdout
+    fresh = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--rid", "never-run", "--root",
+                            str(experiment["root"]), "--config", str(experiment["config"])],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "to run  prepared" in fresh.stdout
+    assert not (experiment["root"] / "run_never-run").exists()
+
+
+def test_config_drift_refused_then_accepted(experiment: dict) -> None:
+    raw = yaml.safe_load(experiment["config"].read_text())
+    raw["stats"]["bootstrap_samples"] = 1000
+    drifted = experiment["config"].with_name("drifted.yaml")
+    drifted.write_text(yaml.safe_dump(raw, sort_keys=False))
+    refused = luigi_cmd(experiment["root"], "--config", str(drifted), cwd=experiment["base"])
+    assert refused.returncode == 3
+    assert "stats.bootstrap_samples: 2000 -> 1000" in refused.stderr
+    accepted = luigi_cmd(experiment["root"], "--config", str(drifted), "--accept-config-drift", cwd=experiment["base"])
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    state = json.loads((experiment["run_dir"] / "run_state.json").read_text())
+    assert state["config_drift"] and state["config_drift"][-1]["accepted"] is True
+    assert "done stats" in accepted.stderr and "submit job" not in accepted.stderr
