@@ -58,15 +58,17 @@ def _env() -> jinja2.Environment:
 # ---------------------------------------------------------------- formatting
 
 
-def _number(value: Any) -> float | None:
-    """`value` as a finite float, or None for None/NaN/inf/non-numbers (booleans are not numbers here)."""
+def _number(value: Any, allow_inf: bool = False) -> float | None:
+    """`value` as a float; None for None, NaN, non-numbers, booleans and (unless `allow_inf`) ±inf."""
     if value is None or isinstance(value, bool):
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if math.isfinite(number) else None
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        return None
+    return number
 
 
 def _cell(value: Any) -> str:
@@ -97,11 +99,9 @@ def fmt_p(value: Any) -> str:
 
 
 def fmt_num(value: Any, spec: str = ".3g") -> str:
-    number = _number(value)
-    if number is None:
-        # odds ratios may legitimately be infinite; show that rather than n/a
-        return "inf" if isinstance(value, int | float) and value == math.inf else NA
-    return format(number, spec)
+    # odds ratios and their CI bounds are legitimately infinite when c = 0; show `inf`, not n/a
+    number = _number(value, allow_inf=True)
+    return NA if number is None else format(number, spec)
 
 
 def fmt_int(value: Any) -> str:
@@ -114,10 +114,10 @@ def fmt_usd(value: Any) -> str:
     return NA if number is None else f"${number:.4f}"
 
 
-def _pair(value: Any) -> tuple[float, float] | None:
+def _pair(value: Any, allow_inf: bool = False) -> tuple[float, float] | None:
     if not isinstance(value, list | tuple) or len(value) != 2:
         return None
-    low, high = _number(value[0]), _number(value[1])
+    low, high = _number(value[0], allow_inf), _number(value[1], allow_inf)
     return None if low is None or high is None else (low, high)
 
 
@@ -243,7 +243,7 @@ def _mcnemar_line(mcnemar: Any) -> str:
     if not isinstance(mcnemar, dict) or not mcnemar:
         return NA
     p_value = mcnemar.get("p_exact", mcnemar.get("p_value"))
-    ci = _pair(mcnemar.get("or_ci_95"))
+    ci = _pair(mcnemar.get("or_ci_95"), allow_inf=True)
     ci_text = NA if ci is None else f"{fmt_num(ci[0])}–{fmt_num(ci[1])}"
     method = mcnemar.get("or_ci_method") or NA
     return (f"b = {fmt_int(mcnemar.get('b'))}, c = {fmt_int(mcnemar.get('c'))}, exact p = {fmt_p(p_value)}, "
@@ -259,7 +259,9 @@ def _tost_lines(tost: Any) -> list[str]:
         block = tost[name] if isinstance(tost[name], dict) else {}
         verdict = {True: "non-inferior", False: "non-inferiority not shown"}.get(block.get("non_inferior"), NA)
         margin = _number(block.get("margin"))
-        ci = f", 95% CI {fmt_ci_pp(block['ci_95'])}" if _pair(block.get("ci_95")) else ""
+        level = _number(block.get("ci_level"))
+        ci = (f", {level * 100:.0f}% CI {fmt_ci_pp(block['ci'])}"
+              if _pair(block.get("ci")) and level is not None else "")
         lines.append(f"TOST non-inferiority, {METRICS.get(name, name)}: margin "
                      f"{NA if margin is None else f'{margin * 100:.2f} pp'}, α = {fmt_num(block.get('alpha'))}, "
                      f"p = {fmt_p(block.get('p_value'))} → {verdict} (mean Δ {fmt_pp(block.get('mean_delta'))}{ci})")
@@ -280,6 +282,10 @@ def _meta_lines(meta: Any) -> list[str]:
     lines = []
     for name in [m for m in METRICS if m in meta] + sorted(m for m in meta if m not in METRICS):
         block = meta[name] if isinstance(meta[name], dict) else {}
+        if block.get("status", "ok") != "ok":
+            lines.append(f"Meta-analysis across datasets, {METRICS.get(name, name)}: not computed "
+                         f"({str(block['status']).replace('_', ' ')})")
+            continue
         fixed, random, het = (block.get(k) if isinstance(block.get(k), dict) else {}
                               for k in ("fixed", "random", "heterogeneity"))
         lines.append(

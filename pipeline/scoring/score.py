@@ -8,7 +8,8 @@
 - Closed-book: em and f1 best over the gold answers; false_answer and unsupported are NaN.
 - unsupported (open-book only, unanswerable items included): 0 when abstained ≥ `unsupported_threshold`,
   else `is_unsupported(response, context)` with the configured strategy.
-- `abstained` follows `pipeline.scoring.abstention.is_abstention`.
+- `abstained` follows `pipeline.scoring.abstention.is_abstention`; an empty (ok) response counts as an
+  abstention, matching the official metric where the empty prediction is the no-answer prediction.
 Text work is done once per unique response and once per unique (response, item) pair; rows are then filled
 by integer indexing, so a million rows with repeated answers cost little more than their distinct answers.
 """

@@ -1,0 +1,246 @@
+"""Markdown reports: sections, units, `—` vs `n/a`, robustness to missing blocks, determinism."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from pipeline.report.render import render_aggregate_report, render_trial_report
+
+NAN = float("nan")
+
+
+def _row(key: str, type_: str, condition: str, temp: float, em: float, f1: float, abstain: float = 0.0,
+         false_answer: float = NAN, unsupported: float = NAN, n_samples: int = 1,
+         n_excluded: int = 0) -> dict[str, Any]:
+    return {"abstain_rate": abstain, "abstain_rate_std": 0.0, "condition": condition, "em": em, "em_std": 0.0,
+            "f1": f1, "f1_std": 0.0, "false_answer_rate": false_answer, "false_answer_rate_std": NAN,
+            "item_key": key, "temp": temp, "type": type_, "unsupported_rate": unsupported,
+            "unsupported_rate_std": NAN, "n_samples": n_samples, "n_excluded": n_excluded}
+
+
+def per_item() -> pd.DataFrame:
+    rows = []
+    for temp in (0.0, 0.7):
+        rows += [
+            _row("triviaqa|q1", "closed", "control", temp, 1.0, 1.0),
+            _row("triviaqa|q2", "closed", "control", temp, 0.0, 0.5),
+            _row("triviaqa|q1", "closed", "treatment", temp, 1.0, 1.0),
+            _row("triviaqa|q2", "closed", "treatment", temp, 1.0, 0.75),
+            _row("squad_v2|o1", "open", "control", temp, 0.0, 0.2, false_answer=1.0, unsupported=1.0),
+            _row("squad_v2|o2", "open", "control", temp, 1.0, 1.0, false_answer=0.0, unsupported=0.0),
+            _row("squad_v2|o1", "open", "treatment", temp, 1.0, 1.0, abstain=1.0, false_answer=0.0, unsupported=0.0),
+            _row("squad_v2|o2", "open", "treatment", temp, NAN, NAN, false_answer=NAN, unsupported=NAN,
+                 n_samples=0, n_excluded=2),
+        ]
+    return pd.DataFrame(rows)
+
+
+def significance() -> dict[str, Any]:
+    em = {"n_items": 2, "delta_mean": 0.5, "ci_95": [0.0, 1.0], "wilcoxon": {"W": 0.0, "p_value": 0.0123,
+          "q_value": 0.0456}, "hodges_lehmann": 0.5, "cohens_d": 0.7071, "cliffs_delta": 1.0, "perm_p_value": 0.00001}
+    return {
+        "schema_version": 2,
+        "temps": [0.0, 0.7],
+        "results": {
+            "0.0": {
+                "closed": {
+                    "n_items": 2,
+                    "mcnemar": {"b": 7, "c": 2, "p_exact": 0.0898, "odds_ratio": 3.0, "or_ci_95": [0.6, 15.2],
+                                "q_value": 0.18, "or_ci_method": "clopper_pearson"},
+                    "metrics": {"em": em, "abstain_rate": {"n_items": 2, "delta_mean": 0.0, "ci_95": None,
+                                                           "wilcoxon": None}},
+                    "tost": {"em": {"margin": 0.01, "alpha": 0.05, "p_value": 0.02, "non_inferior": True,
+                                    "mean_delta": 0.5}},
+                    "selective_risk": {"aurc": {"control": 0.25, "treatment": 0.125}},
+                },
+                "open": {"n_items": 1, "mcnemar": None},
+            }
+        },
+    }
+
+
+def costs() -> dict[str, Any]:
+    block = {"prompt_tokens": 5000, "completion_tokens": 100, "total_tokens": 5100, "usd": 0.0123}
+    return {
+        "prompt_tokens": 10000, "completion_tokens": 200, "total_tokens": 10200, "usd": 0.0246,
+        "batch_discount_applied": True, "usage_records": 16,
+        "pricing": {"provider": "fireworks", "model_key": "accounts/fireworks/models/gpt-oss-20b",
+                    "input_rate_per_mtok": 0.035, "output_rate_per_mtok": 0.15, "rate_type": "batch_discount",
+                    "table_found": True, "use_batch_api": True,
+                    "source": "input: pricing.providers.fireworks['m'].input_per_mtok × discount"},
+        "by_condition": {"control": block, "treatment": block},
+        "by_temp": {"0.0": block, "0.7": block},
+        "by_condition_temp": {"0.0": {"control": block, "treatment": block}},
+    }
+
+
+def context() -> dict[str, Any]:
+    return {
+        "rid": "run-1",
+        "trial": {"slug": "gpt-oss-20b-default", "model": "accounts/fireworks/models/gpt-oss-20b",
+                  "prompt_set": "default", "top_p": 1.0, "top_k": 50,
+                  "max_new_tokens": {"closed_book": 64, "open_book": 256}},
+        "temps": [0.0, 0.7],
+        "samples_per_item": {"0.0": 1, "0.7": 3},
+        "prompts": {"control": {"path": "prompts/control.txt", "sha256": "a" * 64, "tokens": 12},
+                    "treatment": {"path": "prompts/treatment.txt", "sha256": "b" * 64, "tokens": 345}},
+        "per_item": per_item(),
+        "significance": significance(),
+        "costs": costs(),
+        "score_summary": {"status_counts": {"ok": 12, "provider_error": 3, "truncated": 1}},
+        "jobs": {"t0_control_p00": {"job_id": "job-abc", "state": "COMPLETED"}},
+        "config_hash": "cafebabe",
+    }
+
+
+def _section(text: str, start: str, end: str | None = None) -> str:
+    tail = text[text.index(start):]
+    return tail if end is None else tail[:tail.index(end, len(start))]
+
+
+def _table_row(text: str, first_cell: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row starting with {first_cell!r}")
+
+
+def test_trial_report_sections_and_header() -> None:
+    text = render_trial_report(context())
+    assert text.startswith("# Evaluation Report — gpt-oss-20b-default\n")
+    for heading in ("## Prompts", "## Data balance", "## Results @ T=0.0", "## Results @ T=0.7", "### Closed-book",
+                    "### Open-book", "### Significance", "## Cost", "## Provenance"):
+        assert heading in text
+    assert "T=0.0: 1 · T=0.7: 3" in text
+    assert "`aaaaaaaaaaaa`" in text and "a" * 13 not in text
+    assert "cafebabe" in text and "job-abc" in text and "COMPLETED" in text
+
+
+def test_results_tables_use_percentages_and_dash_for_inapplicable_metrics() -> None:
+    results = _section(render_trial_report(context()), "## Results @ T=0.0", "### Significance")
+    closed = _section(results, "### Closed-book", "### Open-book")
+    control = _table_row(closed, "Control")
+    # EM, F1, Abstain, False-Ans, Unsupported, n
+    assert control == ["Control", "50.0%", "75.0%", "0.0%", "—", "—", "2"]
+    assert _table_row(closed, "Treatment")[2] == "87.5%"
+    opened = _section(results, "### Open-book")
+    # the treatment item whose samples all failed is excluded, not scored as zero
+    assert _table_row(opened, "Treatment") == ["Treatment", "100.0%", "100.0%", "100.0%", "0.0%", "0.0%", "1"]
+    assert _table_row(opened, "Control")[4] == "50.0%"
+
+
+def test_closed_book_blank_f1_is_missing_not_zero() -> None:
+    ctx = context()
+    frame = ctx["per_item"]
+    frame.loc[frame["type"] == "closed", "f1"] = NAN  # original per_item_scores.csv leaves closed F1 blank
+    closed = _section(render_trial_report(ctx), "### Closed-book", "### Open-book")
+    assert _table_row(closed, "Control")[2] == "n/a"
+    assert "0.0%" not in _table_row(closed, "Control")[2]
+
+
+def test_absent_metric_columns_render_dash() -> None:
+    ctx = context()
+    ctx["per_item"] = ctx["per_item"].drop(columns=["unsupported_rate", "unsupported_rate_std"])
+    opened = _section(render_trial_report(ctx), "### Open-book", "### Significance")
+    assert _table_row(opened, "Control")[5] == "—"
+
+
+def test_significance_section_is_printed_with_mcnemar_and_metric_rows() -> None:
+    text = render_trial_report(context())
+    sig = _section(text, "### Significance", "## Results @ T=0.7")
+    closed = _section(sig, "#### Closed-book", "#### Open-book")
+    assert "b = 7, c = 2, exact p = 0.0898, q = 0.18" in closed
+    assert "odds ratio = 3 (95% CI 0.6–15.2; method: clopper_pearson)" in closed
+    em = _table_row(closed, "EM")
+    assert em == ["EM", "+50.00 pp", "[+0.00, +100.00] pp", "0.0123", "0.0456", "+50.00 pp", "0.707", "1.000",
+                  "<1e-4"]
+    # a metric block with None entries renders n/a instead of raising
+    assert _table_row(closed, "Abstain")[2:5] == ["n/a", "n/a", "n/a"]
+    assert "TOST non-inferiority, EM: margin 1.00 pp, α = 0.05, p = 0.02 → non-inferior" in closed
+    assert "control 0.2500 · treatment 0.1250" in closed
+    opened = _section(sig, "#### Open-book")
+    assert "McNemar on EM ≥ 0.5: n/a" in opened and "Per-metric tests: n/a" in opened
+
+
+@pytest.mark.parametrize("significance", [{}, {"results": None}, {"results": {"0.0": None}}, None])
+def test_missing_optional_blocks_render_na_without_raising(significance: Any) -> None:
+    ctx = context()
+    ctx.update(significance=significance, costs={}, score_summary={}, jobs={}, prompts={})
+    text = render_trial_report(ctx)
+    assert "Significance: n/a" in text
+    assert "Estimated USD: n/a" in text
+    assert "Prediction rows by status: n/a" in text
+    assert "Jobs: n/a" in text
+
+
+def test_cost_section_shows_usd_units_and_provenance() -> None:
+    cost = _section(render_trial_report(context()), "## Cost", "## Provenance")
+    assert "Estimated USD: $0.0246" in cost
+    assert "prompt 10,000 · completion 200 · total 10,200" in cost
+    assert "batch_discount" in cost and "pricing.providers.fireworks['m'].input_per_mtok" in cost
+    assert _table_row(cost, "0.0")[:3] == ["0.0", "control", "5,000"]
+    assert _table_row(cost, "all")[-1] == "$0.0123"
+
+
+def test_data_balance_counts_scored_items_and_excluded_rows() -> None:
+    balance = _section(render_trial_report(context()), "## Data balance", "## Results")
+    rows = [line for line in balance.splitlines() if line.startswith("| 0.0 | Open-book")]
+    assert rows == ["| 0.0 | Open-book | 2 | 1 | 1 | 2 |"]
+    assert "ok 12 · provider_error 3 · truncated 1" in balance
+
+
+def test_trial_report_is_deterministic() -> None:
+    ctx = context()
+    shuffled = copy.deepcopy(ctx)
+    shuffled["per_item"] = ctx["per_item"].sample(frac=1.0, random_state=3)
+    shuffled["jobs"] = {"b": {"job_id": "2", "state": "x"}, **ctx["jobs"]}
+    ctx["jobs"] = {**ctx["jobs"], "b": {"job_id": "2", "state": "x"}}
+    assert render_trial_report(ctx) == render_trial_report(shuffled)
+    assert not re.search(r"\d{4}-\d{2}-\d{2}", render_trial_report(ctx))
+
+
+def _trial(slug: str, **overrides: Any) -> dict[str, Any]:
+    return {"slug": slug, "model": "accounts/fireworks/models/gpt-oss-20b", "prompt_set": "default",
+            "per_item": per_item(), "significance": significance(), "costs": costs(), **overrides}
+
+
+def test_aggregate_report_rows_per_trial_and_temperature() -> None:
+    text = render_aggregate_report({"rid": "run-1", "trials": [_trial("a"), _trial("b", costs={}, significance={})]})
+    assert text.startswith("# Aggregate Trial Comparison\n")
+    assert "Run ID: `run-1`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
+    assert len(rows) == 4
+    first = _table_row(text, "a")
+    assert first[3:] == ["0.0", "50.0% → 100.0%", "75.0% → 87.5%", "50.0% → 100.0%", "60.0% → 100.0%", "n/a",
+                         "$0.0123"]
+    assert "Total estimated cost: $0.0246 across 2 trials (1 without costs.json data)." in text
+    assert render_aggregate_report({"rid": "run-1", "trials": [_trial("a")]}) == render_aggregate_report(
+        {"rid": "run-1", "trials": [_trial("a")]})
+
+
+def test_aggregate_report_shows_open_em_delta_with_ci() -> None:
+    sig = significance()
+    sig["results"]["0.0"]["open"] = {"metrics": {"em": {"delta_mean": -0.025, "ci_95": [-0.05, 0.0]}}}
+    text = render_aggregate_report({"rid": "r", "trials": [_trial("a", significance=sig)]})
+    assert _table_row(text, "a")[8] == "-2.50 pp [-5.00, +0.00] pp"
+
+
+def test_aggregate_report_keeps_a_trial_without_data() -> None:
+    text = render_aggregate_report({"rid": "r", "trials": [_trial("empty", per_item=pd.DataFrame(), costs={},
+                                                                  significance={})]})
+    assert _table_row(text, "empty")[3:] == ["n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a", "n/a"]
+    assert "Total estimated cost: n/a" in text
+
+
+def test_infinite_odds_ratio_bound_is_shown_as_inf() -> None:
+    ctx = context()
+    mcnemar = ctx["significance"]["results"]["0.0"]["closed"]["mcnemar"]
+    mcnemar.update(c=0, odds_ratio=15.0, or_ci_95=[1.9, float("inf")])
+    closed = _section(render_trial_report(ctx), "#### Closed-book", "#### Open-book")
+    assert "odds ratio = 15 (95% CI 1.9–inf;" in closed
