@@ -10,7 +10,6 @@ from pipeline.naming import (
     parse_custom_id,
     remote_id,
     temp_label,
-    temp_str,
 )
 
 
