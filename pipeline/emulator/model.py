@@ -1,7 +1,8 @@
 """The emulator's simulated model: a deterministic answer per custom_id, with a built-in treatment effect.
 
 `answer(custom_id, messages, key)` -> `(content, finish_reason, usage)` is pure: the outcome (correct / abstain /
-wrong) and every textual choice are drawn from sha256 of the custom_id, so re-running a job gives identical rows.
+wrong) and every textual choice are drawn from sha256 of the custom_id and the system prompt, so re-running a job
+gives identical rows, while two treatment prompts (same custom_ids, different system prompts) answer differently.
 Rates live in `RATES` (answerable vs unanswerable items, per condition); the correct rate drops by
 `TEMP_PENALTY` x temperature, the lost mass going to "wrong". `key` is the prepared-data row of the item
 (open_book rows have `context` and `is_unanswerable`; closed_book rows do not); without a key the answer is wrong.
@@ -45,9 +46,9 @@ _MARKERS = ("unknown", "know", "not sure", "cannot answer", "can't answer", "ins
 _NORM_DROP = re.compile(r"\b(a|an|the)\b|[^\w\s]")
 
 
-def _stream(custom_id: str) -> list[float]:
-    """Independent uniform draws in [0, 1) from sha256(custom_id): [outcome, wording, pick, extra]."""
-    digest = hashlib.sha256(custom_id.encode("utf-8")).digest()
+def _stream(seed: str) -> list[float]:
+    """Independent uniform draws in [0, 1) from sha256(seed): [outcome, wording, pick, extra]."""
+    digest = hashlib.sha256(seed.encode("utf-8")).digest()
     return [int.from_bytes(digest[i:i + 8], "big") / 2**64 for i in range(0, 32, 8)]
 
 
@@ -65,13 +66,13 @@ def outcome_rates(condition: str, temperature: float, unanswerable: bool) -> dic
     return {CORRECT: base[CORRECT] - shift, ABSTAIN: base[ABSTAIN], WRONG: base[WRONG] + shift}
 
 
-def draw_outcome(custom_id: str, key: dict[str, Any] | None) -> str:
-    """correct / abstain / wrong for this request; always wrong without a key."""
+def draw_outcome(custom_id: str, key: dict[str, Any] | None, seed: str | None = None) -> str:
+    """correct / abstain / wrong for this request; always wrong without a key. `seed` defaults to the custom_id."""
     cid = _parse(custom_id)
     if key is None or cid is None:
         return WRONG
     rates = outcome_rates(cid.condition, float(cid.temp), bool(key.get("is_unanswerable")))
-    u = _stream(custom_id)[0]
+    u = _stream(seed or custom_id)[0]
     if u < rates[CORRECT]:
         return CORRECT
     if u < rates[CORRECT] + rates[ABSTAIN]:
@@ -108,9 +109,9 @@ def _wrong(key: dict[str, Any] | None, u: float) -> str:
     return "42"
 
 
-def _content(custom_id: str, key: dict[str, Any] | None) -> str:
-    outcome = draw_outcome(custom_id, key)
-    _, wording, pick, extra = _stream(custom_id)
+def _content(custom_id: str, key: dict[str, Any] | None, seed: str) -> str:
+    outcome = draw_outcome(custom_id, key, seed)
+    _, wording, pick, extra = _stream(seed)
     answers = [a for a in (key or {}).get("answers") or [] if str(a).strip()]
     if outcome == CORRECT and answers:
         gold = str(answers[int(pick * len(answers))]).strip()
@@ -134,7 +135,9 @@ def _text_of(message: dict[str, Any]) -> str:
 def answer(custom_id: str, messages: list[dict[str, Any]],
            key: dict[str, Any] | None) -> tuple[str, str, dict[str, int]]:
     """(content, finish_reason, usage) for one request; see the module docstring."""
-    content = _content(custom_id, key)
+    system = "".join(_text_of(m) for m in messages if m.get("role") == "system")
+    seed = custom_id if not system else f"{custom_id}\x1f{hashlib.sha256(system.encode()).hexdigest()}"
+    content = _content(custom_id, key, seed)
     prompt_words = sum(len(_text_of(m).split()) for m in messages)
     prompt_tokens = math.ceil(1.3 * prompt_words)
     completion_tokens = len(content.split()) + 1
