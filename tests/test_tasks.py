@@ -21,7 +21,6 @@ from pipeline import (
     ScorePredictions,
     SubmitPart,
     SummarizeCosts,
-    TrialReport,
     UploadPart,
 )
 
