@@ -107,13 +107,6 @@ def _as_seen_by(owner: PartRef, trial: str) -> PartRef:
     return PartRef(**{**owner.__dict__, "trial": trial})
 
 
-def find_part(run: Run, build: BuildManifest, owner: str, jkey: str) -> PartRef:
-    for ref in all_parts(run, build).get(owner, []):
-        if ref.jkey == jkey and ref.owner == owner:
-            return ref
-    raise KeyError(f"trial {owner} owns no part {jkey} in run {run.rid}")
-
-
 def remote_ids(run: Run, ref: PartRef, generation: int) -> dict[str, str]:
     """Deterministic dataset / job / output dataset ids and display names for one part generation."""
     readable = f"ex-t{temp_label(ref.temp)}-{ref.condition[:4]}-p{ref.index:02d}"

@@ -46,14 +46,13 @@ def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO) -
         if task.task_id in seen:
             return
         seen.add(task.task_id)
-        target = task.output()
-        done = target.exists()
-        if not done:
+        verb, reason = task.status()
+        if verb != "skip":
             for dep in _children(task):
                 visit(dep, depth + 1)
-        state = "done" if done else "to run"
+        state = "done" if verb == "skip" else "to run"
         counts[state] += 1
-        print(f"  {state:<7} {task.stage:<10} {task.describe():<55} ({target.reason})", file=stream)
+        print(f"  {state:<7} {task.stage:<10} {task.describe():<55} ({reason})", file=stream)
 
     visit(TrialReport(rid=rid, root=str(run.layout.root), config=config), 0)
     print(f"{counts['done']} done, {counts['to run']} to run", file=stream)

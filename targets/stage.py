@@ -28,6 +28,8 @@ class StageTarget(luigi.Target):
     def exists(self) -> bool:
         try:
             done, self.reason = self._predicate()
+        except (OSError, KeyError) as exc:  # a missing file or record: plainly "not there yet"
+            done, self.reason = False, str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
         except Exception as exc:  # the contract: a broken artifact is "not done", never a scheduling error
             done, self.reason = False, f"{type(exc).__name__}: {exc}"
         return bool(done)

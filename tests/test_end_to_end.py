@@ -71,6 +71,22 @@ def test_first_run_writes_every_report(experiment: dict) -> None:
     assert (run_dir / "effective_config.yaml").exists()
 
 
+def test_jobs_carry_each_trials_own_parameters(experiment: dict) -> None:
+    run_dir = experiment["run_dir"]
+    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
+    effective = yaml.safe_load((run_dir / "effective_config.yaml").read_text())
+    for trial in trial_dirs(run_dir):
+        manifest = json.loads((trial / "results" / "trial_manifest.json").read_text())
+        for part in manifest["parts"].values():
+            job = requests.get(f"{server['base_url']}/v1/accounts/emulator/batchInferenceJobs/{part['job_id']}",
+                               headers={"Authorization": "Bearer k"}, timeout=5).json()
+            assert job["model"] == manifest["trial"]["model_id"]
+            params = job["inferenceParameters"]
+            kind = "open_book" if part["type"] == "open" else "closed_book"
+            assert params["maxTokens"] == effective["max_new_tokens"][kind]
+            assert params["topP"] == effective["top_p"] and params["topK"] == effective["top_k"]
+
+
 def test_each_part_submitted_exactly_once_and_controls_shared(experiment: dict) -> None:
     run_dir = experiment["run_dir"]
     calls = emulator_calls(run_dir)
@@ -100,6 +116,10 @@ def test_deleted_predictions_rerun_only_that_trial(experiment: dict) -> None:
     other_report = second / "reports" / "report.md"
     stamp = other_report.stat().st_mtime_ns
     (first / "results" / "predictions.csv").unlink()
+    plan = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--rid", RID, "--root", str(experiment["root"])],
+                          capture_output=True, text=True, timeout=120)
+    assert f"to run  parsed     trial={first.name}" in plan.stdout
+    assert f"to run  parsed     trial={second.name}" not in plan.stdout
     again = luigi_cmd(experiment["root"], cwd=experiment["base"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"done parsed trial={first.name}" in again.stderr

@@ -21,15 +21,17 @@ from targets.manifest import TrialManifest
 from targets.stage import StageTarget
 
 log = logging.getLogger("pipeline")
-_logged: set[tuple[str, bool, str]] = set()
+_logged: set[tuple[str, str]] = set()
 
 
 def decision(verb: str, what: str, reason: str) -> None:
-    """One log line per idempotency decision, printed once per process."""
-    key = (what, verb == "skip", reason)
-    if key in _logged:
+    """One log line per idempotency decision, printed once per process.
+
+    A "skip" after a "run" / "re-run" of the same task is the post-run completeness check, not a decision.
+    """
+    if (what, verb) in _logged or (verb == "skip" and any((what, v) in _logged for v in ("run", "re-run"))):
         return
-    _logged.add(key)
+    _logged.add((what, verb))
     log.info("%s %s (%s)", verb, what, reason)
 
 
@@ -65,18 +67,20 @@ class PipelineTask(luigi.Task):
     def output(self) -> StageTarget:
         return StageTarget(f"{self.stage} {self.describe()}", self.done)
 
-    def complete(self) -> bool:
+    def status(self) -> tuple[str, str]:
+        """`("skip" | "run" | "re-run", reason)`: this stage's predicate, then its upstream's (cascading)."""
         target = self.output()
-        what = f"{self.stage} {self.describe()}"
         if not target.exists():
-            decision("run", what, target.reason)
-            return False
+            return "run", target.reason
         for dep in flatten(self.requires()):
             if not dep.complete():
-                decision("re-run", what, f"upstream {dep.stage} {dep.describe()} is not done")
-                return False
-        decision("skip", what, target.reason)
-        return True
+                return "re-run", f"upstream {dep.stage} {dep.describe()} is not done"
+        return "skip", target.reason
+
+    def complete(self) -> bool:
+        verb, reason = self.status()
+        decision(verb, f"{self.stage} {self.describe()}", reason)
+        return verb == "skip"
 
     def manifest(self, slug: str) -> TrialManifest | None:
         return store.read(self.layout.trial_manifest(slug), TrialManifest)
@@ -100,7 +104,8 @@ def artifact_current(layout: RunLayout, record: dict[str, Any] | None) -> tuple[
         return False, f"{record['path']} is missing"
     if fp.sha256 != record.get("sha256"):
         return False, f"{record['path']} changed since it was written"
-    return True, f"{record['path']} unchanged"
+    rows = f" {record['rows']} rows" if "rows" in record else ""
+    return True, f"{record['path']}{rows} unchanged"
 
 
 def inputs_changed(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str | None:

@@ -39,7 +39,10 @@ SUBMITTED_OR_LATER = {"submitted", "running", "completed", "failed", "expired", 
 def run_parts(task: PipelineTask) -> dict[str, list[PartRef]]:
     """All trials' parts, cached per build-manifest version (one parse per process on a no-op resume)."""
     path = task.layout.build_manifest
-    st = path.stat()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError("batch inputs are not built yet") from None
     key = (str(path), (st.st_size, st.st_mtime_ns, id(task.run_ctx)))
     if key not in _parts_cache:
         build = store.read(path, BuildManifest)
@@ -261,12 +264,10 @@ class DownloadPart(PartTask):
     def requires(self) -> PollJob:
         return PollJob(trial=self.trial, jkey=self.jkey, **self.common())
 
-    def complete(self) -> bool:
+    def status(self) -> tuple[str, str]:
         # Valid results are enough: the remote chain above is history once the part is downloaded.
         target = self.output()
-        done = target.exists()
-        decision("skip" if done else "run", f"{self.stage} {self.describe()}", target.reason)
-        return done
+        return ("skip" if target.exists() else "run"), target.reason
 
     def done(self) -> tuple[bool, str]:
         results = self.layout.part_results(self.trial, self.jkey)
