@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from targets.crashpoints import crashpoint
+
 TMP_MARK = ".tmp-"
 
 
@@ -40,12 +42,14 @@ def atomic_open(path: Path, mode: str = "w", *, encoding: str | None = "utf-8", 
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
+        crashpoint(f"before replace {path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    crashpoint(f"after replace {path.name}")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

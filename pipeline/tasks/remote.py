@@ -26,6 +26,7 @@ from pipeline.tasks.base import PipelineTask, artifact_record, decision
 from pipeline.tasks.build import BuildBatches
 from targets import store
 from targets.atomic import write_json, write_text
+from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint
 from targets.manifest import BuildManifest, PartRecord, TrialManifest
 
@@ -141,6 +142,7 @@ class UploadPart(PartTask):
                             output_dataset_id=ids["output_dataset_id"], state="uploading")
         self.save(record)  # intent first: a crash from here on re-attaches to these ids
         client = make_client(self.run_ctx)
+        crashpoint("before dataset create")
         dataset = client.get_dataset(record.dataset_id)
         if dataset is None:
             dataset, created = client.create_dataset(record.dataset_id, display_name=ids["dataset_display_name"],
@@ -154,8 +156,10 @@ class UploadPart(PartTask):
             raise RuntimeError(f"remote dataset {record.dataset_id} declares {declared} examples but part {self.jkey} "
                                f"has {ref.lines}; it is not this part's content. Delete the remote dataset or start "
                                "a new run id.")
+        crashpoint("after dataset create")
         if dataset.get("state") != "READY":
             client.upload_dataset_file(record.dataset_id, ref.path)
+            crashpoint("after upload")
             client.wait_dataset_ready(record.dataset_id, poll_s=poll_interval(self.run_ctx))
         record.state = "uploaded"
         self.save(record)
@@ -180,6 +184,7 @@ class SubmitPart(PartTask):
         record.state = "submitting"
         self.save(record)  # write-ahead: if we die after the POST, the resume GETs this id instead of posting again
         client = make_client(self.run_ctx)
+        crashpoint("before job create")
         job = client.get_job(record.job_id)
         if job is not None:
             decision("re-attach", f"job {record.job_id}", f"part {self.jkey} already submitted, state {job.get('state')}")
@@ -191,6 +196,7 @@ class SubmitPart(PartTask):
                 inference_parameters=ref.inference_parameters)
             decision("submit" if created else "re-attach", f"job {record.job_id}",
                      f"part {self.jkey} of trial {self.trial}" if created else "create answered 409 already exists")
+        crashpoint("after job create")
         write_json(self.layout.job_breadcrumb(self.trial, self.jkey), job)
         record.state = "submitted"
         record.provider_state = str(job.get("state") or "")
@@ -296,6 +302,7 @@ class DownloadPart(PartTask):
         scratch = self.layout.part_dir(self.trial, self.jkey) / ".download"
         shutil.rmtree(scratch, ignore_errors=True)
         files = make_client(self.run_ctx).download_dataset(record.output_dataset_id, scratch)
+        crashpoint("after download")
         sources = [files[n] for n in sorted(files) if n == "BIJOutputSet.jsonl" or n.endswith(".jsonl")]
         sources += [files[n] for n in sorted(files) if n == "error-data"]
         found, problems = merge_results(sources, expected)
