@@ -1,6 +1,7 @@
 """`python -m pipeline <command>`: the views and tools around the Luigi graph.
 
 - `plan --rid X [--config PATH] [--root DIR]`: read-only; prints every task of the run as done / to run, with the reason.
+- `stop --rid X [--root DIR]`: ask a running run to stop submitting, save its state and exit (code 75).
 - `emulator --port P --state-dir D [--latency S] [--answer-key DIR]`: the offline Fireworks-compatible server.
 - `prepare-data --out DIR [--squad-v2 F] [--triviaqa F] [--nq-open F] [--max-items ...]`: prepared files from the
   published dataset formats.
@@ -22,6 +23,21 @@ def _plan(args: argparse.Namespace) -> int:
     from pipeline.planview import render_plan
 
     return render_plan(args.rid, root=args.root, config=args.config, stream=sys.stdout)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from pipeline.layout import RunLayout, check_rid
+    from pipeline.run import resolve_root
+    from pipeline.stop import request_stop
+
+    layout = RunLayout(resolve_root(args.root or None), check_rid(args.rid))
+    if not layout.run_dir.exists():
+        print(f"error: no run {args.rid} under {layout.root}", file=sys.stderr)
+        return exit_codes.CONFIG_INVALID
+    request_stop(layout, "python -m pipeline stop")
+    print(f"stop requested for run {args.rid} ({layout.stop_file}); the running process sends nothing new, "
+          f"saves its state and exits with code {exit_codes.STOPPED}")
+    return exit_codes.OK
 
 
 def _emulator(argv: list[str]) -> int:
@@ -54,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "config/experiment.yaml)")
     plan.add_argument("--root", default="", help="experiments root (default ./experiments)")
     plan.set_defaults(func=_plan)
+    stop = sub.add_parser("stop", help="ask a running run to stop submitting, save its state and exit")
+    stop.add_argument("--rid", required=True)
+    stop.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    stop.set_defaults(func=_stop)
     sub.add_parser("emulator", help="run the offline Fireworks emulator (see `python -m pipeline emulator --help`)")
     prep = sub.add_parser("prepare-data", help="write open_book.jsonl / closed_book.jsonl from published datasets")
     prep.add_argument("--out", type=Path, required=True)

@@ -65,6 +65,11 @@ class Provider(_Model):
     poll_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     poll_timeout_s: Annotated[float, Field(gt=0)] = 48 * 3600
     pricing_key: str | None = None
+    max_download_bytes: Annotated[int, Field(gt=0)] = 8 * 1024**3
+    download_command: list[str] | None = Field(
+        default=None,
+        description="CLI fallback when the REST download fails, e.g. "
+                    "[firectl, download, dataset, '{dataset_id}', --output-dir, '{output_dir}']")
 
 
 class Batching(_Model):

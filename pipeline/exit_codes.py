@@ -7,3 +7,4 @@ Luigi's own codes come from the `[retcode]` block of config/luigi.cfg (10 alread
 OK = 0
 CONFIG_INVALID = 2
 CONFIG_DRIFT = 3
+STOPPED = 75

@@ -148,7 +148,7 @@ def check_part_results(path: Path, expected: list[str]) -> PartCheck:
                 continue
             seen.add(cid)
             check.rows += 1
-            if _text(_body(obj.get("response")) or {}) is None:
+            if not has_answer(obj):
                 check.errors += 1
             else:
                 check.ok += 1
@@ -168,25 +168,52 @@ def input_custom_ids(path: Path) -> list[str]:
     return ids
 
 
-def merge_results(sources: Iterable[Path], expected: list[str]) -> tuple[list[dict], list[str]]:
-    """Result objects in input order, first copy of each expected id wins; also the problems seen.
+def iter_jsonl_lenient(path: Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
+    """Like `iter_jsonl`, but a bad line is recorded in `problems` and skipped instead of ending the file."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            if len(raw) > MAX_LINE_BYTES:
+                problems.append(f"{path.name}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            try:
+                obj = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                problems.append(f"{path.name}:{lineno}: not valid JSON")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{path.name}:{lineno}: not a JSON object")
+                continue
+            yield lineno, obj
 
-    Lines with unknown custom_ids are dropped (and reported), so a provider cannot inject rows.
+
+def has_answer(obj: dict) -> bool:
+    return _text(_body(obj.get("response")) or {}) is not None
+
+
+def merge_results(sources: Iterable[Path], expected: list[str]) -> tuple[list[dict], list[str]]:
+    """Result objects in input order and the problems seen; for each expected id an answer beats an error line,
+    and the first copy wins among equals. Lines with unknown custom_ids are dropped, so a provider cannot inject rows.
     """
     wanted = set(expected)
     found: dict[str, dict] = {}
     problems: list[str] = []
     for source in sources:
-        for lineno, obj in iter_jsonl(source):
+        for lineno, obj in iter_jsonl_lenient(source, problems):
             cid = line_custom_id(obj)
             if cid is None or cid not in wanted:
-                problems.append(f"{source}:{lineno}: custom_id {cid!r} is not in this part's input; dropped")
+                problems.append(f"{source.name}:{lineno}: custom_id {cid!r} is not in this part's input; dropped")
                 continue
             prior = found.get(cid)
-            if prior is None or (_text(_body(prior.get("response")) or {}) is None
-                                 and _text(_body(obj.get("response")) or {}) is not None):
+            if prior is None or (not has_answer(prior) and has_answer(obj)):
                 found[cid] = obj
     return [found[c] for c in expected if c in found], problems
+
+
+def missing_result(custom_id: str, reason: str) -> dict:
+    """The line that accounts for a request the provider returned nothing for."""
+    return {"custom_id": custom_id, "error": {"code": "missing", "message": reason}}
 
 
 def predictions_csv(rows: Iterable[dict[str, object]]) -> str:

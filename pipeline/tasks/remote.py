@@ -12,23 +12,29 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import luigi
 
 from pipeline.naming import temp_str
-from pipeline.parsing import check_part_results, input_custom_ids, merge_results
+from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.provider import make_client, poll_interval
 from pipeline.providers import job_states
+from pipeline.providers.download import extract_jsonl_bundle
+from pipeline.providers.errors import NotFound, ProviderError
+from pipeline.stop import stop_requested
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
 from pipeline.tasks.build import BuildBatches
 from targets import store
 from targets.atomic import write_json, write_text
 from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint
-from targets.manifest import BuildManifest, PartRecord, TrialManifest
+from targets.manifest import BuildManifest, PartRecord, TrialManifest, utcnow
 
 log = logging.getLogger("pipeline")
 _JKEY = re.compile(r"^t(?P<label>[0-9]+)_(?P<cond>control|treatment)_p(?P<index>[0-9]{2,})$")
@@ -118,6 +124,119 @@ def new_trial_manifest(task: PipelineTask, slug: str) -> TrialManifest:
                          prompts=prompts)
 
 
+class StopRequested(RuntimeError):
+    """A stop was requested (`python -m pipeline stop`, SIGINT, SIGTERM): nothing new is sent; state is saved."""
+
+
+class OutputGone(RuntimeError):
+    """The output dataset of a completed job no longer exists anywhere we can fetch it from."""
+
+
+def check_stop(task: PartTask) -> None:
+    if stop_requested(task.layout):
+        raise StopRequested(f"stop requested for run {task.rid}: not sending part {task.jkey}; "
+                            "state is saved, run the same command again to resume")
+
+
+def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
+    """Create the part's input dataset (or re-attach to it) and upload its lines; the intent is already recorded."""
+    client = make_client(task.run_ctx)
+    ids = remote_ids(task.run_ctx, ref, record.generation)
+    crashpoint("before dataset create")
+    dataset = client.get_dataset(record.dataset_id)
+    if dataset is None:
+        check_stop(task)
+        dataset, created = client.create_dataset(record.dataset_id, display_name=ids["dataset_display_name"],
+                                                 example_count=ref.lines)
+        decision("create" if created else "re-attach", f"dataset {record.dataset_id}",
+                 f"part {task.jkey}, {ref.lines} lines" if created else "create answered 409 already exists")
+    else:
+        decision("re-attach", f"dataset {record.dataset_id}", f"known remotely, state {dataset.get('state')}")
+    declared = int(dataset.get("exampleCount") or ref.lines)
+    if declared != ref.lines:
+        raise RuntimeError(f"remote dataset {record.dataset_id} declares {declared} examples but part {task.jkey} "
+                           f"has {ref.lines}; it is not this part's content. Delete the remote dataset or start a new run id.")
+    crashpoint("after dataset create")
+    if dataset.get("state") != "READY":
+        client.upload_dataset_file(record.dataset_id, ref.path)
+        crashpoint("after upload")
+        client.wait_dataset_ready(record.dataset_id, poll_s=poll_interval(task.run_ctx))
+    record.state = "uploaded"
+    task.save(record)
+
+
+def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
+    """Create the part's batch job exactly once: write-ahead intent, GET first, 409 means re-attach."""
+    record.state = "submitting"
+    task.save(record)  # write-ahead: if we die after the POST, the resume GETs this id instead of posting again
+    client = make_client(task.run_ctx)
+    crashpoint("before job create")
+    job = client.get_job(record.job_id)
+    if job is not None:
+        decision("re-attach", f"job {record.job_id}", f"part {task.jkey} already submitted, state {job.get('state')}")
+    else:
+        check_stop(task)
+        job, created = client.create_job(
+            record.job_id, model=ref.model, input_dataset_id=record.dataset_id,
+            output_dataset_id=record.output_dataset_id,
+            display_name=remote_ids(task.run_ctx, ref, record.generation)["job_display_name"],
+            inference_parameters=ref.inference_parameters)
+        decision("submit" if created else "re-attach", f"job {record.job_id}",
+                 f"part {task.jkey} of trial {task.trial}" if created else "create answered 409 already exists")
+    crashpoint("after job create")
+    write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job)
+    record.state = "submitted"
+    record.provider_state = str(job.get("state") or "")
+    task.save(record)
+
+
+def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Poll the part's job until it ends; map every provider state to a decision."""
+    run = task.run_ctx
+    client = make_client(run)
+    interval, deadline = poll_interval(run), time.monotonic() + run.cfg.provider.poll_timeout_s
+    last_state = None
+    while True:
+        job = client.get_job(record.job_id)
+        if job is None:
+            raise RuntimeError(f"job {record.job_id} of part {task.jkey} is not known to the provider although it was "
+                               "submitted; check the account, then delete the part's entry in the trial manifest to resubmit")
+        state = str(job.get("state") or "")
+        if state != last_state:
+            write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job)
+            last_state = state
+            if status:
+                status(job)
+        decided = job_states.classify(state)
+        if decided in (job_states.COMPLETED, job_states.EXPIRED):
+            # EXPIRED / EARLY_STOPPED keep the rows done so far; the download accounts for the others.
+            output = str(job.get("outputDatasetId") or record.output_dataset_id).split("/")[-1]
+            write_text(task.layout.output_dataset_breadcrumb(task.trial, task.jkey), output + "\n")
+            record.output_dataset_id = output
+            record.state, record.provider_state = "completed", state
+            task.save(record)
+            if decided == job_states.EXPIRED:
+                decision("accept partial", f"job {record.job_id}", f"{state}: rows without a result are recorded as errors")
+            return
+        if decided in job_states.TERMINAL:
+            record.state, record.provider_state = decided, state  # type: ignore[assignment]
+            task.save(record)
+            message = (job.get("status") or {}).get("message", "")
+            raise RuntimeError(f"job {record.job_id} of part {task.jkey} ended {state}: {message or 'no message'}. "
+                               "Not resubmitted automatically: the same input would meet the same fate; fix the cause, "
+                               "then delete the part's entry in the trial manifest to resubmit")
+        if record.state != "running":
+            record.state, record.provider_state = "running", state
+            task.save(record)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {record.job_id} still {state} after {run.cfg.provider.poll_timeout_s:.0f}s; "
+                               "re-run later to keep waiting (nothing is resubmitted)")
+        if stop_requested(task.layout):
+            raise StopRequested(f"stop requested while job {record.job_id} is {state}; it keeps running remotely "
+                                "and is re-attached on the next run")
+        time.sleep(interval)
+
+
 class UploadPart(PartTask):
     """Done when the part's input dataset is READY remotely for the current input content."""
 
@@ -133,36 +252,18 @@ class UploadPart(PartTask):
     def run(self) -> None:
         ref = self.ref()
         prior = self.record()
-        generation = prior.generation if prior and prior.input_sha256 == ref.sha256 else 0
-        ids = remote_ids(self.run_ctx, ref, generation)
-        record = PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
-                            input_sha256=ref.sha256, lines=ref.lines, model=ref.model,
-                            inference_parameters=ref.inference_parameters, generation=generation,
-                            dataset_id=ids["dataset_id"], job_id=ids["job_id"],
-                            output_dataset_id=ids["output_dataset_id"], state="uploading")
-        self.save(record)  # intent first: a crash from here on re-attaches to these ids
-        client = make_client(self.run_ctx)
-        crashpoint("before dataset create")
-        dataset = client.get_dataset(record.dataset_id)
-        if dataset is None:
-            dataset, created = client.create_dataset(record.dataset_id, display_name=ids["dataset_display_name"],
-                                                     example_count=ref.lines)
-            decision("create" if created else "re-attach", f"dataset {record.dataset_id}",
-                     f"part {self.jkey}, {ref.lines} lines" if created else "already exists remotely")
+        if prior is not None and prior.input_sha256 == ref.sha256:
+            record = prior
         else:
-            decision("re-attach", f"dataset {record.dataset_id}", f"known remotely, state {dataset.get('state')}")
-        declared = int(dataset.get("exampleCount") or ref.lines)
-        if declared != ref.lines:
-            raise RuntimeError(f"remote dataset {record.dataset_id} declares {declared} examples but part {self.jkey} "
-                               f"has {ref.lines}; it is not this part's content. Delete the remote dataset or start "
-                               "a new run id.")
-        crashpoint("after dataset create")
-        if dataset.get("state") != "READY":
-            client.upload_dataset_file(record.dataset_id, ref.path)
-            crashpoint("after upload")
-            client.wait_dataset_ready(record.dataset_id, poll_s=poll_interval(self.run_ctx))
-        record.state = "uploaded"
-        self.save(record)
+            ids = remote_ids(self.run_ctx, ref, 0)
+            record = PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
+                                input_sha256=ref.sha256, lines=ref.lines, model=ref.model,
+                                inference_parameters=ref.inference_parameters, dataset_id=ids["dataset_id"],
+                                job_id=ids["job_id"], output_dataset_id=ids["output_dataset_id"])
+        check_stop(self)
+        record.state = "uploading"
+        self.save(record)  # intent first: a crash from here on re-attaches to these ids
+        upload(self, ref, record)
 
 
 class SubmitPart(PartTask):
@@ -180,27 +281,7 @@ class SubmitPart(PartTask):
     def run(self) -> None:
         record = self.record()
         assert record is not None, "UploadPart records the part before SubmitPart runs"
-        ref = self.ref()
-        record.state = "submitting"
-        self.save(record)  # write-ahead: if we die after the POST, the resume GETs this id instead of posting again
-        client = make_client(self.run_ctx)
-        crashpoint("before job create")
-        job = client.get_job(record.job_id)
-        if job is not None:
-            decision("re-attach", f"job {record.job_id}", f"part {self.jkey} already submitted, state {job.get('state')}")
-        else:
-            job, created = client.create_job(
-                record.job_id, model=ref.model, input_dataset_id=record.dataset_id,
-                output_dataset_id=record.output_dataset_id,
-                display_name=remote_ids(self.run_ctx, ref, record.generation)["job_display_name"],
-                inference_parameters=ref.inference_parameters)
-            decision("submit" if created else "re-attach", f"job {record.job_id}",
-                     f"part {self.jkey} of trial {self.trial}" if created else "create answered 409 already exists")
-        crashpoint("after job create")
-        write_json(self.layout.job_breadcrumb(self.trial, self.jkey), job)
-        record.state = "submitted"
-        record.provider_state = str(job.get("state") or "")
-        self.save(record)
+        submit(self, self.ref(), record)
 
 
 class PollJob(PartTask):
@@ -218,40 +299,7 @@ class PollJob(PartTask):
     def run(self) -> None:
         record = self.record()
         assert record is not None
-        run = self.run_ctx
-        client = make_client(run)
-        interval, deadline = poll_interval(run), time.monotonic() + run.cfg.provider.poll_timeout_s
-        last_state = None
-        while True:
-            job = client.get_job(record.job_id)
-            if job is None:
-                raise RuntimeError(f"job {record.job_id} of part {self.jkey} is gone at the provider; "
-                                   "resubmission is not automatic yet: delete the part's record to resubmit")
-            state = str(job.get("state") or "")
-            if state != last_state:
-                write_json(self.layout.job_breadcrumb(self.trial, self.jkey), job)
-                last_state = state
-                self._status(job)
-            decided = job_states.classify(state)
-            if decided == job_states.COMPLETED:
-                output = job.get("outputDatasetId") or record.output_dataset_id
-                write_text(self.layout.output_dataset_breadcrumb(self.trial, self.jkey), output.split("/")[-1] + "\n")
-                record.output_dataset_id = output.split("/")[-1]
-                record.state, record.provider_state = "completed", state
-                self.save(record)
-                return
-            if decided in job_states.TERMINAL:
-                record.state, record.provider_state = decided, state  # type: ignore[assignment]
-                self.save(record)
-                message = (job.get("status") or {}).get("message", "")
-                raise RuntimeError(f"job {record.job_id} of part {self.jkey} ended {state}: {message}")
-            if record.state != "running":
-                record.state, record.provider_state = "running", state
-                self.save(record)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {record.job_id} still {state} after {run.cfg.provider.poll_timeout_s:.0f}s; "
-                                   "re-run later to keep waiting (nothing is resubmitted)")
-            time.sleep(interval)
+        wait(self, record, self._status)
 
     def _status(self, job: dict[str, Any]) -> None:
         progress = job.get("jobProgress") or {}
@@ -259,6 +307,9 @@ class PollJob(PartTask):
             self.set_status_message(f"{self.jkey}: {job.get('state')}")
         if self.set_progress_percentage and isinstance(progress.get("percent"), int | float):
             self.set_progress_percentage(int(progress["percent"]))
+
+
+DOWNLOAD_ATTEMPTS = 3
 
 
 class DownloadPart(PartTask):
@@ -299,25 +350,114 @@ class DownloadPart(PartTask):
         assert record is not None
         ref = self.ref()
         expected = input_custom_ids(ref.path)
-        scratch = self.layout.part_dir(self.trial, self.jkey) / ".download"
-        shutil.rmtree(scratch, ignore_errors=True)
-        files = make_client(self.run_ctx).download_dataset(record.output_dataset_id, scratch)
-        crashpoint("after download")
-        sources = [files[n] for n in sorted(files) if n == "BIJOutputSet.jsonl" or n.endswith(".jsonl")]
-        sources += [files[n] for n in sorted(files) if n == "error-data"]
-        found, problems = merge_results(sources, expected)
-        for problem in problems[:5]:
-            log.warning("dropped result line: %s", problem)
-        missing = len(expected) - len(found)
+        if self.layout.output_dataset_breadcrumb(self.trial, self.jkey).exists():
+            decision("repair", f"downloaded part={self.jkey}", f"results missing or invalid, output dataset "
+                     f"{record.output_dataset_id} known")
+        try:
+            found, problems = self.fetch(record, expected)
+        except OutputGone as gone:
+            record = self.resubmit(ref, record, str(gone))
+            found, problems = self.fetch(record, expected)
+        missing = [c for c in expected if c not in {line_custom_id(o) for o in found}]
         if missing:
-            raise RuntimeError(f"part {self.jkey}: the output dataset {record.output_dataset_id} has results for "
-                               f"{len(found)} of {len(expected)} requests; re-run to download again")
+            reason = f"no result in output dataset {record.output_dataset_id} (job {record.provider_state})"
+            log.warning("part %s: %d of %d requests have no result; recorded as provider errors (%s)",
+                        self.jkey, len(missing), len(expected), problems[0] if problems else reason)
+            by_id = {line_custom_id(o): o for o in found}
+            found = [by_id.get(c) or missing_result(c, reason) for c in expected]
         results = self.layout.part_results(self.trial, self.jkey)
         write_text(results, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
-        shutil.rmtree(scratch, ignore_errors=True)
-        entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256,
+                                missing=len(missing), errors=sum(1 for o in found if not has_answer(o)))
         record_download(self, self.trial, entry)
-        decision("done", f"{self.stage} {self.describe()}", f"{len(found)} results")
+        decision("done", f"{self.stage} {self.describe()}", f"{len(found)} results, {entry['errors']} errors")
+
+    @property
+    def scratch(self) -> Path:
+        return self.layout.part_dir(self.trial, self.jkey) / ".download"
+
+    def fetch(self, record: PartRecord, expected: list[str]) -> tuple[list[dict], list[str]]:
+        """Download (fresh URLs each attempt), unpack safely and merge; retried while lines are bad or missing."""
+        found: list[dict] = []
+        problems: list[str] = []
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            sources = self.download(record)
+            found, problems = merge_results(sources, expected)
+            if len(found) == len(expected) and not any("not valid JSON" in p for p in problems):
+                break
+            log.info("download of part %s attempt %d: %d of %d results, %d problem line(s)%s", self.jkey, attempt,
+                     len(found), len(expected), len(problems), "; retrying" if attempt < DOWNLOAD_ATTEMPTS else "")
+        for problem in problems[:5]:
+            log.warning("part %s: %s", self.jkey, problem)
+        return found, problems
+
+    def download(self, record: PartRecord) -> list[Path]:
+        """The result files of the part's output dataset: REST first, then the configured CLI fallback."""
+        cfg = self.run_ctx.cfg.provider
+        try:
+            files = make_client(self.run_ctx).download_dataset(record.output_dataset_id, self.scratch / "rest",
+                                                               max_bytes=cfg.max_download_bytes)
+            crashpoint("after download")
+        except NotFound:
+            files = self.cli_download(record, None)
+        except (ProviderError, ValueError) as exc:
+            files = self.cli_download(record, exc)
+        return unpack(files, self.scratch / "unpacked", cfg.max_download_bytes)
+
+    def cli_download(self, record: PartRecord, error: Exception | None) -> dict[str, Path]:
+        command = self.run_ctx.cfg.provider.download_command
+        if not command:
+            if error is None:
+                raise OutputGone(f"output dataset {record.output_dataset_id} not found")
+            raise error
+        out_dir = self.scratch / "cli"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        argv = [arg.format(dataset_id=record.output_dataset_id, output_dir=str(out_dir)) for arg in command]
+        log.info("download part %s with fallback command %s (REST: %s)", self.jkey, argv[0], error or "not found")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
+        files = {p.name: p for p in sorted(out_dir.rglob("*")) if p.is_file() and not p.is_symlink()}
+        if done.returncode != 0 or not files:
+            if error is None:
+                raise OutputGone(f"output dataset {record.output_dataset_id} not found by REST nor by {argv[0]} "
+                                 f"(exit {done.returncode}: {done.stderr.strip()[:200]})")
+            raise RuntimeError(f"download of {record.output_dataset_id} failed: REST {error}; {argv[0]} exit "
+                               f"{done.returncode}: {done.stderr.strip()[:200]}") from error
+        return files
+
+    def resubmit(self, ref: PartRef, record: PartRecord, reason: str) -> PartRecord:
+        """Downgrade a part whose output is gone for good and send it again under the next generation, once."""
+        if record.resubmissions >= 1:
+            raise RuntimeError(f"part {self.jkey}: {reason}, and it was already resubmitted once "
+                               f"({record.history[-1] if record.history else ''}); not paying a third time automatically")
+        check_stop(self)
+        record.history.append({"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
+                               "output_dataset_id": record.output_dataset_id, "reason": reason, "at": utcnow()})
+        record.generation += 1
+        record.resubmissions += 1
+        ids = remote_ids(self.run_ctx, ref, record.generation)
+        record.dataset_id, record.job_id, record.output_dataset_id = ids["dataset_id"], ids["job_id"], ids["output_dataset_id"]
+        record.state = "uploading"
+        self.save(record)
+        decision("downgrade", f"part {self.jkey}", f"{reason}; resubmitting once as generation {record.generation}")
+        upload(self, ref, record)
+        submit(self, ref, record)
+        wait(self, record)
+        return record
+
+
+def unpack(files: dict[str, Path], out_dir: Path, max_bytes: int) -> list[Path]:
+    """Result sources in a fixed order: results files first, then error files; archives extracted with limits."""
+    ordered = sorted(files.items(), key=lambda kv: (kv[0] == "error-data" or "error" in kv[0], kv[0]))
+    sources: list[Path] = []
+    for name, path in ordered:
+        if path.stat().st_size == 0:
+            continue
+        for member in extract_jsonl_bundle(path, out_dir / name, max_total_bytes=max_bytes):
+            if member.suffix in (".jsonl", ".json", "") or member.name in ("BIJOutputSet.jsonl", "error-data"):
+                sources.append(member)
+    return sources
 
 
 def record_download(task: PipelineTask, slug: str, entry: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from typing import Any
 
 import luigi
@@ -17,6 +18,7 @@ import luigi
 from pipeline import exit_codes
 from pipeline.config import ConfigError
 from pipeline.run import ConfigDriftError, check_drift, open_run
+from pipeline.stop import clear_stop, install_signal_handlers
 from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.parse import TrialTask
@@ -27,6 +29,7 @@ from targets.manifest import RunState
 log = logging.getLogger("pipeline")
 _forced: set[str] = set()
 _checked: set[tuple[Any, ...]] = set()
+_checked_roots: list[str] = []
 
 
 class TrialReport(TrialTask):
@@ -41,8 +44,13 @@ class TrialReport(TrialTask):
         super().__init__(*args, **kwargs)
         key = (self.rid, self.root, self.config, self.trial, self.accept_config_drift)
         if key not in _checked:
-            self._check_config()
             _checked.add(key)
+            self._check_config()
+            if threading.current_thread() is threading.main_thread() and not _checked_roots:
+                # The first TrialReport of a process is the one the user asked for: it owns stop handling.
+                _checked_roots.append(self.task_id)
+                clear_stop(self.layout)
+                install_signal_handlers(self.layout, self.complete)
 
     def _check_config(self) -> None:
         try:
