@@ -3,6 +3,10 @@
 `read` is cheap on a no-op resume (one `stat()` when the file did not change). `update` is the only way
 to change a manifest: it takes the file lock, re-reads the current file, applies the change, validates
 the result with the model, and replaces the file atomically, so concurrent writers never lose updates.
+
+A `TrialManifest` goes through `targets.lifecycle`: `read` upgrades a v1 file (or rebuilds a corrupt one, given
+`context`) in memory and writes nothing; `update` first upgrades / repairs the file on disk under the same lock
+(copy aside, then rewrite), then applies the change. Without `context`, a corrupt trial manifest raises.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
 from targets.atomic import dumps_json, write_text
-from targets.manifest import utcnow
+from targets.manifest import TrialManifest, utcnow
 
 log = logging.getLogger("pipeline")
 M = TypeVar("M", bound=BaseModel)
+Context = Callable[[], dict[str, Any]]
 LOCK_TIMEOUT_S = 120
 
 _cache: dict[tuple[str, type], tuple[tuple[int, int, int], BaseModel]] = {}
@@ -48,8 +53,11 @@ def _parse(path: Path, model: type[M]) -> M:
         raise ManifestError(f"{path}: {exc.error_count()} invalid field(s), first {where}: {first['msg']}") from None
 
 
-def read(path: Path, model: type[M]) -> M | None:
-    """The validated manifest, or None if the file does not exist. Raises ManifestError when it is unusable."""
+def read(path: Path, model: type[M], *, context: Context | None = None) -> M | None:
+    """The validated manifest, or None if the file does not exist. Raises ManifestError when it is unusable.
+
+    `context` (trial manifests only) is `targets.lifecycle`'s rebuild context for a corrupt file.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -59,16 +67,37 @@ def read(path: Path, model: type[M]) -> M | None:
     hit = _cache.get(key)
     if hit and hit[0] == stamp:
         return hit[1].model_copy(deep=True)  # type: ignore[return-value]
-    value = _parse(path, model)
+    if issubclass(model, TrialManifest):
+        from targets import lifecycle  # lifecycle imports this module
+
+        # Cached by the file's stat like any manifest: an in-memory upgrade's inferred stage_status is informational.
+        opened, _ = lifecycle.open_trial_manifest(path, context=context)
+        if opened is None:
+            return None
+        value = cast("M", opened)
+    else:
+        value = _parse(path, model)
     _cache[key] = (stamp, value)
     return value.model_copy(deep=True)
 
 
-def update(path: Path, model: type[M], change: Callable[[M | None], M | None]) -> M | None:
-    """Apply `change` to the current manifest under the lock; a returned model is validated and written."""
+def _current(path: Path, model: type[M], context: Context | None) -> M | None:
+    if issubclass(model, TrialManifest):
+        from targets import lifecycle  # lifecycle imports this module
+
+        return cast("M | None", lifecycle.persist_lifecycle_locked(path, context=context))
+    return _parse(path, model)
+
+
+def update(path: Path, model: type[M], change: Callable[[M | None], M | None], *,
+           context: Context | None = None) -> M | None:
+    """Apply `change` to the current manifest under the lock; a returned model is validated and written.
+
+    A v1 or corrupt trial manifest is upgraded / repaired on disk first (`lifecycle.persist_lifecycle_locked`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with lock_for(path):
-        current = _parse(path, model) if path.exists() else None
+        current = _current(path, model, context) if path.exists() else None
         new = change(current)
         if new is None:
             return current

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,3 +30,29 @@ def write_config(config_dir: Path, name: str = "experiment.yaml", **changes: obj
     path = config_dir / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def tiny_data(directory: Path, n: int = 6) -> Path:
+    """A prepared-data directory with `n` open-book (every third unanswerable) and `n` closed-book items."""
+    directory.mkdir(parents=True)
+    open_rows = [{"dataset": "squad_v2", "id": f"o{i}", "context": f"Lake Miro{i} is fed by the river Tess{i}.",
+                  "question": f"Which river feeds Lake Miro{i}?", "answers": [f"Tess{i}"] if i % 3 else [],
+                  "is_unanswerable": not i % 3} for i in range(n)]
+    closed_rows = [{"dataset": "triviaqa" if i % 2 else "nq_open", "id": f"c{i}", "question": f"Capital number {i}?",
+                    "answers": [f"City{i}"]} for i in range(n)]
+    (directory / "open_book.jsonl").write_text("".join(json.dumps(r) + "\n" for r in open_rows))
+    (directory / "closed_book.jsonl").write_text("".join(json.dumps(r) + "\n" for r in closed_rows))
+    return directory
+
+
+def small_experiment(base: Path, **provider: object) -> Path:
+    """A copy of the default config over `tiny_data`, with fast statistics; returns the config path."""
+    config = base / "config"
+    shutil.copytree(REPO / "config", config)
+    raw = yaml.safe_load((config / "experiment.yaml").read_text())
+    raw["paths"]["prepared_dir"] = str(tiny_data(base / "data"))
+    raw["provider"].update({"latency_s": 0.0, **provider})
+    raw["batching"]["lines_per_part"] = 4
+    raw["stats"].update(bootstrap_samples=200, permutation_samples=200)
+    (config / "experiment.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config / "experiment.yaml"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import luigi
 import pytest
-import yaml
 
 from pipeline import (
     BuildBatches,
@@ -21,35 +19,16 @@ from pipeline import (
     TrialReport,
 )
 from pipeline.tasks.remote import run_parts
-from tests.conftest import REPO
+from tests.conftest import small_experiment
 
 RID = "pred"
-
-
-def tiny_data(directory: Path) -> Path:
-    directory.mkdir(parents=True)
-    open_rows = [{"dataset": "squad_v2", "id": f"o{i}", "context": f"Lake Miro{i} is fed by the river Tess{i}.",
-                  "question": f"Which river feeds Lake Miro{i}?", "answers": [f"Tess{i}"] if i % 3 else [],
-                  "is_unanswerable": not i % 3} for i in range(6)]
-    closed_rows = [{"dataset": "triviaqa" if i % 2 else "nq_open", "id": f"c{i}", "question": f"Capital number {i}?",
-                    "answers": [f"City{i}"]} for i in range(6)]
-    (directory / "open_book.jsonl").write_text("".join(json.dumps(r) + "\n" for r in open_rows))
-    (directory / "closed_book.jsonl").write_text("".join(json.dumps(r) + "\n" for r in closed_rows))
-    return directory
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("pred")
-    config = base / "config"
-    shutil.copytree(REPO / "config", config)
-    raw = yaml.safe_load((config / "experiment.yaml").read_text())
-    raw["paths"]["prepared_dir"] = str(tiny_data(base / "data"))
-    raw["provider"]["latency_s"] = 0.0
-    raw["batching"]["lines_per_part"] = 4
-    raw["stats"].update(bootstrap_samples=200, permutation_samples=200)
-    (config / "experiment.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    common = {"rid": RID, "root": str(base / "experiments"), "config": str(config / "experiment.yaml")}
+    config = small_experiment(base)
+    common = {"rid": RID, "root": str(base / "experiments"), "config": str(config)}
     assert luigi.build([TrialReport(**common)], local_scheduler=True, log_level="WARNING")
     run_dir = base / "experiments" / f"run_{RID}"
     trial = sorted(p.parent.parent.name for p in run_dir.glob("*/results/trial_manifest.json"))[0]

@@ -100,6 +100,17 @@ def test_wilcoxon_matches_scipy(n: int) -> None:
     assert res["p_value"] == pytest.approx(ref.pvalue, abs=TOL)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_wilcoxon_tied_small_samples_match_scipys_permutation(seed: int) -> None:
+    r = rng(seed)
+    n = int(r.integers(1, 14))
+    d = r.choice([-1.0, -0.5, 0.5, 1.0, 2.0], size=n)
+    ref = stats.wilcoxon(d, zero_method="wilcox")
+    res = wilcoxon(d)
+    assert res["W"] == pytest.approx(ref.statistic, abs=TOL)
+    assert res["p_value"] == pytest.approx(ref.pvalue, abs=TOL)
+
+
 def test_wilcoxon_all_zero_and_ties() -> None:
     assert wilcoxon(np.zeros(7)) == {"W": 0.0, "p_value": 1.0, "n_nonzero": 0}
     assert wilcoxon([]) == {"W": 0.0, "p_value": 1.0, "n_nonzero": 0}

@@ -1,4 +1,4 @@
-"""`python -m pipeline.emulator --state-dir D [--port P --latency S --answer-key DIR --idle-exit S]`."""
+"""`python -m pipeline.emulator --state-dir D [--port P --latency S --answer-key DIR --idle-exit S --faults PLAN]`."""
 
 from __future__ import annotations
 

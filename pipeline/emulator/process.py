@@ -74,7 +74,8 @@ def _spawn(state_dir: Path, *, answer_key: Path | None, latency_s: float, idle_e
            "--state-dir", str(state_dir), "--latency", str(latency_s), "--idle-exit", str(idle_exit_s)]
     if answer_key is not None:
         cmd += ["--answer-key", str(Path(answer_key).resolve())]
-    env = dict(os.environ)
+    # Crash points are for the pipeline process: the emulator's own atomic writes must neither count nor fire them.
+    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_CRASH_AT", "PIPELINE_CRASH_LOG")}
     # The child must import this package whatever the caller's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     log_path = state_dir / "emulator.log"

@@ -88,7 +88,9 @@ class ParsePredictions(TrialTask):
     """Done when predictions.csv is the one recorded and every part's results are those it was parsed from."""
 
     stage = "parsed"
-    priority = 50  # every trial yields its parts before any part is worked on
+    # Luigi raises a dependency's priority to its dependent's: above polling (so every trial yields its parts before
+    # a worker blocks on a job) and below uploads/submissions (so every part is sent before any poll).
+    priority = 25
 
     def requires(self) -> list[luigi.Task]:
         run = self.run_ctx

@@ -1,0 +1,183 @@
+"""File bodies the emulator serves on signed download URLs: the stored file, or a hostile variant of it.
+
+A `Payload` announces `size` (the Content-Length) and yields its bytes in chunks; when the chunks add up to
+less than `size`, the HTTP layer closes the connection after them, so the client sees a body cut short. The large
+variants (`oversized`, `zip_bomb`) are generated while streaming and never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import random
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 16
+PAD_LINE_BYTES = 1024
+GARBAGE_LINE_BYTES = 80
+_ZIP_BLOCK = 1 << 20
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, the zip epoch
+
+
+@dataclass(frozen=True)
+class Payload:
+    """`size` bytes announced; `chunks` may stop short of them (a cut body)."""
+
+    size: int
+    chunks: Iterable[bytes]
+
+
+def file_payload(path: Path) -> Payload:
+    def chunks() -> Iterator[bytes]:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+    return Payload(path.stat().st_size, chunks())
+
+
+def bytes_payload(data: bytes) -> Payload:
+    return Payload(len(data), [data])
+
+
+def truncated(data: bytes, mode: str) -> Payload:
+    """`data` cut inside its middle line. `cut_connection`: the full size is announced and the connection closes
+    early; `short_body`: the announced size is the cut length, so only the content shows the damage."""
+    lines = data.splitlines(keepends=True)
+    cut = 0
+    if lines:
+        middle = len(lines) // 2
+        cut = sum(map(len, lines[:middle])) + max(1, len(lines[middle].rstrip(b"\r\n")) // 2)
+    return Payload(len(data) if mode == "cut_connection" else cut, [data[:cut]])
+
+
+def garbage(rand: random.Random, size: int) -> Payload:
+    """`size` random bytes in lines that each start with 0xFF, so no line decodes as UTF-8, let alone JSON."""
+    raw = bytearray(rand.randbytes(size).replace(b"\n", b"\xff"))
+    raw[0::GARBAGE_LINE_BYTES] = b"\xff" * len(range(0, size, GARBAGE_LINE_BYTES))
+    raw[GARBAGE_LINE_BYTES - 1::GARBAGE_LINE_BYTES] = b"\n" * len(range(GARBAGE_LINE_BYTES - 1, size, GARBAGE_LINE_BYTES))
+    return bytes_payload(bytes(raw))
+
+
+def _pad_line(n: int, length: int) -> bytes:
+    head = b'{"custom_id":"padding-%012d","response":{"choices":[{"index":0,"message":{"role":"assistant","content":"' % n
+    tail = b'"}}]}}\n'
+    if length < len(head) + len(tail):
+        return b" " * (length - 1) + b"\n"
+    return head + b"x" * (length - len(head) - len(tail)) + tail
+
+
+def oversized(data: bytes, size: int) -> Payload:
+    """Exactly `size` bytes: `data` (when it fits) followed by result-shaped JSONL padding lines."""
+    head = data if len(data) <= size else b""
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        left = size - len(head)
+        n = 0
+        while left > 0:
+            batch = []
+            for _ in range(64):
+                if left <= 0:
+                    break
+                line = _pad_line(n, min(PAD_LINE_BYTES, left))
+                batch.append(line)
+                left -= len(line)
+                n += 1
+            yield b"".join(batch)
+
+    return Payload(size, chunks())
+
+
+def _deflate(data: bytes, *, final: bool) -> bytes:
+    # A fresh raw-deflate stream per block, ended by a full flush: its output does not refer back to earlier
+    # blocks, so copies of one block's output can be concatenated into a valid stream.
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return co.compress(data) + co.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros_deflated(size: int) -> tuple[bytes, int, bytes, int]:
+    """(block, copies, tail, crc32): `block * copies + tail` is the raw deflate stream of `size` zero bytes."""
+    copies, rest = divmod(size, _ZIP_BLOCK)
+    zeros = bytes(_ZIP_BLOCK)
+    crc = 0
+    for _ in range(copies):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(bytes(rest), crc)
+    block = _deflate(zeros, final=False) if copies else b""
+    return block, copies, _deflate(bytes(rest), final=True), crc
+
+
+def zip_bomb(size: int, member: str = "BIJOutputSet.jsonl") -> Payload:
+    """A zip whose single member inflates to `size` zero bytes (< 4 GiB); about size/1000 bytes on the wire."""
+    block, copies, tail, crc = _zeros_deflated(size)
+    packed = len(block) * copies + len(tail)
+    name = member.encode()
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, _DOS_DATE, crc, packed, size, len(name), 0) + name
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, _DOS_DATE, crc, packed, size,
+                          len(name), 0, 0, 0, 0, 0, 0) + name
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + packed, 0)
+
+    def chunks() -> Iterator[bytes]:
+        yield local
+        for _ in range(copies):
+            yield block
+        yield tail + central + end
+
+    return Payload(len(local) + packed + len(central) + len(end), chunks())
+
+
+def traversal(data: bytes, archive: str, member: str) -> Payload:
+    """A tar or zip holding `data` as `BIJOutputSet.jsonl` plus one line under the escaping name `member`."""
+    evil = json.dumps({"custom_id": "evil", "response": {"choices": [{"message": {"content": "pwned"}}]}}).encode() + b"\n"
+    buf = io.BytesIO()
+    if archive == "zip":
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("BIJOutputSet.jsonl", data)
+            zf.writestr(member, evil)
+    else:
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for name, content in (("BIJOutputSet.jsonl", data), (member, evil)):
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
+    return bytes_payload(buf.getvalue())
+
+
+def _custom_id(line: bytes) -> str | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("custom_id") if isinstance(row, dict) else None
+
+
+def custom_ids(data: bytes) -> list[str]:
+    """The custom_ids of the JSONL result lines in `data`, in order."""
+    return [cid for line in data.splitlines() if (cid := _custom_id(line)) is not None]
+
+
+def without(data: bytes, ids: set[str]) -> bytes:
+    """`data` minus the lines whose custom_id is in `ids`."""
+    return b"".join(line for line in data.splitlines(keepends=True) if _custom_id(line) not in ids)
+
+
+def duplicated(data: bytes, *, identical: bool) -> bytes:
+    """`data` followed by a second copy of every line; unless `identical`, each copy's answer ends in "(second copy)"."""
+    copies = []
+    for line in data.splitlines(keepends=True):
+        if not identical:
+            row = json.loads(line)
+            message = row["response"]["choices"][0]["message"]
+            message["content"] = f"{message['content']} (second copy)"
+            line = json.dumps(row, ensure_ascii=False).encode() + b"\n"
+        copies.append(line)
+    return data + b"".join(copies)
