@@ -163,8 +163,9 @@ def test_corrupt_manifest_means_not_done_not_a_crash(finished: dict) -> None:
     with restore(manifest):
         manifest.write_text('{"schema_version": 2, "run_id": ')
         target = trial_tasks(finished)["parsed"].output()
-        assert not target.exists() and "not valid JSON" in target.reason
+        assert not target.exists()
         manifest.write_text(json.dumps({"schema_version": 2, "run_id": RID, "trial": {}, "temps": "x",
                                         "samples_per_item": {}}))
         target = trial_tasks(finished)["stats"].output()
-        assert not target.exists() and "temps" in target.reason
+        assert not target.exists()
+    assert sorted(p.name for p in manifest.parent.iterdir() if ".corrupt." in p.name) == [], "reading never writes"

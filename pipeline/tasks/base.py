@@ -7,6 +7,7 @@ complete task, so a stage whose inputs went stale must notice it itself (ARCHITE
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import luigi
 from luigi.task import flatten
 
 from pipeline.layout import RunLayout
+from pipeline.naming import temp_str
 from pipeline.run import Run, open_run, resolve_root
 from targets import store
 from targets.fingerprint import fingerprint
@@ -83,7 +85,43 @@ class PipelineTask(luigi.Task):
         return verb == "skip"
 
     def manifest(self, slug: str) -> TrialManifest | None:
-        return store.read(self.layout.trial_manifest(slug), TrialManifest)
+        """The trial's manifest as it stands (a v1 or corrupt file is upgraded / rebuilt in memory only)."""
+        return store.read(self.layout.trial_manifest(slug), TrialManifest, context=lambda: self.manifest_context(slug))
+
+    def update_manifest(self, slug: str, change: Callable[[TrialManifest], None]) -> TrialManifest:
+        """Change the trial's manifest under its lock; a missing one is created, a v1 one upgraded (with a backup),
+        a corrupt one quarantined and rebuilt from the breadcrumbs on disk first."""
+
+        def apply(manifest: TrialManifest | None) -> TrialManifest:
+            manifest = manifest or new_trial_manifest(self, slug)
+            change(manifest)
+            return manifest
+
+        updated = store.update(self.layout.trial_manifest(slug), TrialManifest, apply,
+                               context=lambda: self.manifest_context(slug))
+        assert updated is not None
+        return updated
+
+    def manifest_context(self, slug: str) -> dict[str, Any]:
+        fresh = new_trial_manifest(self, slug)
+        return {"run_id": fresh.run_id, "trial": fresh.trial, "temps": fresh.temps,
+                "samples_per_item": fresh.samples_per_item, "prompts": fresh.prompts,
+                "results_dir": self.layout.results_dir(slug)}
+
+
+def new_trial_manifest(task: PipelineTask, slug: str) -> TrialManifest:
+    """A fresh v2 manifest for a trial of the task's run."""
+    run = task.run_ctx
+    trial = run.trial(slug)
+    prompts = {}
+    for cond in ("control", "treatment"):
+        path = run.prompt_path(trial.prompt_set, cond)
+        fp = fingerprint(path)
+        prompts[cond] = {"path": str(path), "sha256": fp.sha256 if fp else None,
+                         "tokens": len(path.read_text(encoding="utf-8").split()) if fp else 0}
+    return TrialManifest(run_id=run.rid, trial=trial.as_manifest(), temps=list(trial.temps),
+                         samples_per_item={temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
+                         prompts=prompts)
 
 
 def artifact_record(layout: RunLayout, path: Path, **extra: Any) -> dict[str, Any]:

@@ -18,8 +18,7 @@ from pipeline.plan import PartRef
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.build import BuildBatches
 from pipeline.tasks.prepare import PrepareData
-from pipeline.tasks.remote import DownloadPart, new_trial_manifest, run_parts
-from targets import store
+from pipeline.tasks.remote import DownloadPart, run_parts
 from targets.atomic import write_text
 from targets.fingerprint import fingerprint
 from targets.manifest import TrialManifest
@@ -35,15 +34,8 @@ class TrialTask(PipelineTask):
     def describe(self) -> str:
         return f"trial={self.trial}"
 
-    def record_stage(self, stage: str, artifacts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        def change(manifest: TrialManifest | None) -> TrialManifest:
-            manifest = manifest or new_trial_manifest(self, self.trial)
-            manifest.set_stage(stage, "completed", artifacts)
-            for key, value in (extra or {}).items():
-                setattr(manifest, key, value)
-            return manifest
-
-        store.update(self.layout.trial_manifest(self.trial), TrialManifest, change)
+    def record_stage(self, stage: str, artifacts: dict[str, Any]) -> None:
+        self.update_manifest(self.trial, lambda manifest: manifest.set_stage(stage, "completed", artifacts))
 
     def stage_done(self, stage: str, current_inputs: dict[str, Any]) -> tuple[bool, str]:
         manifest = self.manifest(self.trial)
@@ -141,8 +133,7 @@ class ParsePredictions(TrialTask):
                                               "condition": r.condition}
                   for r in refs if r.shared}
 
-        def change(manifest: TrialManifest | None) -> TrialManifest:
-            manifest = manifest or new_trial_manifest(self, self.trial)
+        def change(manifest: TrialManifest) -> None:
             downloaded = manifest.stage("downloaded").artifacts
             parts = [{"job_key": r.jkey, "owner": r.owner, "path": self.layout.rel(self.layout.part_results(r.owner, r.jkey))}
                      for r in refs]
@@ -150,6 +141,5 @@ class ParsePredictions(TrialTask):
                                                            "n_results": artifacts["row_count"], "trial_parts": parts})
             manifest.set_stage("parsed", "completed", artifacts)
             manifest.control_registry.update(shared)
-            return manifest
 
-        store.update(self.layout.trial_manifest(self.trial), TrialManifest, change)
+        self.update_manifest(self.trial, change)

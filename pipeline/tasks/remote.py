@@ -20,7 +20,6 @@ from typing import Any
 
 import luigi
 
-from pipeline.naming import temp_str
 from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.provider import make_client, poll_interval
@@ -85,15 +84,7 @@ class PartTask(PipelineTask):
         return manifest.parts.get(self.jkey) if manifest else None
 
     def save(self, record: PartRecord) -> None:
-        run = self.run_ctx
-        trial = run.trial(self.trial)
-
-        def change(manifest: TrialManifest | None) -> TrialManifest:
-            manifest = manifest or new_trial_manifest(self, trial.slug)
-            manifest.set_part(self.jkey, record)
-            return manifest
-
-        store.update(self.layout.trial_manifest(self.trial), TrialManifest, change)
+        self.update_manifest(self.trial, lambda manifest: manifest.set_part(self.jkey, record))
 
     def current_record(self, states: set[str]) -> tuple[bool, str]:
         record = self.record()
@@ -109,19 +100,6 @@ class PartTask(PipelineTask):
     def upstream_build(self) -> BuildBatches:
         temp, _, _ = self.parsed_key()
         return BuildBatches(prompt_set=self.run_ctx.trial(self.trial).prompt_set, temp=temp, **self.common())
-
-
-def new_trial_manifest(task: PipelineTask, slug: str) -> TrialManifest:
-    run = task.run_ctx
-    trial = run.trial(slug)
-    prompts = {}
-    for cond in ("control", "treatment"):
-        path = run.prompt_path(trial.prompt_set, cond)
-        text = path.read_text(encoding="utf-8")
-        prompts[cond] = {"path": str(path), "sha256": fingerprint(path).sha256, "tokens": len(text.split())}
-    return TrialManifest(run_id=run.rid, trial=trial.as_manifest(), temps=list(trial.temps),
-                         samples_per_item={temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
-                         prompts=prompts)
 
 
 class StopRequested(RuntimeError):
@@ -463,15 +441,13 @@ def unpack(files: dict[str, Path], out_dir: Path, max_bytes: int) -> list[Path]:
 def record_download(task: PipelineTask, slug: str, entry: dict[str, Any]) -> None:
     """Record (or refresh) one part's results fingerprint in the trial's `downloaded` stage."""
 
-    def change(manifest: TrialManifest | None) -> TrialManifest:
-        manifest = manifest or new_trial_manifest(task, slug)
+    def change(manifest: TrialManifest) -> None:
         stage = manifest.stage("downloaded")
         parts = [p for p in stage.artifacts.get("parts", []) if p.get("job_key") != entry["job_key"]]
         parts.append(entry)
         parts.sort(key=lambda p: p["job_key"])
         status = stage.status if stage.status == "completed" else "in_progress"
         manifest.set_stage("downloaded", status, {**stage.artifacts, "parts": parts})
-        return manifest
 
-    store.update(task.layout.trial_manifest(slug), TrialManifest, change)
+    task.update_manifest(slug, change)
 

@@ -24,6 +24,7 @@ from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record,
 from pipeline.tasks.parse import TrialTask
 from targets import store
 from targets.atomic import write_text
+from targets.lifecycle import read_raw
 from targets.manifest import RunState
 
 log = logging.getLogger("pipeline")
@@ -85,6 +86,11 @@ class TrialReport(TrialTask):
         if self.force and self.task_id not in _forced:
             return False, "--force"
         if self.trial:
+            path = self.layout.trial_manifest(self.trial)
+            kind = read_raw(path)[0] if path.exists() else "v2"
+            if kind != "v2":
+                # Everything may still be valid, but the file on disk must be upgraded / repaired (with a copy aside).
+                return False, f"trial manifest is {kind} on disk"
             return self.stage_done("report", self.current_inputs())
         state = store.read(self.layout.run_state, RunState)
         record = state.aggregate_report if state else {}
