@@ -258,6 +258,9 @@ class Trial(BaseModel):
     temps: list[float]
 
     def max_tokens_for(self, type_: str) -> int:
+        """Job-level max tokens for a part of this type; a `mixed` part (adopted from the original) gets the larger."""
+        if type_ == "mixed":
+            return max(self.max_new_tokens.open_book, self.max_new_tokens.closed_book)
         return self.max_new_tokens.open_book if type_ == "open" else self.max_new_tokens.closed_book
 
     def as_manifest(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.adopt import looks_original, translate_original_config
 from pipeline.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -48,6 +49,7 @@ class Run:
     trials: tuple[Trial, ...]
     frozen: bool
     source: Path
+    adopted: bool = False
     _by_slug: dict[str, Trial] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -71,6 +73,7 @@ class Run:
 
 
 _runs: dict[tuple[str, str, str], tuple[Any, Run]] = {}
+_announced: set[tuple[Path, str]] = set()
 
 
 def resolve_root(root: str | Path | None) -> Path:
@@ -95,8 +98,8 @@ def open_run(rid: str, root: str | Path | None = None, config: str | Path | None
     if hit and hit[0] == stamp:
         return hit[1]
     if layout.effective_config.exists():
-        cfg = _load_frozen(layout)
-        run = Run(layout, cfg, tuple(expand_trials(cfg)), True, layout.effective_config)
+        cfg, adopted = _load_frozen(layout)
+        run = Run(layout, cfg, tuple(expand_trials(cfg)), True, layout.effective_config, adopted)
     else:
         cfg = load_config(source)
         run = Run(layout, cfg, tuple(expand_trials(cfg)), False, source)
@@ -104,12 +107,25 @@ def open_run(rid: str, root: str | Path | None = None, config: str | Path | None
     return run
 
 
-def _load_frozen(layout: RunLayout) -> ExperimentConfig:
+def _load_frozen(layout: RunLayout) -> tuple[ExperimentConfig, bool]:
+    """The run's frozen config, and whether it was written by the original system (then translated)."""
     try:
         raw = yaml.safe_load(layout.effective_config.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{layout.effective_config}: cannot read the run's frozen config ({exc})") from None
-    return parse_config(raw, layout.effective_config, base=layout.run_dir)
+    if not looks_original(raw):
+        return parse_config(raw, layout.effective_config, base=layout.run_dir), False
+    base = layout.root.parent  # the original ran from its repository root, above experiments/
+    try:
+        translated, dropped = translate_original_config(raw, base)
+    except ValueError as exc:
+        raise ConfigError(f"{layout.effective_config}: {exc}") from None
+    cfg = parse_config(translated, layout.effective_config, base=base)
+    if (layout.effective_config, "adopt") not in _announced:
+        _announced.add((layout.effective_config, "adopt"))
+        log.info("adopt run=%s (effective_config.yaml written by the original system; paths resolved against %s; "
+                 "ignored keys: %s)", layout.rid, base, ", ".join(dropped) or "none")
+    return cfg, True
 
 
 def semantic_dump(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -175,7 +191,7 @@ def freeze(layout: RunLayout, cfg: ExperimentConfig, source: Path, *, drift: lis
         write_text(layout.prompts_dir / "task_instructions" / name, (instructions_src / name).read_text(encoding="utf-8"))
     dump["paths"]["task_instructions_dir"] = "prompts/task_instructions"
     write_text(layout.effective_config, yaml.safe_dump(dump, sort_keys=False, allow_unicode=True))
-    frozen = _load_frozen(layout)
+    frozen, _ = _load_frozen(layout)
     digest = config_hash(frozen)
 
     def change(state: RunState | None) -> RunState:

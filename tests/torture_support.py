@@ -1,7 +1,7 @@
 """Machinery for the crash-torture tests (`tests/test_torture.py`).
 
-- `EmulatorProcess`: the Fireworks emulator in its own process (`python -m pipeline emulator --port 0 ...`), with its
-  inspection routes (`/emulator/calls`, `/emulator/faults`).
+- `EmulatorProcess`: the Fireworks emulator in its own process (`python -m pipeline.emulator --port 0 ...`), with
+  its inspection routes (`/emulator/calls`, `/emulator/faults`).
 - `Runner`: one run (rid, root, config) of `luigi --module pipeline TrialReport ...` against that emulator, as the real
   provider would be used (`provider: fireworks` + `FIREWORKS_*` environment). Each invocation may die by its own
   SIGKILL at its N-th crash point (`PIPELINE_CRASH_AT=N`) or be SIGKILLed by us after a delay; every invocation
@@ -64,7 +64,7 @@ def _session() -> requests.Session:
 
 
 class EmulatorProcess:
-    """`python -m pipeline emulator` serving `state_dir`, started by us and stopped by us (a context manager)."""
+    """The emulator serving `state_dir` in a process of its own, started and stopped by us (a context manager)."""
 
     def __init__(self, state_dir: Path, *, latency_s: float = 0.05) -> None:
         self.state_dir = state_dir
@@ -83,7 +83,9 @@ class EmulatorProcess:
     def start(self) -> str:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_CRASH")}
-        cmd = [sys.executable, "-m", "pipeline", "emulator", "--port", "0", "--state-dir", str(self.state_dir),
+        # `python -m pipeline emulator` would be the same server, but `pipeline.__main__` sets SIGPIPE to SIG_DFL
+        # for every subcommand, so a client SIGKILLed while its answer is being written kills that emulator (-13).
+        cmd = [sys.executable, "-m", "pipeline.emulator", "--port", "0", "--state-dir", str(self.state_dir),
                "--answer-key", str(ANSWER_KEY), "--latency", str(self.latency_s)]
         with open(self.state_dir.with_name(self.state_dir.name + ".log"), "ab") as log:
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -347,7 +349,9 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
     parts = reference_points.count("before replace results.jsonl")
     prepare = next((i for i, lab in enumerate(labels) if lab != "prepare"), len(labels))
     tail = sum(1 for lab in labels if lab in TAIL)
-    body, per_part = len(labels) - tail, (len(labels) - tail) / max(parts, 1)
+    body = len(labels) - tail
+    # The fewest points a part still to download can need (a resumed run uploads and submits every part first).
+    finish = sum(1 for lab in labels if lab in ("polling", "download")) / max(parts, 1) / 2
     body_kills = plan.self_kills - plan.tail_kills
     tail_step = tail / max(plan.tail_kills, 1)
     parent_at = set(rng.sample(range(2, max(body_kills, plan.parent_kills + 2)), plan.parent_kills))
@@ -366,7 +370,7 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
         else:
             # Spread the kills still wanted over the points still to pass, and do not jump over the last parts
             # into the tail: the tail phases get their own, shorter steps.
-            room = left * per_part / 2
+            room = left * finish
             mean = max(body - progress, room) / max(1, body_kills - len(result.kills))
             step = min(rng.randint(1, max(1, round(2 * mean) - 1)), max(1, round(room)))
             inv = runner.run(crash_at=redo + 2 + step)

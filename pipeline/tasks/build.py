@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import luigi
 
+from pipeline.adopt import original_parts
 from pipeline.batches import build_lines, render, split_parts
 from pipeline.naming import CONDITIONS, temp_label, temp_str
 from pipeline.plan import build_key, prompt_set_suffix
-from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, decision, inputs_changed
 from pipeline.tasks.prepare import PrepareData, load_prepared_rows
 from targets import store
 from targets.atomic import write_bytes
@@ -54,7 +56,7 @@ class BuildBatches(PipelineTask):
         entry = manifest.builds.get(build_key(self.prompt_set, self.temp)) if manifest else None
         if entry is None:
             return False, "not built yet"
-        changed = inputs_changed({"all": entry.get("inputs")}, {"all": self.current_inputs()})
+        changed = None if entry.get("adopted") else inputs_changed({"all": entry.get("inputs")}, {"all": self.current_inputs()})
         if changed:
             return False, "prepared data, prompts or batching settings changed since the build"
         for record in entry["files"]:
@@ -65,6 +67,8 @@ class BuildBatches(PipelineTask):
         return True, f"{len(entry['files'])} files, {n} parts, inputs unchanged"
 
     def run(self) -> None:
+        if self.run_ctx.adopted and self._adopt():
+            return
         run = self.run_ctx
         inputs = self.current_inputs()
         closed, open_ = load_prepared_rows(self, "closed_book"), load_prepared_rows(self, "open_book")
@@ -112,6 +116,34 @@ class BuildBatches(PipelineTask):
         log.info("done built %s (%s)", self.describe(),
                  ", ".join(f"{c}: {shards[self.layout.shard(label, suffix, c).name]['lines']} lines in "
                            f"{len(parts[c])} parts" for c in CONDITIONS))
+
+    def _adopt(self) -> bool:
+        """Register the parts an original run already wrote, as they are; False when it wrote none for this build."""
+        label, suffix = temp_label(self.temp), prompt_set_suffix(self.run_ctx, self.prompt_set)
+        found = {c: original_parts(self.layout.batch_inputs, label, suffix, c) for c in CONDITIONS}
+        if not all(found.values()):
+            return False
+        files: list[dict[str, Any]] = []
+        parts: dict[str, list[dict[str, Any]]] = {}
+        for cond, paths in found.items():
+            parts[cond] = []
+            for index, path in enumerate(paths, 1):
+                types = {json.loads(line)["custom_id"].rsplit("|", 1)[-1] for line in path.read_text().splitlines() if line}
+                rec = artifact_record(self.layout, path, lines=sum(1 for line in path.open() if line.strip()))
+                files.append(rec)
+                parts[cond].append({"index": index, "type": types.pop() if len(types) == 1 else "mixed",
+                                    "path": rec["path"], "lines": rec["lines"], "sha256": rec["sha256"]})
+
+        def change(manifest: BuildManifest | None) -> BuildManifest:
+            manifest = manifest or BuildManifest()
+            manifest.builds[build_key(self.prompt_set, self.temp)] = {"adopted": True, "inputs": None, "files": files,
+                                                                      "parts": parts}
+            return manifest
+
+        store.update(self.layout.build_manifest, BuildManifest, change)
+        decision("adopt", f"{self.stage} {self.describe()}", "batch inputs written by the original system: "
+                 + ", ".join(f"{c} {len(p)} parts" for c, p in parts.items()))
+        return True
 
     def _remove_stale_parts(self, label: str, suffix: str, cond: str, count: int) -> None:
         index = count + 1

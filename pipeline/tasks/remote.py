@@ -33,6 +33,7 @@ from targets import store
 from targets.atomic import write_json, write_text
 from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint
+from targets.lifecycle import read_breadcrumbs
 from targets.manifest import BuildManifest, PartRecord, TrialManifest, utcnow
 
 log = logging.getLogger("pipeline")
@@ -232,6 +233,11 @@ class UploadPart(PartTask):
         prior = self.record()
         if prior is not None and prior.input_sha256 == ref.sha256:
             record = prior
+        elif prior is None and (known := self.known_remote(ref)) is not None:
+            self.save(known)
+            decision("re-attach", f"job {known.job_id}", f"part {self.jkey} was submitted by an earlier run "
+                     "(breadcrumb); not uploading or submitting it again")
+            return
         else:
             ids = remote_ids(self.run_ctx, ref, 0)
             record = PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
@@ -242,6 +248,22 @@ class UploadPart(PartTask):
         record.state = "uploading"
         self.save(record)  # intent first: a crash from here on re-attaches to these ids
         upload(self, ref, record)
+
+
+    def known_remote(self, ref: PartRef) -> PartRecord | None:
+        """A job this part already has remotely, per the breadcrumbs of an earlier run (or of a lost manifest)."""
+        crumb = read_breadcrumbs(self.layout.results_dir(self.trial)).parts.get(self.jkey)
+        if not crumb or not crumb.get("job_id"):
+            return None
+        ids = remote_ids(self.run_ctx, ref, 0)
+        state = job_states.classify(crumb.get("state") or "")
+        return PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
+                          input_sha256=ref.sha256, lines=ref.lines, model=ref.model,
+                          inference_parameters=ref.inference_parameters,
+                          dataset_id=crumb.get("input_dataset_id") or ids["dataset_id"], job_id=crumb["job_id"],
+                          output_dataset_id=crumb.get("output_dataset_id") or ids["output_dataset_id"],
+                          state="submitted" if state == job_states.IN_PROGRESS else "running",
+                          provider_state=crumb.get("state"))
 
 
 class SubmitPart(PartTask):
