@@ -330,12 +330,13 @@ class TortureResult:
 
 @dataclass(frozen=True)
 class KillPlan:
-    """How hard to hit one run: about `self_kills` crash-point kills, `tail_kills` of them after the last download,
-    plus `parent_kills` SIGKILLs from outside after a random delay in `parent_delay_s`."""
+    """How hard to hit one run: about `body_kills` kills (crash points and parent kills) until the last part is
+    downloaded, then kills every 1..`tail_max_step` points to the end (at most 4 hits every task of the tail: each
+    writes at least two files, two points each), plus `parent_kills` SIGKILLs from the test after a random delay."""
 
     seed: int
-    self_kills: int
-    tail_kills: int
+    body_kills: int
+    tail_max_step: int
     parent_kills: int
     parent_delay_s: tuple[float, float] = (0.3, 1.5)
     max_failures: int = 3
@@ -348,13 +349,10 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
     labels = label_points(reference_points)
     parts = reference_points.count("before replace results.jsonl")
     prepare = next((i for i, lab in enumerate(labels) if lab != "prepare"), len(labels))
-    tail = sum(1 for lab in labels if lab in TAIL)
-    body = len(labels) - tail
+    body = sum(1 for lab in labels if lab not in TAIL)
     # The fewest points a part still to download can need (a resumed run uploads and submits every part first).
     finish = sum(1 for lab in labels if lab in ("polling", "download")) / max(parts, 1) / 2
-    body_kills = plan.self_kills - plan.tail_kills
-    tail_step = tail / max(plan.tail_kills, 1)
-    parent_at = set(rng.sample(range(2, max(body_kills, plan.parent_kills + 2)), plan.parent_kills))
+    parent_at = set(rng.sample(range(2, max(plan.body_kills, plan.parent_kills + 2)), plan.parent_kills))
     result = TortureResult(plan.seed)
     started = time.monotonic()
     phase, redo, progress, failures = "prepare", 0, 0, 0
@@ -366,12 +364,12 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
         elif number == 1:
             inv = runner.run(crash_at=rng.randint(1, max(1, prepare - 1)))
         elif left <= 0:
-            inv = runner.run(crash_at=redo + 2 + rng.randint(1, max(1, round(2 * tail_step) - 1)))
+            inv = runner.run(crash_at=redo + rng.randint(1, plan.tail_max_step))
         else:
             # Spread the kills still wanted over the points still to pass, and do not jump over the last parts
             # into the tail: the tail phases get their own, shorter steps.
             room = left * finish
-            mean = max(body - progress, room) / max(1, body_kills - len(result.kills))
+            mean = max(body - progress, room) / max(1, plan.body_kills - len(result.kills))
             step = min(rng.randint(1, max(1, round(2 * mean) - 1)), max(1, round(room)))
             inv = runner.run(crash_at=redo + 2 + step)
         result.invocations.append(inv)

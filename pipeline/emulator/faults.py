@@ -13,6 +13,16 @@ The plan and its per-rule `seen` / `fired` counts live in `<state_dir>/faults.js
 every change, so a restarted server continues where it stopped. `replace` (POST /emulator/faults) resets the
 counters; `install` (startup `--faults`) keeps them when the rules are unchanged, so restarting with the same
 `--faults` does not re-arm spent rules. Random choices use `pick` / `rng`, seeded by subject and rule index.
+
+Kinds (where they act: `pipeline.emulator.server` for HTTP, `pipeline.emulator.api` for the rest):
+- HTTP, any route but `/healthz` and `/emulator/*`: `status` (answer an error, not processed), `drop` (close, not
+  processed), `drop_after_commit` (process, then close without a response), `delay` (wait `seconds`, then process).
+- job, on create: `job_state` (end in `state`; FAILED / CANCELLED without output, EXPIRED / EARLY_STOPPED with a
+  `partial` fraction of the rows), `job_latency` (`seconds` instead of the server latency; `stuck` stays PENDING).
+- output dataset: `output_deleted` (deleted at the first request touching it), `file_url` (GET shows `url` as its
+  externalUrl), `error_rows` (when the job writes it: a `fraction` of the rows go to error-data); and per GET of
+  its results file: `truncated`, `garbage`, `oversized`, `zip_bomb`, `path_traversal`, `duplicate_lines`,
+  `missing_results` (see `pipeline.emulator.payloads`).
 """
 
 from __future__ import annotations

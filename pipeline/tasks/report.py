@@ -133,8 +133,11 @@ class TrialReport(TrialTask):
             record = owner.parts.get(ref.jkey) if owner else None
             jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {
                 "job_id": record.job_id if record else None, "state": record.state if record else None}
-        prompts = {c: {"path": str(run.prompt_path(trial.prompt_set, c)), **manifest.prompts.get(c, {})}
-                   for c in ("control", "treatment")}
+        prompts = {}
+        for cond in ("control", "treatment"):
+            path = run.prompt_path(trial.prompt_set, cond)
+            shown = self.layout.rel(path) if path.is_relative_to(self.layout.run_dir) else str(path)
+            prompts[cond] = {**manifest.prompts.get(cond, {}), "path": shown}
         from pipeline.config import config_hash
         from pipeline.naming import temp_str
 
