@@ -8,7 +8,6 @@ of that file; `load_config` returns them absolute, which is what gets frozen int
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -404,10 +403,6 @@ def load_config(path: Path) -> ExperimentConfig:
 def config_dump(cfg: ExperimentConfig) -> dict[str, Any]:
     """The canonical plain form of a config: what is frozen and what drift is measured on."""
     return cfg.model_dump(mode="json")
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    return hashlib.sha256(json.dumps(config_dump(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -7,6 +7,8 @@ first run of a rid; `check_drift` refuses a different config later unless the dr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -22,7 +24,6 @@ from pipeline.config import (
     ExperimentConfig,
     Trial,
     config_dump,
-    config_hash,
     diff_configs,
     expand_trials,
     load_config,
@@ -143,6 +144,11 @@ def semantic_dump(cfg: ExperimentConfig) -> dict[str, Any]:
     return dump
 
 
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    """sha256 of the config's meaning (file contents, not paths): equal on every machine for the same experiment."""
+    return hashlib.sha256(json.dumps(semantic_dump(cfg), sort_keys=True).encode()).hexdigest()
+
+
 def check_drift(run: Run, config: str | Path | None, *, accept: bool = False) -> list[str]:
     """Compare an explicitly given config with the run's frozen one; raise ConfigDriftError unless accepted.
 
@@ -192,7 +198,7 @@ def freeze(layout: RunLayout, cfg: ExperimentConfig, source: Path, *, drift: lis
     dump["paths"]["task_instructions_dir"] = "prompts/task_instructions"
     write_text(layout.effective_config, yaml.safe_dump(dump, sort_keys=False, allow_unicode=True))
     frozen, _ = _load_frozen(layout)
-    digest = config_hash(frozen)
+    digest = config_fingerprint(frozen)
 
     def change(state: RunState | None) -> RunState:
         if state is None:

@@ -137,7 +137,14 @@ def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
                            f"has {ref.lines}; it is not this part's content. Delete the remote dataset or start a new run id.")
     crashpoint("after dataset create")
     if dataset.get("state") != "READY":
-        client.upload_dataset_file(record.dataset_id, ref.path)
+        try:
+            client.upload_dataset_file(record.dataset_id, ref.path)
+        except ProviderError as exc:
+            # A retried upload whose first attempt landed (response lost) is refused: READY means it did land.
+            again = client.get_dataset(record.dataset_id)
+            if not again or again.get("state") != "READY":
+                raise
+            decision("re-attach", f"dataset {record.dataset_id}", f"upload answered {exc.status} but the dataset is READY")
         crashpoint("after upload")
         client.wait_dataset_ready(record.dataset_id, poll_s=poll_interval(task.run_ctx))
     record.state = "uploaded"

@@ -17,7 +17,7 @@ import luigi
 
 from pipeline import exit_codes
 from pipeline.config import ConfigError
-from pipeline.run import ConfigDriftError, check_drift, open_run
+from pipeline.run import ConfigDriftError, check_drift, config_fingerprint, open_run
 from pipeline.stop import clear_stop, install_signal_handlers
 from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
@@ -138,7 +138,6 @@ class TrialReport(TrialTask):
             path = run.prompt_path(trial.prompt_set, cond)
             shown = self.layout.rel(path) if path.is_relative_to(self.layout.run_dir) else str(path)
             prompts[cond] = {**manifest.prompts.get(cond, {}), "path": shown}
-        from pipeline.config import config_hash
         from pipeline.naming import temp_str
 
         ctx = {"rid": self.rid,
@@ -148,7 +147,7 @@ class TrialReport(TrialTask):
                "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
                "prompts": prompts, **self._load(self.trial),
                "score_summary": manifest.stage("scored").artifacts.get("summary", {}),
-               "jobs": jobs, "config_hash": config_hash(run.cfg)}
+               "jobs": jobs, "config_hash": config_fingerprint(run.cfg)}
         path = self.layout.report_md(self.trial)
         write_text(path, render_trial_report(ctx))
         self.record_stage("report", {"report_md": self.layout.rel(path), "file": artifact_record(self.layout, path),
