@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -71,13 +73,26 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, dumps_json(obj))
 
 
-def sweep_temp_files(directory: Path) -> list[Path]:
-    """Remove temp files left by writers that died mid-write; returns what was removed."""
+def sweep_temp_files(directory: Path, *, older_than_s: float = 0.0, scratch: tuple[str, ...] = (),
+                     exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Remove temp files (and named scratch dirs) left by writers that died mid-write; returns what was removed.
+
+    `older_than_s` spares what a live writer may still be using; `exclude` names top-level dirs owned by others.
+    """
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
-    for p in directory.rglob(f".*{TMP_MARK}*"):
+    cutoff = time.time() - older_than_s
+    candidates = list(directory.rglob(f".*{TMP_MARK}*")) + [p for name in scratch for p in directory.rglob(name)]
+    for p in candidates:
+        if p.relative_to(directory).parts[0] in exclude:
+            continue
         with contextlib.suppress(OSError):
-            p.unlink()
+            if p.lstat().st_mtime > cutoff:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed.append(p)
     return removed

@@ -23,7 +23,7 @@ from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCost
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.parse import TrialTask
 from targets import store
-from targets.atomic import write_text
+from targets.atomic import sweep_temp_files, write_text
 from targets.lifecycle import read_raw
 from targets.manifest import RunState
 
@@ -169,4 +169,7 @@ class TrialReport(TrialTask):
             return state
 
         store.update(self.layout.run_state, RunState, change)
+        for leftover in sweep_temp_files(self.layout.run_dir, scratch=(".download",),
+                                         exclude=(self.layout.emulator_dir.name,)):
+            log.info("removed leftover %s (from an interrupted write)", self.layout.rel(leftover))
         log.info("done aggregate report run=%s (%s)", self.rid, path)
