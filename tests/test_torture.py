@@ -59,9 +59,8 @@ pytestmark = [pytest.mark.torture, pytest.mark.slow]
 RID = "torture"
 SEED = int(os.environ.get("TORTURE_SEED", "20251124"))
 
-LEFTOVERS_GAP = ("known pipeline gap: nothing sweeps the atomic writer's temp files after a kill between mkstemp and "
-                 "os.replace (targets.atomic.sweep_temp_files is never called), and DownloadPart leaves its .download "
-                 "scratch when killed between writing results.jsonl and removing it")
+LEFTOVERS_GAP = ("known pipeline gap: temp files are swept only right after the aggregate report is recorded in "
+                 "run_state.json, so a kill in between leaves them for good (every later run is a no-op)")
 
 FAULT_PLAN: list[dict[str, Any]] = [
     {"fault": "status", "status": 429, "retry_after": 0, "match": r"/datasets$", "method": "POST", "times": 3},
@@ -123,7 +122,7 @@ def torture_run(reference: dict[str, Any], name: str, plan: KillPlan,
         })
     else:
         checks["final invocation exits 0"] = [f"exit {result.final.returncode}:\n{result.final.tail(40)}"]
-    return {"result": result, "checks": checks, "faults": fault_view}
+    return {"result": result, "checks": checks, "faults": fault_view, "runner": runner}
 
 
 def failures(outcome: dict[str, Any], *, known: tuple[str, ...] = ()) -> str:
@@ -143,15 +142,37 @@ def xfail_on_known_leftovers(outcome: dict[str, Any]) -> None:
         pytest.xfail(f"{LEFTOVERS_GAP}:\n  " + "\n  ".join(outcome["checks"]["no leftovers"]))
 
 
-def test_kill_nine_at_fifty_points_then_resume_is_exactly_once_and_identical(reference: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def tortured(reference: dict[str, Any]) -> dict[str, Any]:
     print(f"\ntorture seed {SEED} (set TORTURE_SEED to replay another)")
-    outcome = torture_run(reference, "torture", KillPlan(seed=SEED, body_kills=42, tail_max_step=4, parent_kills=6))
-    result: TortureResult = outcome["result"]
-    assert not failures(outcome, known=("no leftovers",)), f"{failures(outcome)}\n\n{result.summary()}"
+    return torture_run(reference, "torture", KillPlan(seed=SEED, body_kills=48, tail_max_step=4, parent_kills=6))
+
+
+def test_kill_nine_at_fifty_points_then_resume_is_exactly_once_and_identical(tortured: dict[str, Any]) -> None:
+    result: TortureResult = tortured["result"]
+    assert not failures(tortured, known=("no leftovers",)), f"{failures(tortured)}\n\n{result.summary()}"
     assert len(result.kills) >= 50, result.summary()
     assert sum(1 for k in result.kills if k.kind == "parent-kill") >= 3, result.summary()
     assert not uncovered_phases(result), f"no kill in {uncovered_phases(result)}\n{result.summary()}"
-    xfail_on_known_leftovers(outcome)
+    xfail_on_known_leftovers(tortured)
+
+
+@pytest.mark.xfail(strict=False, reason=LEFTOVERS_GAP)
+def test_a_kill_just_before_the_final_sweep_leaves_no_temp_files_behind(tortured: dict[str, Any]) -> None:
+    """The window the torture rarely hits: a temp file left by an earlier kill, then a kill after the aggregate report
+    is recorded but before the sweep. `--force` re-runs the reports, so the window comes round again."""
+    runner: Runner = tortured["runner"]
+    if tortured["result"].final.returncode != 0:
+        pytest.skip("the tortured run did not complete")
+    counted = runner.run(extra=("--force",))
+    assert counted.returncode == 0 and counted.points[-1] == "after replace run_state.json", counted.tail()
+    first_write = counted.points.index("before replace report.md") + 1
+    assert runner.run(crash_at=first_write, extra=("--force",)).killed
+    assert leftovers(runner.root), "a kill before os.replace leaves the writer's temp file"
+    assert runner.run(crash_at=len(counted.points), extra=("--force",)).killed
+    final = runner.run()
+    assert final.returncode == 0, final.tail()
+    assert not leftovers(runner.root)
 
 
 def test_kill_nine_under_provider_faults_is_exactly_once_and_identical(reference: dict[str, Any]) -> None:

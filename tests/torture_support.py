@@ -197,7 +197,8 @@ class Runner:
     def run_dir(self) -> Path:
         return self.root / f"run_{self.rid}"
 
-    def run(self, *, crash_at: int | None = None, kill_after_s: float | None = None) -> Invocation:
+    def run(self, *, crash_at: int | None = None, kill_after_s: float | None = None,
+            extra: tuple[str, ...] = ()) -> Invocation:
         self.count += 1
         kind = "self-kill" if crash_at else "parent-kill" if kill_after_s is not None else "run"
         log, points = self.logs / f"{self.count:03d}-{kind}.log", self.logs / f"{self.count:03d}.points"
@@ -207,7 +208,7 @@ class Runner:
         if crash_at:
             env["PIPELINE_CRASH_AT"] = str(crash_at)
         cmd = [str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", "TrialReport", "--rid", self.rid,
-               "--root", str(self.root), "--config", str(self.config), "--local-scheduler"]
+               "--root", str(self.root), "--config", str(self.config), "--local-scheduler", *extra]
         started = time.monotonic()
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, cwd=self.root.parent, env=env, stdin=subprocess.DEVNULL, stdout=out,

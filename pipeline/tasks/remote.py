@@ -411,14 +411,21 @@ class DownloadPart(PartTask):
             files = self.cli_download(record, None)
         except (ProviderError, ValueError) as exc:
             files = self.cli_download(record, exc)
-        return unpack(files, self.scratch / "unpacked", cfg.max_download_bytes)
+        try:
+            return unpack(files, self.scratch / "unpacked", cfg.max_download_bytes)
+        except ValueError as exc:
+            raise RuntimeError(f"part {self.jkey}: refused the output of dataset {record.output_dataset_id}: {exc}. "
+                               "Nothing was written; re-run to download it again, or raise provider.max_download_bytes "
+                               "if the output is legitimately that large") from exc
 
     def cli_download(self, record: PartRecord, error: Exception | None) -> dict[str, Path]:
         command = self.run_ctx.cfg.provider.download_command
         if not command:
             if error is None:
                 raise OutputGone(f"output dataset {record.output_dataset_id} not found")
-            raise error
+            raise RuntimeError(f"part {self.jkey}: download of output dataset {record.output_dataset_id} failed: "
+                               f"{error}. Nothing was written; re-run to try again, or set provider.download_command "
+                               "to a CLI fallback") from error
         out_dir = self.scratch / "cli"
         out_dir.mkdir(parents=True, exist_ok=True)
         argv = [arg.format(dataset_id=record.output_dataset_id, output_dir=str(out_dir)) for arg in command]

@@ -1,0 +1,125 @@
+"""The bad-input matrix: malformed or hostile input from outside gives a clear error or is accounted for, and
+nothing already done is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from pipeline.emulator.process import ensure_emulator, stop_emulator
+from tests.conftest import small_experiment
+
+pytestmark = pytest.mark.slow
+RID = "bad"
+
+
+def luigi_run(root: Path, config: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
+    luigi = Path(sys.executable).with_name("luigi")
+    return subprocess.run([str(luigi), "--module", "pipeline", "TrialReport", "--rid", RID, "--root", str(root),
+                           "--config", str(config), "--local-scheduler"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=root.parent)
+
+
+@pytest.fixture
+def emulator(tmp_path: Path):  # noqa: ANN201
+    """The run's emulator, started before the run so that a fault plan is in place before any job exists."""
+    state = tmp_path / "exp" / f"run_{RID}" / ".emulator"
+    state.mkdir(parents=True)
+    base_url = ensure_emulator(state, answer_key=state.parent / "prepared", latency_s=0.0)
+    yield base_url
+    stop_emulator(state)
+
+
+def faults(base_url: str, rules: list[dict]) -> None:
+    answer = requests.post(base_url + "/emulator/faults", json={"rules": rules}, timeout=5)
+    assert answer.status_code == 200, answer.text
+
+
+def results_of(run_dir: Path, pattern: str) -> list[dict]:
+    (path,) = [p for p in run_dir.glob(f"*/results/{pattern}/results.jsonl")]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_untidy_provider_output_is_accounted_per_custom_id(tmp_path: Path, emulator: str) -> None:
+    faults(emulator, [
+        {"fault": "missing_results", "fraction": 0.5, "match": "ex-t0-cont-p01-", "times": 0},
+        {"fault": "duplicate_lines", "match": "ex-t0-cont-p02-", "times": 0},
+        {"fault": "garbage", "match": "ex-t0-cont-p03-", "times": 1},
+        {"fault": "truncated", "mode": "short_body", "match": "ex-t0-cont-p04-", "times": 1},
+        {"fault": "error_rows", "fraction": 0.5, "match": "ex-t07-cont-p01-"},
+    ])
+    run = luigi_run(tmp_path / "exp", small_experiment(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = tmp_path / "exp" / f"run_{RID}"
+    missing = results_of(run_dir, "t0_control_p01")
+    assert any(r.get("error", {}).get("code") == "missing" for r in missing)
+    assert "have no result; recorded as provider errors" in run.stderr
+    dup = results_of(run_dir, "t0_control_p02")
+    assert len({r["custom_id"] for r in dup}) == len(dup)
+    assert all("(second copy)" not in json.dumps(r) for r in dup), "the first answer wins, deterministically"
+    for key in ("t0_control_p03", "t0_control_p04"):  # bad first download, good second one
+        assert all("response" in r for r in results_of(run_dir, key))
+    errors = results_of(run_dir, "t07_control_p01")
+    assert any("error" in r and "response" not in r for r in errors)
+    report = next(run_dir.glob("*/reports/report.md")).read_text()
+    assert "provider_error" in report
+
+
+@pytest.mark.parametrize(("rule", "needle"), [
+    ({"fault": "zip_bomb", "bytes": 2**30}, "above the limit"),
+    ({"fault": "path_traversal"}, "contains '..', refused"),
+    ({"fault": "file_url"}, "refusing URL scheme file://"),
+    ({"fault": "oversized", "bytes": 3 * 2**20}, "exceeds the limit"),
+])
+def test_hostile_downloads_are_refused_with_a_clear_error_and_nothing_is_lost(tmp_path: Path, emulator: str,
+                                                                              rule: dict, needle: str) -> None:
+    faults(emulator, [{**rule, "match": "ex-t0-trea-p01-", "times": 0}])
+    config = small_experiment(tmp_path, max_download_bytes=2 * 2**20)
+    first = luigi_run(tmp_path / "exp", config)
+    assert first.returncode == 30
+    assert needle.lower() in first.stderr.lower()
+    assert "t0_treatment_p01" in first.stderr
+    run_dir = tmp_path / "exp" / f"run_{RID}"
+    done_parts = sorted(p.parent.name for p in run_dir.glob("*/results/*/results.jsonl"))
+    assert done_parts and "t0_treatment_p01" not in done_parts
+    assert not list(run_dir.rglob("evil.jsonl")) and not (tmp_path / "evil.jsonl").exists()
+    created = requests.get(emulator + "/emulator/calls", timeout=5).json()["job_creates"]
+    requests.delete(emulator + "/emulator/faults", timeout=5)
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/results/*/results.jsonl")}
+    second = luigi_run(tmp_path / "exp", config)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "parts already downloaded are kept as they are"
+    assert requests.get(emulator + "/emulator/calls", timeout=5).json()["job_creates"] == created
+
+
+def test_malformed_prepared_data_names_file_and_line(tmp_path: Path) -> None:
+    config = small_experiment(tmp_path)
+    data = tmp_path / "data" / "open_book.jsonl"
+    lines = data.read_text().splitlines()
+    lines[2] = lines[2][:-5]
+    data.write_text("\n".join(lines) + "\n")
+    run = luigi_run(tmp_path / "exp", config)
+    assert run.returncode == 30
+    assert f"{data}:3" in run.stderr
+
+
+@pytest.mark.parametrize("content", ["{not json\n", '{"custom_id": "x|y|control|0.0|0|open", "response": {}}\n',
+                                     "x" * (17 * 2**20) + "\n"])
+def test_damaged_results_file_is_repaired_not_trusted(tmp_path: Path, content: str) -> None:
+    config = small_experiment(tmp_path)
+    assert luigi_run(tmp_path / "exp", config).returncode == 0
+    run_dir = tmp_path / "exp" / f"run_{RID}"
+    target = sorted(run_dir.glob("*/results/t0_control_p01/results.jsonl"))[0]
+    good = target.read_bytes()
+    target.write_text(content)
+    again = luigi_run(tmp_path / "exp", config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "results.jsonl invalid" in again.stderr or "not valid JSON" in again.stderr or "longer than" in again.stderr
+    assert target.read_bytes() == good
