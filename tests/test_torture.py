@@ -10,12 +10,13 @@ Scheme
 2. Torture: the same rid in a fresh root, against a fresh emulator process (`python -m pipeline.emulator --port 0`,
    reached through `FIREWORKS_BASE_URL`). ONE run is killed again and again until an invocation finishes by itself:
    - an invocation gets `PIPELINE_CRASH_AT = r + s`: `r` is the number of points the previous invocation had passed in
-     the task it died in (a re-run passes them again) and `s` a seeded random step. Until every part is downloaded
-     (counted on disk) `s` is 2 plus a step that spreads the kills still wanted (`KillPlan.body_kills`) over the
-     points still to pass (estimated from the reference) and never reaches past the parts left; after that, in
-     parse, score, stats, costs and report, `s` is 1..`tail_max_step`: with 4 every task there gets hit;
-   - a few invocations, at seeded positions, run without a crash point and are SIGKILLed by the test after a seeded
-     delay, which lands between instrumented points (startup, HTTP calls, scoring, statistics);
+     the task it died in (a re-run passes them again) and `s` a seeded random step. Until one part is left to
+     download (counted on disk) `s` is 2 plus a step that spreads the kills still wanted (`KillPlan.body_kills`) over
+     the points still to pass (estimated from the reference) and never reaches past the parts left; from then on,
+     through the last download, parse, score, stats, costs and report, `s` is 1..`tail_max_step`: with 4, every task
+     there gets hit (each writes two files at least, two points each);
+   - a few invocations, at seeded positions in the first two thirds, run without a crash point and are SIGKILLed by
+     the test after a seeded delay, which lands between instrumented points (startup, HTTP calls, scoring, stats);
    - every kill is labelled with the phase of the point it died at, read from its own crash log;
    - after every invocation the emulator's create counters are checked, so a duplicate create is blamed on the kill
      just before it, and any exit other than our SIGKILL or 0 is reported with its log.

@@ -40,7 +40,7 @@ COMPARED_FILES = ("predictions.csv", "per_item_scores.csv", "significance.json",
 PHASES = ("prepare", "build", "dataset create", "upload", "job create", "polling", "download", "parse", "score", "stats",
           "costs", "report")
 TAIL = frozenset({"parse", "score", "stats", "costs", "report"})
-INVOCATION_TIMEOUT_S = 240.0
+INVOCATION_TIMEOUT_S = 300.0
 STARTUP_TIMEOUT_S = 20.0
 
 _BUILD_FILE = re.compile(r"^t[0-9]+_.+_(control|treatment)(\.p[0-9]+)?\.jsonl$")
@@ -331,8 +331,8 @@ class TortureResult:
 
 @dataclass(frozen=True)
 class KillPlan:
-    """How hard to hit one run: about `body_kills` kills (crash points and parent kills) until the last part is
-    downloaded, then kills every 1..`tail_max_step` points to the end (at most 4 hits every task of the tail: each
+    """How hard to hit one run: about `body_kills` kills (crash points and parent kills) until one part is left to
+    download, then kills every 1..`tail_max_step` points to the end (at most 4 hits every task of the tail: each
     writes at least two files, two points each), plus `parent_kills` SIGKILLs from the test after a random delay."""
 
     seed: int
@@ -353,10 +353,12 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
     body = sum(1 for lab in labels if lab not in TAIL)
     # The fewest points a part still to download can need (a resumed run uploads and submits every part first).
     finish = sum(1 for lab in labels if lab in ("polling", "download")) / max(parts, 1) / 2
-    parent_at = set(rng.sample(range(2, max(plan.body_kills, plan.parent_kills + 2)), plan.parent_kills))
+    # Parent kills land anywhere in up to ~1.5 s of work, so they are kept off the end of the run.
+    parent_at = set(rng.sample(range(2, max(2 * plan.body_kills // 3, plan.parent_kills + 2)), plan.parent_kills))
     result = TortureResult(plan.seed)
     started = time.monotonic()
     phase, redo, progress, failures = "prepare", 0, 0, 0
+    blamed: set[tuple[str, str]] = set()
     while True:
         number = len(result.invocations) + 1
         left = parts - sum(1 for _ in runner.run_dir.glob("*/results/*/results.jsonl"))
@@ -364,7 +366,7 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
             inv = runner.run(kill_after_s=round(rng.uniform(*plan.parent_delay_s), 2))
         elif number == 1:
             inv = runner.run(crash_at=rng.randint(1, max(1, prepare - 1)))
-        elif left <= 0:
+        elif left <= 1:  # the last part's download is followed at once by its trial's parse
             inv = runner.run(crash_at=redo + rng.randint(1, plan.tail_max_step))
         else:
             # Spread the kills still wanted over the points still to pass, and do not jump over the last parts
@@ -377,8 +379,7 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
         progress += max(0, len(inv.points) - redo)
         if inv.points:
             phase = label_points(inv.points, start=phase)[-1]
-        problems = _invocation_problems(inv, calls())
-        result.problems.extend(problems)
+        result.problems.extend(_invocation_problems(inv, calls(), blamed))
         if inv.returncode == 0:
             break
         redo = points_since_boundary(inv.points)
@@ -396,7 +397,9 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
     return result
 
 
-def _invocation_problems(inv: Invocation, calls: dict[str, dict[str, int]]) -> list[str]:
+def _invocation_problems(inv: Invocation, calls: dict[str, dict[str, int]], blamed: set[tuple[str, str]]) -> list[str]:
+    """What went wrong in one invocation; a duplicate create stays in the counters, so `blamed` remembers which
+    `(kind, id)` duplicates an earlier invocation was already blamed for."""
     problems = []
     where = f"invocation #{inv.index:03d} ({inv.kind}, last point {inv.points[-1] if inv.points else 'none'!r})"
     if inv.kind == "self-kill" and inv.killed and len(inv.points) != inv.crash_at:
@@ -405,8 +408,9 @@ def _invocation_problems(inv: Invocation, calls: dict[str, dict[str, int]]) -> l
         problems.append(f"{where}: exited with {inv.returncode} instead of resuming; log {inv.log} ends with:\n"
                         f"{inv.tail()}")
     for kind in ("job_creates", "dataset_creates"):
-        twice = {rid: n for rid, n in calls.get(kind, {}).items() if n != 1}
+        twice = {rid: n for rid, n in calls.get(kind, {}).items() if n != 1 and (kind, rid) not in blamed}
         if twice:
+            blamed.update((kind, rid) for rid in twice)
             problems.append(f"{where}: {kind} counts {twice} (each must be created exactly once)")
     return problems
 

@@ -39,6 +39,8 @@ from targets.manifest import BuildManifest, PartRecord, TrialManifest, utcnow
 log = logging.getLogger("pipeline")
 _JKEY = re.compile(r"^t(?P<label>[0-9]+)_(?P<cond>control|treatment)_p(?P<index>[0-9]{2,})$")
 _parts_cache: dict[tuple[str, Any], dict[str, list[PartRef]]] = {}
+POLL_BACKOFF = 1.5  # each quiet poll waits longer, up to POLL_BACKOFF_MAX times the configured interval
+POLL_BACKOFF_MAX = 4.0
 UPLOADED_OR_LATER = {"uploaded", "submitting", "submitted", "running", "completed", "failed", "expired", "cancelled"}
 SUBMITTED_OR_LATER = {"submitted", "running", "completed", "failed", "expired", "cancelled"}
 
@@ -220,7 +222,8 @@ def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], 
         if stop_requested(task.layout):
             raise StopRequested(f"stop requested while job {record.job_id} is {state}; it keeps running remotely "
                                 "and is re-attached on the next run")
-        time.sleep(interval)
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * POLL_BACKOFF, poll_interval(run) * POLL_BACKOFF_MAX)
 
 
 class UploadPart(PartTask):
