@@ -26,6 +26,7 @@ from pipeline.provider import make_client, poll_interval
 from pipeline.providers import job_states
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
+from pipeline.providers.fireworks import FireworksClient
 from pipeline.stop import stop_requested
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
 from pipeline.tasks.build import BuildBatches
@@ -155,19 +156,24 @@ def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
 
 def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
     """Create the part's batch job exactly once: write-ahead intent, GET first, 409 means re-attach."""
+    interrupted = record.state == "submitting"  # a create may have been sent before a crash
     record.state = "submitting"
     task.save(record)  # write-ahead: if we die after the POST, the resume GETs this id instead of posting again
     client = make_client(task.run_ctx)
     crashpoint("before job create")
+    display_name = remote_ids(task.run_ctx, ref, record.generation)["job_display_name"]
     job = client.get_job(record.job_id)
+    if job is None and interrupted:
+        job = find_by_display_name(client, display_name, record.dataset_id)
+        if job is not None:  # the provider did not keep our id: adopt the one it chose
+            record.job_id = str(job.get("name", "")).rsplit("/", 1)[-1] or record.job_id
     if job is not None:
         decision("re-attach", f"job {record.job_id}", f"part {task.jkey} already submitted, state {job.get('state')}")
     else:
         check_stop(task)
         job, created = client.create_job(
             record.job_id, model=ref.model, input_dataset_id=record.dataset_id,
-            output_dataset_id=record.output_dataset_id,
-            display_name=remote_ids(task.run_ctx, ref, record.generation)["job_display_name"],
+            output_dataset_id=record.output_dataset_id, display_name=display_name,
             inference_parameters=ref.inference_parameters)
         decision("submit" if created else "re-attach", f"job {record.job_id}",
                  f"part {task.jkey} of trial {task.trial}" if created else "create answered 409 already exists")
@@ -176,6 +182,14 @@ def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
     record.state = "submitted"
     record.provider_state = str(job.get("state") or "")
     task.save(record)
+
+
+def find_by_display_name(client: FireworksClient, display_name: str, dataset_id: str) -> dict[str, Any] | None:
+    """Reconcile a create whose id the provider may not have kept: the job with our deterministic display name."""
+    for job in client.list_jobs():
+        if job.get("displayName") == display_name and str(job.get("inputDatasetId", "")).endswith(f"/{dataset_id}"):
+            return job
+    return None
 
 
 def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], None] | None = None) -> None:
