@@ -361,6 +361,8 @@ def test_significance_detects_planted_effect() -> None:
     assert em["delta_mean"] > 0.2 and em["ci_95"][0] > 0 and em["wilcoxon"]["p_value"] < 1e-6
     assert planted["mcnemar"]["p_exact"] < 1e-4 and planted["mcnemar"]["b"] > planted["mcnemar"]["c"]
     assert em["perm_p_value"] == pytest.approx(1 / 301)
+    assert em["ci_95_bca"][0] > 0 and em["ci_95_bca"][0] <= em["delta_mean"] <= em["ci_95_bca"][1]
+    assert em["ci_95_bca"] != em["ci_95"], "BCa corrects the percentile interval"
     assert null["metrics"]["em"]["ci_95"][0] < 0.1 and null["metrics"]["em"]["wilcoxon"]["p_value"] > 1e-3
 
 

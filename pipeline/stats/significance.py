@@ -105,7 +105,7 @@ def _metric_block(c: np.ndarray, t: np.ndarray, cfg: dict[str, Any], stream: tup
     if n == 0:
         return {
             "n_items": 0, "control_mean": None, "treatment_mean": None, "delta_mean": None, "ci_95": [None, None],
-            "ci_method": "percentile_bootstrap", "wilcoxon": {"W": None, "p_value": None, "q_value": None},
+            "ci_method": "percentile_bootstrap", "ci_95_bca": [None, None], "wilcoxon": {"W": None, "p_value": None, "q_value": None},
             "hodges_lehmann": None, "cohens_d": None, "cliffs_delta": None, "perm_p_value": None,
         }
     perm_p = None
@@ -120,6 +120,9 @@ def _metric_block(c: np.ndarray, t: np.ndarray, cfg: dict[str, Any], stream: tup
         "delta_mean": float(d.mean()),
         "ci_95": bootstrap_ci(d, n_resamples=int(cfg["bootstrap_samples"]), rng=_rng(cfg, *stream, "bootstrap")),
         "ci_method": "percentile_bootstrap",
+        # BCa on the very same resamples (same stream), so the two intervals differ only by the method.
+        "ci_95_bca": bootstrap_ci(d, n_resamples=int(cfg["bootstrap_samples"]), rng=_rng(cfg, *stream, "bootstrap"),
+                                  method="bca"),
         "wilcoxon": {**wilcoxon(d), "q_value": None},
         "hodges_lehmann": hodges_lehmann(d),
         "cohens_d": cohens_dz(d),
