@@ -105,7 +105,8 @@ def _metric_block(c: np.ndarray, t: np.ndarray, cfg: dict[str, Any], stream: tup
     if n == 0:
         return {
             "n_items": 0, "control_mean": None, "treatment_mean": None, "delta_mean": None,
-            "ci_95": [None, None], "ci_method": "percentile_bootstrap", "ci_95_bca": [None, None], "wilcoxon": {"W": None, "p_value": None, "q_value": None},
+            "ci_95": [None, None], "ci_method": "percentile_bootstrap", "ci_95_bca": [None, None],
+            "wilcoxon": {"W": None, "p_value": None, "q_value": None},
             "hodges_lehmann": None, "cohens_d": None, "cliffs_delta": None, "perm_p_value": None,
         }
     perm_p = None
