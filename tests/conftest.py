@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.emulator.server import EmulatorServer, make_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,3 +59,23 @@ def small_experiment(base: Path, **provider: object) -> Path:
     raw["stats"].update(bootstrap_samples=200, permutation_samples=200)
     (config / "experiment.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return config / "experiment.yaml"
+
+
+class Clock:
+    """A settable wall clock in ns, so job progression is tested without waiting."""
+
+    def __init__(self) -> None:
+        self.ns = 1_800_000_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, seconds: float) -> None:
+        self.ns += int(seconds * 1e9)
+
+
+def start_emulator(state_dir: Path, **kwargs: object) -> EmulatorServer:
+    """An in-process emulator on a free loopback port; a short poll interval keeps shutdown() quick."""
+    server = make_server("127.0.0.1", 0, state_dir, **kwargs)  # type: ignore[arg-type]
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    return server

@@ -15,29 +15,10 @@ import requests
 from pipeline.emulator.process import ensure_emulator, stop_emulator
 from pipeline.emulator.server import EmulatorServer, make_server
 from pipeline.naming import make_custom_id
+from tests.conftest import Clock, start_emulator
 
 AUTH = {"Authorization": "Bearer test-key"}
 ACCT = "/v1/accounts/acme"
-
-
-class Clock:
-    """A settable wall clock in ns, so job progression is tested without waiting."""
-
-    def __init__(self) -> None:
-        self.ns = 1_800_000_000 * 10**9
-
-    def __call__(self) -> int:
-        return self.ns
-
-    def advance(self, seconds: float) -> None:
-        self.ns += int(seconds * 1e9)
-
-
-def _start(state_dir: Path, **kwargs: object) -> EmulatorServer:
-    server = make_server("127.0.0.1", 0, state_dir, **kwargs)  # type: ignore[arg-type]
-    # A short poll interval keeps shutdown() quick.
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    return server
 
 
 def _stop(server: EmulatorServer) -> None:
@@ -52,7 +33,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def emu(tmp_path: Path, clock: Clock) -> Iterator[EmulatorServer]:
-    server = _start(tmp_path / "state", latency_s=8.0, clock=clock, answer_key=_answer_key(tmp_path / "key"))
+    server = start_emulator(tmp_path / "state", latency_s=8.0, clock=clock, answer_key=_answer_key(tmp_path / "key"))
     yield server
     _stop(server)
 
@@ -245,13 +226,13 @@ def test_pagination_and_delete(emu: EmulatorServer) -> None:
 
 def test_state_survives_restart_and_calls_are_counted(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    first = _start(state, latency_s=0.0)
+    first = start_emulator(state, latency_s=0.0)
     _create_ready_dataset(first.base_url, "in-1", _lines(3), declared=3)
     assert _create_job(first.base_url, "job-r", outputDatasetId="accounts/acme/datasets/out-r").status_code == 200
     assert _create_job(first.base_url, "job-r").status_code == 409
     _stop(first)
 
-    second = _start(state, latency_s=0.0)
+    second = start_emulator(state, latency_s=0.0)
     try:
         base = second.base_url
         job = requests.get(f"{base}{ACCT}/batchInferenceJobs/job-r", headers=AUTH).json()

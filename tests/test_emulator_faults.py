@@ -16,35 +16,17 @@ import pytest
 import requests
 
 from pipeline.emulator.faults import load_plan_arg, pick
-from pipeline.emulator.server import EmulatorServer, main, make_server
+from pipeline.emulator.server import EmulatorServer, main
 from pipeline.naming import make_custom_id
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderUnavailable
 from pipeline.providers.fireworks import FireworksClient
+from tests.conftest import Clock, start_emulator
 
 REPO = Path(__file__).resolve().parent.parent
 ACCT = "/v1/accounts/acme"
 AUTH = {"Authorization": "Bearer k"}
 MODEL = "accounts/fireworks/models/m"
-
-
-class Clock:
-    """A settable wall clock in ns, so job progression is tested without waiting."""
-
-    def __init__(self) -> None:
-        self.ns = 1_800_000_000 * 10**9
-
-    def __call__(self) -> int:
-        return self.ns
-
-    def advance(self, seconds: float) -> None:
-        self.ns += int(seconds * 1e9)
-
-
-def _start(state_dir: Path, **kwargs: Any) -> EmulatorServer:
-    server = make_server("127.0.0.1", 0, state_dir, **kwargs)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    return server
 
 
 def _stop(server: EmulatorServer) -> None:
@@ -54,7 +36,7 @@ def _stop(server: EmulatorServer) -> None:
 
 @pytest.fixture
 def emu(tmp_path: Path) -> Iterator[EmulatorServer]:
-    server = _start(tmp_path / "state", latency_s=0.0)
+    server = start_emulator(tmp_path / "state", latency_s=0.0)
     yield server
     _stop(server)
 
@@ -188,7 +170,7 @@ def test_delay_makes_the_client_time_out_then_succeed(emu: EmulatorServer) -> No
 
 
 def test_delay_is_interrupted_by_shutdown(tmp_path: Path) -> None:
-    server = _start(tmp_path / "state", faults={"rules": [{"fault": "delay", "seconds": 60, "match": "/datasets"}]})
+    server = start_emulator(tmp_path / "state", faults={"rules": [{"fault": "delay", "seconds": 60, "match": "/datasets"}]})
     outcome: list[BaseException] = []
 
     def call() -> None:
@@ -256,7 +238,7 @@ def test_expired_and_early_stopped_jobs_keep_a_predictable_part(emu: EmulatorSer
 
 def test_job_latency_and_stuck_jobs(tmp_path: Path) -> None:
     clock = Clock()
-    server = _start(tmp_path / "state", latency_s=0.0, clock=clock,
+    server = start_emulator(tmp_path / "state", latency_s=0.0, clock=clock,
                     faults={"rules": [{"fault": "job_latency", "seconds": 100, "match": "^slow"},
                                       {"fault": "job_latency", "stuck": True, "match": "^stuck"}]})
     try:
@@ -432,22 +414,22 @@ def test_plan_and_counters_survive_a_restart(tmp_path: Path) -> None:
     state = tmp_path / "state"
     plan = {"rules": [{"fault": "status", "match": "/datasets$", "times": 2}]}
     url = f"{ACCT}/datasets"
-    first = _start(state, faults=plan)
+    first = start_emulator(state, faults=plan)
     assert requests.get(first.base_url + url, headers=AUTH).status_code == 503
     _stop(first)
 
-    second = _start(state)
+    second = start_emulator(state)
     assert _faults(second)[0]["fired"] == 1
     assert requests.get(second.base_url + url, headers=AUTH).status_code == 503
     assert requests.get(second.base_url + url, headers=AUTH).status_code == 200
     _stop(second)
 
-    third = _start(state, faults=plan)
+    third = start_emulator(state, faults=plan)
     assert _faults(third)[0]["fired"] == 2, "the same plan at startup keeps its counters"
     assert requests.get(third.base_url + url, headers=AUTH).status_code == 200
     _stop(third)
 
-    fourth = _start(state, faults={"rules": [{"fault": "status", "match": "/datasets$", "status": 500}]})
+    fourth = start_emulator(state, faults={"rules": [{"fault": "status", "match": "/datasets$", "status": 500}]})
     try:
         assert _faults(fourth)[0]["fired"] == 0, "another plan starts fresh"
         assert requests.get(fourth.base_url + url, headers=AUTH).status_code == 500
