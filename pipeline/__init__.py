@@ -33,9 +33,10 @@ _setup_logging()
 
 from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCosts  # noqa: E402
 from pipeline.tasks.build import BuildBatches  # noqa: E402
+from pipeline.tasks.download import DownloadPart  # noqa: E402
 from pipeline.tasks.parse import ParsePredictions  # noqa: E402
 from pipeline.tasks.prepare import PrepareData  # noqa: E402
-from pipeline.tasks.remote import DownloadPart, PollJob, SubmitPart, UploadPart  # noqa: E402
+from pipeline.tasks.remote import PollJob, SubmitPart, UploadPart  # noqa: E402
 from pipeline.tasks.report import TrialReport  # noqa: E402
 
 __all__ = [

@@ -12,8 +12,9 @@ from pipeline.run import ConfigDriftError, check_drift, open_run
 
 
 def _children(task):  # noqa: ANN001, ANN202
+    from pipeline.tasks.download import DownloadPart
     from pipeline.tasks.parse import ParsePredictions
-    from pipeline.tasks.remote import DownloadPart, run_parts
+    from pipeline.tasks.remote import run_parts
 
     deps = list(flatten(task.requires()))
     if isinstance(task, ParsePredictions):

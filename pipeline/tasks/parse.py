@@ -17,8 +17,9 @@ from pipeline.parsing import iter_jsonl, prediction_row, predictions_csv
 from pipeline.plan import PartRef
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.build import BuildBatches
+from pipeline.tasks.download import DownloadPart
 from pipeline.tasks.prepare import PrepareData
-from pipeline.tasks.remote import DownloadPart, run_parts
+from pipeline.tasks.remote import run_parts
 from targets.atomic import write_text
 from targets.fingerprint import fingerprint
 from targets.manifest import TrialManifest

@@ -1,4 +1,4 @@
-"""The remote life of one part: UploadPart → SubmitPart → PollJob → DownloadPart.
+"""The remote life of one part: UploadPart → SubmitPart → PollJob (DownloadPart is in `download.py`).
 
 Exactly once: ids are deterministic (`pipeline.plan.remote_ids`), the intent is written to the owner trial's
 manifest before every create call, and a part already known remotely is re-attached by id (GET), never
@@ -8,34 +8,27 @@ trials is one task.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import luigi
 
-from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.provider import make_client, poll_interval
 from pipeline.providers import job_states
-from pipeline.providers.download import extract_jsonl_bundle
-from pipeline.providers.errors import NotFound, ProviderError
+from pipeline.providers.errors import ProviderError
 from pipeline.providers.fireworks import FireworksClient
 from pipeline.stop import stop_requested
-from pipeline.tasks.base import PipelineTask, artifact_record, decision
+from pipeline.tasks.base import PipelineTask, decision
 from pipeline.tasks.build import BuildBatches
 from targets import store
 from targets.atomic import write_json, write_text
 from targets.crashpoints import crashpoint
-from targets.fingerprint import fingerprint
 from targets.lifecycle import read_breadcrumbs
-from targets.manifest import BuildManifest, PartRecord, TrialManifest, utcnow
+from targets.manifest import BuildManifest, PartRecord
 
 log = logging.getLogger("pipeline")
 _JKEY = re.compile(r"^t(?P<label>[0-9]+)_(?P<cond>control|treatment)_p(?P<index>[0-9]{2,})$")
@@ -331,176 +324,3 @@ class PollJob(PartTask):
             self.set_status_message(f"{self.jkey}: {job.get('state')}")
         if self.set_progress_percentage and isinstance(progress.get("percent"), int | float):
             self.set_progress_percentage(int(progress["percent"]))
-
-
-DOWNLOAD_ATTEMPTS = 3
-
-
-class DownloadPart(PartTask):
-    """Done when `results.jsonl` parses, holds only this part's custom_ids, and accounts for all of them."""
-
-    stage = "downloaded"
-    priority = 20
-
-    def requires(self) -> PollJob:
-        return PollJob(trial=self.trial, jkey=self.jkey, **self.common())
-
-    def status(self) -> tuple[str, str]:
-        # Valid results are enough: the remote chain above is history once the part is downloaded.
-        target = self.output()
-        return ("skip" if target.exists() else "run"), target.reason
-
-    def done(self) -> tuple[bool, str]:
-        results = self.layout.part_results(self.trial, self.jkey)
-        manifest = self.manifest(self.trial)
-        known = None
-        if manifest:
-            for entry in manifest.stage("downloaded").artifacts.get("parts", []):
-                if entry.get("job_key") == self.jkey:
-                    known = entry
-        fp = fingerprint(results, known)
-        if fp is None:
-            return False, "results.jsonl missing"
-        if known and known.get("sha256") == fp.sha256 and known.get("input_sha256") == self.ref().sha256:
-            return True, f"results.jsonl {known.get('rows')} rows, unchanged"
-        check = check_part_results(results, input_custom_ids(self.ref().path))
-        if not check.valid:
-            detail = check.problems[0] if check.problems else f"{len(check.missing)} input ids have no result"
-            return False, f"results.jsonl invalid: {detail}"
-        return True, f"results.jsonl {check.rows} rows, all input ids accounted for"
-
-    def run(self) -> None:
-        record = self.record()
-        assert record is not None
-        ref = self.ref()
-        expected = input_custom_ids(ref.path)
-        if self.layout.output_dataset_breadcrumb(self.trial, self.jkey).exists():
-            decision("repair", f"downloaded part={self.jkey}", f"results missing or invalid, output dataset "
-                     f"{record.output_dataset_id} known")
-        try:
-            found, problems = self.fetch(record, expected)
-        except OutputGone as gone:
-            record = self.resubmit(ref, record, str(gone))
-            found, problems = self.fetch(record, expected)
-        missing = [c for c in expected if c not in {line_custom_id(o) for o in found}]
-        if missing:
-            reason = f"no result in output dataset {record.output_dataset_id} (job {record.provider_state})"
-            log.warning("part %s: %d of %d requests have no result; recorded as provider errors (%s)",
-                        self.jkey, len(missing), len(expected), problems[0] if problems else reason)
-            by_id = {line_custom_id(o): o for o in found}
-            found = [by_id.get(c) or missing_result(c, reason) for c in expected]
-        results = self.layout.part_results(self.trial, self.jkey)
-        write_text(results, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
-        shutil.rmtree(self.scratch, ignore_errors=True)
-        entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256,
-                                missing=len(missing), errors=sum(1 for o in found if not has_answer(o)))
-        record_download(self, self.trial, entry)
-        decision("done", f"{self.stage} {self.describe()}", f"{len(found)} results, {entry['errors']} errors")
-
-    @property
-    def scratch(self) -> Path:
-        return self.layout.part_dir(self.trial, self.jkey) / ".download"
-
-    def fetch(self, record: PartRecord, expected: list[str]) -> tuple[list[dict], list[str]]:
-        """Download (fresh URLs each attempt), unpack safely and merge; retried while lines are bad or missing."""
-        found: list[dict] = []
-        problems: list[str] = []
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            sources = self.download(record)
-            found, problems = merge_results(sources, expected)
-            if len(found) == len(expected) and not any("not valid JSON" in p for p in problems):
-                break
-            log.info("download of part %s attempt %d: %d of %d results, %d problem line(s)%s", self.jkey, attempt,
-                     len(found), len(expected), len(problems), "; retrying" if attempt < DOWNLOAD_ATTEMPTS else "")
-        for problem in problems[:5]:
-            log.warning("part %s: %s", self.jkey, problem)
-        return found, problems
-
-    def download(self, record: PartRecord) -> list[Path]:
-        """The result files of the part's output dataset: REST first, then the configured CLI fallback."""
-        cfg = self.run_ctx.cfg.provider
-        try:
-            files = make_client(self.run_ctx).download_dataset(record.output_dataset_id, self.scratch / "rest",
-                                                               max_bytes=cfg.max_download_bytes)
-            crashpoint("after download")
-        except NotFound:
-            files = self.cli_download(record, None)
-        except (ProviderError, ValueError) as exc:
-            files = self.cli_download(record, exc)
-        try:
-            return unpack(files, self.scratch / "unpacked", cfg.max_download_bytes)
-        except ValueError as exc:
-            raise RuntimeError(f"part {self.jkey}: refused the output of dataset {record.output_dataset_id}: {exc}. "
-                               "Nothing was written; re-run to download it again, or raise provider.max_download_bytes "
-                               "if the output is legitimately that large") from exc
-
-    def cli_download(self, record: PartRecord, error: Exception | None) -> dict[str, Path]:
-        command = self.run_ctx.cfg.provider.download_command
-        if not command:
-            if error is None:
-                raise OutputGone(f"output dataset {record.output_dataset_id} not found")
-            raise RuntimeError(f"part {self.jkey}: download of output dataset {record.output_dataset_id} failed: "
-                               f"{error}. Nothing was written; re-run to try again, or set provider.download_command "
-                               "to a CLI fallback") from error
-        out_dir = self.scratch / "cli"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        argv = [arg.format(dataset_id=record.output_dataset_id, output_dir=str(out_dir)) for arg in command]
-        log.info("download part %s with fallback command %s (REST: %s)", self.jkey, argv[0], error or "not found")
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
-        files = {p.name: p for p in sorted(out_dir.rglob("*")) if p.is_file() and not p.is_symlink()}
-        if done.returncode != 0 or not files:
-            if error is None:
-                raise OutputGone(f"output dataset {record.output_dataset_id} not found by REST nor by {argv[0]} "
-                                 f"(exit {done.returncode}: {done.stderr.strip()[:200]})")
-            raise RuntimeError(f"download of {record.output_dataset_id} failed: REST {error}; {argv[0]} exit "
-                               f"{done.returncode}: {done.stderr.strip()[:200]}") from error
-        return files
-
-    def resubmit(self, ref: PartRef, record: PartRecord, reason: str) -> PartRecord:
-        """Downgrade a part whose output is gone for good and send it again under the next generation, once."""
-        if record.resubmissions >= 1:
-            raise RuntimeError(f"part {self.jkey}: {reason}, and it was already resubmitted once "
-                               f"({record.history[-1] if record.history else ''}); not paying a third time automatically")
-        check_stop(self)
-        record.history.append({"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
-                               "output_dataset_id": record.output_dataset_id, "reason": reason, "at": utcnow()})
-        record.generation += 1
-        record.resubmissions += 1
-        ids = remote_ids(self.run_ctx, ref, record.generation)
-        record.dataset_id, record.job_id, record.output_dataset_id = ids["dataset_id"], ids["job_id"], ids["output_dataset_id"]
-        record.state = "uploading"
-        self.save(record)
-        decision("downgrade", f"part {self.jkey}", f"{reason}; resubmitting once as generation {record.generation}")
-        upload(self, ref, record)
-        submit(self, ref, record)
-        wait(self, record)
-        return record
-
-
-def unpack(files: dict[str, Path], out_dir: Path, max_bytes: int) -> list[Path]:
-    """Result sources in a fixed order: results files first, then error files; archives extracted with limits."""
-    ordered = sorted(files.items(), key=lambda kv: (kv[0] == "error-data" or "error" in kv[0], kv[0]))
-    sources: list[Path] = []
-    for name, path in ordered:
-        if path.stat().st_size == 0:
-            continue
-        for member in extract_jsonl_bundle(path, out_dir / name, max_total_bytes=max_bytes):
-            if member.suffix in (".jsonl", ".json", "") or member.name in ("BIJOutputSet.jsonl", "error-data"):
-                sources.append(member)
-    return sources
-
-
-def record_download(task: PipelineTask, slug: str, entry: dict[str, Any]) -> None:
-    """Record (or refresh) one part's results fingerprint in the trial's `downloaded` stage."""
-
-    def change(manifest: TrialManifest) -> None:
-        stage = manifest.stage("downloaded")
-        parts = [p for p in stage.artifacts.get("parts", []) if p.get("job_key") != entry["job_key"]]
-        parts.append(entry)
-        parts.sort(key=lambda p: p["job_key"])
-        status = stage.status if stage.status == "completed" else "in_progress"
-        manifest.set_stage("downloaded", status, {**stage.artifacts, "parts": parts})
-
-    task.update_manifest(slug, change)
-

@@ -1,0 +1,1 @@
+"""Optional per-trial analyses (power, cost-effectiveness, unsupported sensitivity, mixed models); see analyses.py."""
