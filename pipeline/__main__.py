@@ -58,10 +58,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["emulator"]:
+    if argv[:1] == ["emulator"]:  # a server must survive clients that hang up: keep Python's SIGPIPE handling
         return _emulator(argv[1:])
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="read-only: what would run and why")

@@ -10,8 +10,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +36,7 @@ def atomic_open(path: Path, mode: str = "w", *, encoding: str | None = "utf-8", 
     """Open a temp file next to `path`; on a clean exit it replaces `path`, on an exception it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{writer_tag()}-", dir=path.parent)
     binary = "b" in mode
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline) as fh:
@@ -73,23 +73,43 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, dumps_json(obj))
 
 
-def sweep_temp_files(directory: Path, *, older_than_s: float = 0.0, scratch: tuple[str, ...] = (),
-                     exclude: tuple[str, ...] = ()) -> list[Path]:
-    """Remove temp files (and named scratch dirs) left by writers that died mid-write; returns what was removed.
+def writer_tag() -> str:
+    """`<host>-<pid>`: marks scratch files with their writer, so a sweep can tell dead writers from live ones."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
-    `older_than_s` spares what a live writer may still be using; `exclude` names top-level dirs owned by others.
+
+def _writer_alive(name: str) -> bool:
+    """True unless the name carries this host's tag with a pid that no longer exists (other hosts: assume alive)."""
+    host = socket.gethostname()
+    marker = f"{host}-"
+    if marker not in name:
+        return not name.startswith(".") or TMP_MARK not in name  # untagged leftovers of an older version: dead
+    pid_text = name.split(marker, 1)[1].split("-", 1)[0].split(".", 1)[0]
+    if not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp_files(directory: Path, *, scratch: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Remove temp files (and scratch dirs named `<scratch>.<host>-<pid>`) whose writer process is dead.
+
+    A live writer (this process included) keeps its files, so a sweep is safe while other processes work on the
+    run; `exclude` names top-level dirs owned by others (the emulator's state).
     """
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
-    cutoff = time.time() - older_than_s
-    candidates = list(directory.rglob(f".*{TMP_MARK}*")) + [p for name in scratch for p in directory.rglob(name)]
+    candidates = list(directory.rglob(f".*{TMP_MARK}*")) + [p for name in scratch for p in directory.rglob(f"{name}*")]
     for p in candidates:
-        if p.relative_to(directory).parts[0] in exclude:
+        if p.relative_to(directory).parts[0] in exclude or _writer_alive(p.name):
             continue
         with contextlib.suppress(OSError):
-            if p.lstat().st_mtime > cutoff:
-                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:

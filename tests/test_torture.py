@@ -25,8 +25,8 @@ Scheme
 3. After the final invocation (exit 0): each part's job and input dataset were created exactly once and nothing else
    was (`GET /emulator/calls` against the trial manifests' `parts`), the four files of every trial are byte-identical
    to the reference, every manifest validates with its pydantic model, no atomic-writer temp file or non-empty
-   download scratch directory is left under the root, and `plan` finds nothing to run. Leftover temp files are a
-   known gap of the pipeline (`LEFTOVERS_GAP`): with every other check passed, the test xfails on them.
+   download scratch directory is left under the root (the next invocation sweeps what dead writers left), and
+   `plan` finds nothing to run.
 4. The same, with fewer kills, while the emulator injects a moderate fault plan (429 / 503 with Retry-After 0 on
    creates, uploads and job GETs, job creates that commit and then drop the connection, duplicated result lines,
    one truncated download). None of these faults may change a result or require a second job.
@@ -59,9 +59,6 @@ from tests.torture_support import (
 pytestmark = [pytest.mark.torture, pytest.mark.slow]
 RID = "torture"
 SEED = int(os.environ.get("TORTURE_SEED", "20251124"))
-
-LEFTOVERS_GAP = ("known pipeline gap: temp files are swept only right after the aggregate report is recorded in "
-                 "run_state.json, so a kill in between leaves them for good (every later run is a no-op)")
 
 FAULT_PLAN: list[dict[str, Any]] = [
     {"fault": "status", "status": 429, "retry_after": 0, "match": r"/datasets$", "method": "POST", "times": 3},
@@ -136,13 +133,6 @@ def uncovered_phases(result: TortureResult) -> list[str]:
     return [phase for phase in PHASES if not counts.get(phase)]
 
 
-def xfail_on_known_leftovers(outcome: dict[str, Any]) -> None:
-    """Leftover temp files are the one known gap of the pipeline under this test (reported to the lead): the test
-    xfails on them, after every other check has passed, and passes by itself once they are swept."""
-    if outcome["checks"].get("no leftovers"):
-        pytest.xfail(f"{LEFTOVERS_GAP}:\n  " + "\n  ".join(outcome["checks"]["no leftovers"]))
-
-
 @pytest.fixture(scope="module")
 def tortured(reference: dict[str, Any]) -> dict[str, Any]:
     print(f"\ntorture seed {SEED} (set TORTURE_SEED to replay another)")
@@ -151,14 +141,12 @@ def tortured(reference: dict[str, Any]) -> dict[str, Any]:
 
 def test_kill_nine_at_fifty_points_then_resume_is_exactly_once_and_identical(tortured: dict[str, Any]) -> None:
     result: TortureResult = tortured["result"]
-    assert not failures(tortured, known=("no leftovers",)), f"{failures(tortured)}\n\n{result.summary()}"
+    assert not failures(tortured), f"{failures(tortured)}\n\n{result.summary()}"
     assert len(result.kills) >= 50, result.summary()
     assert sum(1 for k in result.kills if k.kind == "parent-kill") >= 3, result.summary()
     assert not uncovered_phases(result), f"no kill in {uncovered_phases(result)}\n{result.summary()}"
-    xfail_on_known_leftovers(tortured)
 
 
-@pytest.mark.xfail(strict=False, reason=LEFTOVERS_GAP)
 def test_a_kill_just_before_the_final_sweep_leaves_no_temp_files_behind(tortured: dict[str, Any]) -> None:
     """The window the torture rarely hits: a temp file left by an earlier kill, then a kill after the aggregate report
     is recorded but before the sweep. `--force` re-runs the reports, so the window comes round again."""
@@ -181,8 +169,7 @@ def test_kill_nine_under_provider_faults_is_exactly_once_and_identical(reference
     outcome = torture_run(reference, "faults", KillPlan(seed=SEED + 1, body_kills=14, tail_max_step=8, parent_kills=2),
                           faults=FAULT_PLAN)
     result: TortureResult = outcome["result"]
-    assert not failures(outcome, known=("no leftovers",)), f"{failures(outcome)}\n\n{result.summary()}"
+    assert not failures(outcome), f"{failures(outcome)}\n\n{result.summary()}"
     assert len(result.kills) >= 15, result.summary()
     idle = [rule for rule in outcome["faults"].get("rules", []) if not rule.get("fired")]
     assert not idle, f"fault rules that never fired (the plan does not exercise them): {idle}"
-    xfail_on_known_leftovers(outcome)

@@ -1,6 +1,6 @@
 """Machinery for the crash-torture tests (`tests/test_torture.py`).
 
-- `EmulatorProcess`: the Fireworks emulator in its own process (`python -m pipeline.emulator --port 0 ...`), with
+- `EmulatorProcess`: the Fireworks emulator in its own process (`python -m pipeline emulator --port 0 ...`), with
   its inspection routes (`/emulator/calls`, `/emulator/faults`).
 - `Runner`: one run (rid, root, config) of `luigi --module pipeline TrialReport ...` against that emulator, as the real
   provider would be used (`provider: fireworks` + `FIREWORKS_*` environment). Each invocation may die by its own
@@ -83,9 +83,8 @@ class EmulatorProcess:
     def start(self) -> str:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_CRASH")}
-        # `python -m pipeline emulator` would be the same server, but `pipeline.__main__` sets SIGPIPE to SIG_DFL
-        # for every subcommand, so a client SIGKILLed while its answer is being written kills that emulator (-13).
-        cmd = [sys.executable, "-m", "pipeline.emulator", "--port", "0", "--state-dir", str(self.state_dir),
+        # The documented command; it must survive clients SIGKILLed while their answer is being written.
+        cmd = [sys.executable, "-m", "pipeline", "emulator", "--port", "0", "--state-dir", str(self.state_dir),
                "--answer-key", str(ANSWER_KEY), "--latency", str(self.latency_s)]
         with open(self.state_dir.with_name(self.state_dir.name + ".log"), "ab") as log:
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -492,5 +491,5 @@ def manifest_problems(run_dir: Path) -> list[str]:
 def leftovers(root: Path) -> list[str]:
     """Temp files of the atomic writer, and download scratch directories that still hold something."""
     temps = [p for p in root.rglob(f".*{TMP_MARK}*")]
-    scratch = [p for p in root.rglob("*.download") if p.is_dir() and any(p.iterdir())]
+    scratch = [p for p in root.rglob(".download*") if p.is_dir() and any(p.iterdir())]
     return [str(p.relative_to(root)) for p in sorted(temps + scratch)]

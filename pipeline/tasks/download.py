@@ -22,12 +22,13 @@ from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
 from pipeline.tasks.remote import OutputGone, PartTask, PollJob, check_stop, submit, upload, wait
-from targets.atomic import write_text
+from targets.atomic import write_text, writer_tag
 from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint
 from targets.manifest import PartRecord, TrialManifest, utcnow
 
 log = logging.getLogger("pipeline")
+SCRATCH = ".download"
 
 DOWNLOAD_ATTEMPTS = 3
 
@@ -95,7 +96,7 @@ class DownloadPart(PartTask):
 
     @property
     def scratch(self) -> Path:
-        return self.layout.part_dir(self.trial, self.jkey) / ".download"
+        return self.layout.part_dir(self.trial, self.jkey) / f"{SCRATCH}.{writer_tag()}"
 
     def fetch(self, record: PartRecord, expected: list[str]) -> tuple[list[dict], list[str]]:
         """Download (fresh URLs each attempt), unpack safely and merge; retried while lines are bad or missing."""

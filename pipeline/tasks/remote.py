@@ -33,6 +33,7 @@ from targets.manifest import BuildManifest, PartRecord
 log = logging.getLogger("pipeline")
 _JKEY = re.compile(r"^t(?P<label>[0-9]+)_(?P<cond>control|treatment)_p(?P<index>[0-9]{2,})$")
 _parts_cache: dict[tuple[str, Any], dict[str, list[PartRef]]] = {}
+ALREADY = "it already existed (409, or found after a lost response)"
 POLL_BACKOFF = 1.5  # each quiet poll waits longer, up to POLL_BACKOFF_MAX times the configured interval
 POLL_BACKOFF_MAX = 4.0
 UPLOADED_OR_LATER = {"uploaded", "submitting", "submitted", "running", "completed", "failed", "expired", "cancelled"}
@@ -124,7 +125,7 @@ def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
         dataset, created = client.create_dataset(record.dataset_id, display_name=ids["dataset_display_name"],
                                                  example_count=ref.lines)
         decision("create" if created else "re-attach", f"dataset {record.dataset_id}",
-                 f"part {task.jkey}, {ref.lines} lines" if created else "create answered 409 already exists")
+                 f"part {task.jkey}, {ref.lines} lines" if created else ALREADY)
     else:
         decision("re-attach", f"dataset {record.dataset_id}", f"known remotely, state {dataset.get('state')}")
     declared = int(dataset.get("exampleCount") or ref.lines)
@@ -169,7 +170,7 @@ def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
             output_dataset_id=record.output_dataset_id, display_name=display_name,
             inference_parameters=ref.inference_parameters)
         decision("submit" if created else "re-attach", f"job {record.job_id}",
-                 f"part {task.jkey} of trial {task.trial}" if created else "create answered 409 already exists")
+                 f"part {task.jkey} of trial {task.trial}" if created else ALREADY)
     crashpoint("after job create")
     write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job)
     record.state = "submitted"

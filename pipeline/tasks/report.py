@@ -17,10 +17,12 @@ import luigi
 
 from pipeline import exit_codes
 from pipeline.config import ConfigError
+from pipeline.layout import RunLayout
 from pipeline.run import ConfigDriftError, check_drift, config_fingerprint, open_run
 from pipeline.stop import clear_stop, install_signal_handlers
 from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.download import SCRATCH
 from pipeline.tasks.parse import TrialTask
 from targets import store
 from targets.atomic import sweep_temp_files, write_text
@@ -31,6 +33,12 @@ log = logging.getLogger("pipeline")
 _forced: set[str] = set()
 _checked: set[tuple[Any, ...]] = set()
 _checked_roots: list[str] = []
+
+
+def sweep_leftovers(layout: RunLayout) -> None:
+    """Remove what writers killed mid-write left behind (their temp files, download scratch); live writers' are kept."""
+    for leftover in sweep_temp_files(layout.run_dir, scratch=(SCRATCH,), exclude=(layout.emulator_dir.name,)):
+        log.info("removed leftover %s (from an interrupted write)", layout.rel(leftover))
 
 
 class TrialReport(TrialTask):
@@ -52,6 +60,7 @@ class TrialReport(TrialTask):
                 _checked_roots.append(self.task_id)
                 clear_stop(self.layout)
                 install_signal_handlers(self.layout, self.complete)
+                sweep_leftovers(self.layout)
 
     def _check_config(self) -> None:
         try:
@@ -169,7 +178,5 @@ class TrialReport(TrialTask):
             return state
 
         store.update(self.layout.run_state, RunState, change)
-        for leftover in sweep_temp_files(self.layout.run_dir, scratch=(".download",),
-                                         exclude=(self.layout.emulator_dir.name,)):
-            log.info("removed leftover %s (from an interrupted write)", self.layout.rel(leftover))
+        sweep_leftovers(self.layout)
         log.info("done aggregate report run=%s (%s)", self.rid, path)

@@ -78,26 +78,31 @@ def _skip_reason(data: pd.DataFrame) -> str | None:
     return None
 
 
+def _messages(records: list[warnings.WarningMessage]) -> list[str]:
+    """Distinct warning texts, sorted (deterministic), at most _MAX_WARNINGS."""
+    return sorted({f"{r.category.__name__}: {r.message}" for r in records})[:_MAX_WARNINGS]
+
+
 def _fit(data: pd.DataFrame) -> tuple[dict[str, Any], str | None]:
     """(model block, error or None) — never raises."""
     import statsmodels.formula.api as smf
 
-    caught: list[str] = []
+    records: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             with np.errstate(all="ignore"):
                 result = smf.mixedlm(FORMULA, data, groups=data["item"]).fit(reml=True)
-        caught = sorted({f"{r.category.__name__}: {r.message}" for r in records})
-    except Exception as exc:  # noqa: BLE001 - any failure of the fit is reported in the document, not raised
-        return {"warnings": caught}, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # any failure of the fit is reported in the document, never raised
+        return {"warnings": _messages(records)}, f"{type(exc).__name__}: {exc}"
+    caught = _messages(records)
     block = {
         "params": result.params.to_dict(),
         "bse": result.bse.to_dict(),
         "pvalues": result.pvalues.to_dict(),
         "converged": bool(result.converged),
         "n_obs": int(result.nobs),
-        "warnings": caught[:_MAX_WARNINGS],
+        "warnings": caught,
     }
     error = None if result.converged else "MixedLM did not converge (see warnings)"
     return block, error

@@ -4,9 +4,10 @@ Method (normal approximation of the paired two-sided test; the same closed form 
 - deltas d_i = treatment − control per paired item (see common.paired_values), n items, sd = sample sd (ddof=1);
 - z = z_{1−α/2} + z_{power}; mde = z·sd/√n; required_n(target) = ceil((z·sd/target)²).
 This is the exact solution of the one-sided normal power equation at level α/2 (statsmodels
-`NormalIndPower(ratio=0, alternative="larger")` at alpha/2), i.e. it ignores the opposite tail's rejection
-probability Φ(−z·… ) (< 1e-5 at the usual α and power, so statsmodels' two-sided solution differs by ~1e-6
-relative). A t-based calculation (`TTestPower`) needs about z_{1−α/2}²/2 ≈ 2 more items.
+`NormalIndPower(ratio=0, alternative="larger")` at alpha/2): it ignores the rejection probability in the
+opposite tail, Φ(−2·z_{1−α/2} − z_power) ≈ 1e-6 at α = 0.05 and power 0.8, so statsmodels' two-sided
+solution differs by about 1e-6 relative. A t-based calculation (`TTestPower`) needs about z_{1−α/2}²/2 ≈ 2
+more items.
 Population: `false_answer_rate` uses only open-book items flagged `is_unanswerable` in the prepared items,
 as the original did (on answerable items the rate is 0 by definition, so including them only shrinks the
 deltas); any other metric uses every paired item where it is defined, both task types pooled.
