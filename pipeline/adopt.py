@@ -28,14 +28,8 @@ STATS_KEYS = {"bootstrap_samples", "permutation_samples", "random_seed", "enable
 
 
 def looks_original(raw: object) -> bool:
-    """An effective config written by the original: its provider block has no emulator/fireworks `name` we wrote,
-    or it carries keys only the original had."""
-    if not isinstance(raw, dict):
-        return False
-    only_original = {"backend", "optional", "unsupported_threshold", "local_engine", "local_endpoint", "local_model"}
-    provider = raw.get("provider")
-    return bool(only_original & set(raw)) or (isinstance(provider, dict) and "latency_s" not in provider
-                                                and "batch" in provider)
+    """An effective config written by the original: ours always carries a `batching` block, the original never did."""
+    return isinstance(raw, dict) and "batching" not in raw
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -128,6 +128,17 @@ class Stats(_Model):
         return sorted(set(value))
 
 
+class Optional(_Model):
+    """The optional analyses (files next to significance.json). The mixed model is slow, so it is off by default."""
+
+    enable_power_analysis: bool = True
+    enable_cost_effectiveness: bool = True
+    enable_unsupported_sensitivity: bool = True
+    enable_mixed_effects: bool = False
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    power: Annotated[float, Field(gt=0, lt=1)] = 0.8
+
+
 class Sweep(_Model):
     models: list[str] | None = None
     prompt_sets: list[str] | None = None
@@ -174,6 +185,7 @@ class ExperimentConfig(_Model):
     unsupported: Unsupported = Field(default_factory=Unsupported)
     scoring: Scoring = Field(default_factory=Scoring)
     stats: Stats = Field(default_factory=Stats)
+    optional: Optional = Field(default_factory=Optional)
 
     @field_validator("samples_per_item", mode="before")
     @classmethod

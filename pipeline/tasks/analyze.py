@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from pipeline.tasks.base import artifact_record
+from pipeline.tasks.base import artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.parse import ParsePredictions, TrialTask
 from pipeline.tasks.prepare import PrepareData
 from targets.atomic import dumps_json, write_text
@@ -155,3 +155,65 @@ class SummarizeCosts(TrialTask):
                                     "pricing_key": args["model"], "usd": result["usd"],
                                     "file": artifact_record(self.layout, path), "inputs": inputs})
         log.info("done costs trial=%s ($%.4f)", self.trial, result["usd"])
+
+
+class OptionalAnalyses(TrialTask):
+    """Done when the enabled optional analyses (power, cost-effectiveness, unsupported sensitivity, mixed model) were
+    computed from the current scores and costs; each is a JSON file next to significance.json."""
+
+    stage = "optional"
+
+    def requires(self) -> list:
+        return [ScorePredictions(trial=self.trial, **self.common()), SummarizeCosts(trial=self.trial, **self.common())]
+
+    def settings(self) -> dict[str, Any]:
+        cfg = self.run_ctx.cfg
+        return {**cfg.optional.model_dump(), "seed": cfg.stats.random_seed, "bootstrap_samples": cfg.stats.bootstrap_samples,
+                "unsupported_threshold": cfg.unsupported.threshold}
+
+    def current_inputs(self) -> dict[str, Any]:
+        return {"per_item": self.input_sha("scored"), "costs": self.input_sha("costs"),
+                "settings": settings_hash(self.settings())}
+
+    def done(self) -> tuple[bool, str]:
+        manifest = self.manifest(self.trial)
+        if manifest is None:
+            return False, "no trial manifest yet"
+        record = manifest.stage("optional")
+        if record.status != "completed":
+            return False, f"optional analyses are {record.status}"
+        for entry in record.artifacts.get("files", []):
+            ok, why = artifact_current(self.layout, entry)
+            if not ok:
+                return False, why
+        changed = inputs_changed(record.artifacts.get("inputs"), self.current_inputs())
+        return (False, changed) if changed else (True, f"{len(record.artifacts.get('files', []))} files, inputs unchanged")
+
+    def run(self) -> None:
+        import pandas as pd
+
+        from pipeline.scoring.abstention import DEFAULT_MARKERS
+        from pipeline.scoring.score import score_predictions
+        from pipeline.stats.optional.analyses import OUTPUT_FILES, optional_analyses
+
+        run = self.run_ctx
+        inputs = self.current_inputs()
+        settings = self.settings()
+        per_item = pd.read_csv(self.layout.per_item_scores(self.trial), dtype={"item_key": str, "condition": str, "type": str})
+        predictions = read_predictions(self.layout.predictions(self.trial))
+        items = prepared_items(self)
+        scored = score_predictions(predictions, items, markers=tuple(run.cfg.scoring.abstain_markers or DEFAULT_MARKERS),
+                                   unsupported_strategy=run.cfg.unsupported.strategy,
+                                   unsupported_threshold=run.cfg.unsupported.threshold,
+                                   min_token_overlap=run.cfg.unsupported.min_token_overlap)
+        scored = scored.assign(response_text=predictions["response_text"].to_numpy())
+        costs = json.loads(self.layout.costs(self.trial).read_text(encoding="utf-8"))
+        documents = optional_analyses(per_item, scored, items, costs, temps=list(run.trial(self.trial).temps),
+                                      cfg=settings)
+        files = []
+        for name, document in sorted(documents.items()):
+            path = self.layout.results_dir(self.trial) / OUTPUT_FILES[name]
+            write_text(path, dumps_json(document))
+            files.append(artifact_record(self.layout, path))
+        self.record_stage("optional", {"files": files, "inputs": inputs})
+        log.info("done optional trial=%s (%s)", self.trial, ", ".join(sorted(documents)) or "none enabled")

@@ -20,7 +20,7 @@ from pipeline.config import ConfigError
 from pipeline.layout import RunLayout
 from pipeline.run import ConfigDriftError, check_drift, config_fingerprint, open_run
 from pipeline.stop import clear_stop, install_signal_handlers
-from pipeline.tasks.analyze import ComputeStats, ScorePredictions, SummarizeCosts
+from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.download import SCRATCH
 from pipeline.tasks.parse import TrialTask
@@ -84,7 +84,7 @@ class TrialReport(TrialTask):
             return [TrialReport(trial=t.slug, **common) for t in self.run_ctx.trials]
         base = self.common()
         return [ScorePredictions(trial=self.trial, **base), ComputeStats(trial=self.trial, **base),
-                SummarizeCosts(trial=self.trial, **base)]
+                SummarizeCosts(trial=self.trial, **base), OptionalAnalyses(trial=self.trial, **base)]
 
     def current_inputs(self) -> dict[str, Any]:
         if not self.trial:
