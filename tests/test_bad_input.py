@@ -123,3 +123,31 @@ def test_damaged_results_file_is_repaired_not_trusted(tmp_path: Path, content: s
     assert again.returncode == 0, again.stderr[-3000:]
     assert "results.jsonl invalid" in again.stderr or "not valid JSON" in again.stderr or "longer than" in again.stderr
     assert target.read_bytes() == good
+
+
+def test_failed_job_is_resubmitted_once_and_expired_job_keeps_its_partial_rows(tmp_path: Path, emulator: str) -> None:
+    faults(emulator, [
+        {"fault": "job_state", "state": "JOB_STATE_FAILED", "match": "ex-t0-trea-p01-", "times": 1},
+        {"fault": "job_state", "state": "JOB_STATE_EXPIRED", "partial": 0.5, "match": "ex-t0-cont-p02-", "times": 1},
+    ])
+    run = luigi_run(tmp_path / "exp", small_experiment(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "downgrade part t0_treatment_p01" in run.stderr and "JOB_STATE_FAILED" in run.stderr
+    assert "accept partial" in run.stderr
+    run_dir = tmp_path / "exp" / f"run_{RID}"
+    expired = results_of(run_dir, "t0_control_p02")
+    assert any(r.get("error", {}).get("code") == "missing" for r in expired)
+    assert any("response" in r for r in expired)
+    manifests = [json.loads(p.read_text()) for p in run_dir.glob("*/results/trial_manifest.json")]
+    resubmitted = [m["parts"]["t0_treatment_p01"] for m in manifests if "t0_treatment_p01" in m["parts"]]
+    assert sorted((p["generation"], p["resubmissions"]) for p in resubmitted) == [(0, 0), (1, 1)], "one rule firing once"
+    created = requests.get(emulator + "/emulator/calls", timeout=5).json()["job_creates"]
+    assert all(n == 1 for n in created.values())
+
+
+def test_a_job_that_fails_again_after_its_resubmission_stops_with_a_clear_error(tmp_path: Path, emulator: str) -> None:
+    faults(emulator, [{"fault": "job_state", "state": "JOB_STATE_FAILED", "message": "bad role bananas",
+                       "match": "ex-t0-trea-p01-", "times": 0}])
+    run = luigi_run(tmp_path / "exp", small_experiment(tmp_path))
+    assert run.returncode == 30
+    assert "already resubmitted once" in run.stderr and "bad role bananas" in run.stderr

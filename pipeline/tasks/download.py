@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
-from pipeline.plan import PartRef, remote_ids
 from pipeline.provider import make_client
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
-from pipeline.tasks.remote import OutputGone, PartTask, PollJob, check_stop, submit, upload, wait
+from pipeline.tasks.remote import OutputGone, PartTask, PollJob
 from targets.atomic import write_text, writer_tag
 from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint
-from targets.manifest import PartRecord, TrialManifest, utcnow
+from targets.manifest import PartRecord, TrialManifest
 
 log = logging.getLogger("pipeline")
 SCRATCH = ".download"
@@ -153,26 +152,6 @@ class DownloadPart(PartTask):
             raise RuntimeError(f"download of {record.output_dataset_id} failed: REST {error}; {argv[0]} exit "
                                f"{done.returncode}: {done.stderr.strip()[:200]}") from error
         return files
-
-    def resubmit(self, ref: PartRef, record: PartRecord, reason: str) -> PartRecord:
-        """Downgrade a part whose output is gone for good and send it again under the next generation, once."""
-        if record.resubmissions >= 1:
-            raise RuntimeError(f"part {self.jkey}: {reason}, and it was already resubmitted once "
-                               f"({record.history[-1] if record.history else ''}); not paying a third time automatically")
-        check_stop(self)
-        record.history.append({"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
-                               "output_dataset_id": record.output_dataset_id, "reason": reason, "at": utcnow()})
-        record.generation += 1
-        record.resubmissions += 1
-        ids = remote_ids(self.run_ctx, ref, record.generation)
-        record.dataset_id, record.job_id, record.output_dataset_id = ids["dataset_id"], ids["job_id"], ids["output_dataset_id"]
-        record.state = "uploading"
-        self.save(record)
-        decision("downgrade", f"part {self.jkey}", f"{reason}; resubmitting once as generation {record.generation}")
-        upload(self, ref, record)
-        submit(self, ref, record)
-        wait(self, record)
-        return record
 
 
 def unpack(files: dict[str, Path], out_dir: Path, max_bytes: int) -> list[Path]:

@@ -28,7 +28,7 @@ from targets import store
 from targets.atomic import write_json, write_text
 from targets.crashpoints import crashpoint
 from targets.lifecycle import read_breadcrumbs
-from targets.manifest import BuildManifest, PartRecord
+from targets.manifest import BuildManifest, PartRecord, utcnow
 
 log = logging.getLogger("pipeline")
 _JKEY = re.compile(r"^t(?P<label>[0-9]+)_(?P<cond>control|treatment)_p(?P<index>[0-9]{2,})$")
@@ -95,9 +95,39 @@ class PartTask(PipelineTask):
             return False, f"part is {record.state}"
         return True, f"part is {record.state} as {record.job_id}"
 
+    def resubmit(self, ref: PartRef, record: PartRecord, reason: str) -> PartRecord:
+        """Downgrade a part whose job failed or whose output is gone for good, and send it again under the next
+        generation, once: a second loss stops with an error instead of paying again."""
+        if record.resubmissions >= 1:
+            raise RuntimeError(f"part {self.jkey}: {reason}, and it was already resubmitted once "
+                               f"({record.history[-1] if record.history else ''}); not paying a third time automatically")
+        check_stop(self)
+        record.history.append({"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
+                               "output_dataset_id": record.output_dataset_id, "reason": reason, "at": utcnow()})
+        record.generation += 1
+        record.resubmissions += 1
+        ids = remote_ids(self.run_ctx, ref, record.generation)
+        record.dataset_id, record.job_id, record.output_dataset_id = ids["dataset_id"], ids["job_id"], ids["output_dataset_id"]
+        record.state = "uploading"
+        self.save(record)
+        decision("downgrade", f"part {self.jkey}", f"{reason}; resubmitting once as generation {record.generation}")
+        upload(self, ref, record)
+        submit(self, ref, record)
+        try:
+            wait(self, record)
+        except JobEnded as again:
+            raise RuntimeError(f"part {self.jkey}: {reason}; it was already resubmitted once (generation "
+                               f"{record.generation}) and {again}. Not paying again automatically: fix the cause, "
+                               "then delete the part's entry under `parts` in the trial manifest to send it again") from again
+        return record
+
     def upstream_build(self) -> BuildBatches:
         temp, _, _ = self.parsed_key()
         return BuildBatches(prompt_set=self.run_ctx.trial(self.trial).prompt_set, temp=temp, **self.common())
+
+
+class JobEnded(RuntimeError):
+    """The part's job ended without results (FAILED, CANCELLED): it is resubmitted once under the next generation."""
 
 
 class StopRequested(RuntimeError):
@@ -218,9 +248,7 @@ def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], 
             record.state, record.provider_state = decided, state  # type: ignore[assignment]
             task.save(record)
             message = (job.get("status") or {}).get("message", "")
-            raise RuntimeError(f"job {record.job_id} of part {task.jkey} ended {state}: {message or 'no message'}. "
-                               "Not resubmitted automatically: the same input would meet the same fate; fix the cause, "
-                               "then delete the part's entry in the trial manifest to resubmit")
+            raise JobEnded(f"job {record.job_id} ended {state}: {message or 'no message'}")
         if record.state != "running":
             record.state, record.provider_state = "running", state
             task.save(record)
@@ -317,7 +345,10 @@ class PollJob(PartTask):
     def run(self) -> None:
         record = self.record()
         assert record is not None
-        wait(self, record, self._status)
+        try:
+            wait(self, record, self._status)
+        except JobEnded as ended:
+            self.resubmit(self.ref(), record, str(ended))
 
     def _status(self, job: dict[str, Any]) -> None:
         progress = job.get("jobProgress") or {}
