@@ -246,9 +246,6 @@ class Timer:
         self.steps.append({"phase": phase, "step": step, "seconds": time.perf_counter() - start,
                            "peak_rss": peak_rss_bytes()})
 
-    def phase(self, phase: str) -> float:
-        return sum(s["seconds"] for s in self.steps if s["phase"] == phase)
-
 
 def instrument(module: Any, names: tuple[str, ...], totals: dict[str, list[float]]) -> None:
     """Wraps module-level functions so their cumulative time and call count land in `totals` (hot-spot view)."""
@@ -316,6 +313,10 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         pred_path.write_text(predictions_csv(rows), encoding="utf-8")
     n_rows = len(rows)
     del rows, combined, seen
+    with timer("floor", "json.loads of every line alone, nothing kept"):
+        with open(work / "results.jsonl", "rb") as fh:
+            for raw in fh:
+                json.loads(raw)
 
     with timer("score", "read_predictions (pandas)"):
         frame = read_predictions(pred_path)
@@ -481,6 +482,9 @@ def report(data: dict[str, Any], ours: dict[str, Any], orig: dict[str, Any], s_o
     print(_row("stats, same-n O(n²) HL (EXTRAPOLATED)", phase(ours, "stats"), phase(orig, "stats") + extra))
     print(_row("total, same-n O(n²) HL (EXTRAPOLATED)", totals["ours"], totals["orig"] + extra))
     print(_row("info: ours writes results_combined.jsonl too", phase(ours, "info"), None, "(not in totals)"))
+    floor = phase(ours, "floor")
+    print(_row("floor: stdlib json.loads of every line", floor, None,
+               f"(any parse that decodes each line; caps the overall ratio at {_ratio(totals['orig'], floor):.1f}x)"))
     print(f"{'peak RSS (ru_maxrss, own subprocess)':<46}{_gib(ours['peak_rss']):>10}  {_gib(orig['peak_rss']):>12}")
     per_pair = orig["walsh"]["per_pair"]
     print(f"  HL: the original answered {len(big)} of {len(orig['hl_sizes'])} HL calls (n = {sorted(set(big))}) with the "

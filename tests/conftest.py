@@ -48,14 +48,17 @@ def tiny_data(directory: Path, n: int = 6) -> Path:
     return directory
 
 
-def small_experiment(base: Path, **provider: object) -> Path:
-    """A copy of the default config over `tiny_data`, with fast statistics; returns the config path."""
+def small_experiment(base: Path, *, lines_per_part: int = 6, **provider: object) -> Path:
+    """A copy of the default config over `tiny_data` (one sample per item, fast statistics); returns its path.
+
+    With the default 6 lines per part, each condition at each temperature is two parts (closed, open)."""
     config = base / "config"
     shutil.copytree(REPO / "config", config)
     raw = yaml.safe_load((config / "experiment.yaml").read_text())
     raw["paths"]["prepared_dir"] = str(tiny_data(base / "data"))
     raw["provider"].update({"latency_s": 0.0, **provider})
-    raw["batching"]["lines_per_part"] = 4
+    raw["batching"]["lines_per_part"] = lines_per_part
+    raw["samples_per_item"] = {"0.0": 1, "0.7": 1}
     raw["stats"].update(bootstrap_samples=200, permutation_samples=200)
     (config / "experiment.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return config / "experiment.yaml"

@@ -55,7 +55,7 @@ def test_untidy_provider_output_is_accounted_per_custom_id(tmp_path: Path, emula
         {"fault": "truncated", "mode": "short_body", "match": "ex-t0-cont-p04-", "times": 1},
         {"fault": "error_rows", "fraction": 0.5, "match": "ex-t07-cont-p01-"},
     ])
-    run = luigi_run(tmp_path / "exp", small_experiment(tmp_path))
+    run = luigi_run(tmp_path / "exp", small_experiment(tmp_path, lines_per_part=3))
     assert run.returncode == 0, run.stderr[-3000:]
     run_dir = tmp_path / "exp" / f"run_{RID}"
     missing = results_of(run_dir, "t0_control_p01")

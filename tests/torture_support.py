@@ -365,6 +365,8 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
             inv = runner.run(kill_after_s=round(rng.uniform(*plan.parent_delay_s), 2))
         elif number == 1:
             inv = runner.run(crash_at=rng.randint(1, max(1, prepare - 1)))
+        elif left == 0 and not any(k.phase == "parse" for k in result.kills):
+            inv = runner.run(crash_at=redo + 1)  # every part is on disk: the next new point is a trial's parse
         elif left <= 1:  # the last part's download is followed at once by its trial's parse
             inv = runner.run(crash_at=redo + rng.randint(1, plan.tail_max_step))
         else:
