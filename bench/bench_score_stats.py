@@ -284,35 +284,29 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     import pipeline.stats.significance as significance
     from pipeline.data.prepared import read_prepared
-    from pipeline.parsing import iter_jsonl, prediction_row, predictions_csv
+    from pipeline.parsing import iter_jsonl, prediction_row, predictions_writer
     from pipeline.scoring.score import per_item_scores, score_predictions, score_summary
     from pipeline.tasks.analyze import read_predictions
     from targets.atomic import dumps_json
 
     timer = Timer()
     pred_path, per_item_path = work / "ours_predictions.csv", work / "ours_per_item_scores.csv"
-    combined_seconds = 0.0
-    with timer("parse", "iter_jsonl + prediction_row"):
-        rows: list[dict[str, Any]] = []
-        combined: list[str] = []
+    with timer("parse", "iter_jsonl + prediction_row + streamed CSV (as ParsePredictions.run)"):
         seen: set[str] = set()
-        for _, obj in iter_jsonl(work / "results.jsonl"):  # the loop of ParsePredictions.run
-            row = prediction_row(obj)
-            if row["custom_id"] in seen:
-                raise ValueError(f"duplicate custom_id {row['custom_id']}")
-            seen.add(str(row["custom_id"]))
-            rows.append(row)
-            start = time.perf_counter()
-            combined.append(json.dumps(obj, ensure_ascii=False, sort_keys=True))
-            combined_seconds += time.perf_counter() - start
-    timer.steps[-1]["seconds"] -= combined_seconds
-    with timer("info", "results_combined.jsonl (json.dumps + write)"):
-        (work / "ours_results_combined.jsonl").write_text("".join(line + "\n" for line in combined), encoding="utf-8")
-    timer.steps[-1]["seconds"] += combined_seconds
-    with timer("parse", "predictions_csv + write"):
-        pred_path.write_text(predictions_csv(rows), encoding="utf-8")
-    n_rows = len(rows)
-    del rows, combined, seen
+        with open(pred_path, "w", encoding="utf-8", newline="") as out:
+            writer = predictions_writer(out)
+            for _, obj in iter_jsonl(work / "results.jsonl"):
+                row = prediction_row(obj)
+                if row["custom_id"] in seen:
+                    raise ValueError(f"duplicate custom_id {row['custom_id']}")
+                seen.add(str(row["custom_id"]))
+                writer.writerow(row)
+    with timer("info", "results_combined.jsonl (the part files copied as they are)"):
+        with open(work / "ours_results_combined.jsonl", "w", encoding="utf-8") as out, \
+                open(work / "results.jsonl", encoding="utf-8") as src:
+            out.write(src.read())
+    n_rows = len(seen)
+    del seen
     with timer("floor", "json.loads of every line alone, nothing kept"):
         with open(work / "results.jsonl", "rb") as fh:
             for raw in fh:
@@ -341,7 +335,7 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     del frame, items, items_rows, scored, table
 
     hot: dict[str, list[float]] = {}
-    instrument(significance, ("bootstrap_ci", "sign_flip_permutation_p", "hodges_lehmann", "wilcoxon", "mcnemar_exact",
+    instrument(significance, ("bootstrap_cis", "sign_flip_permutation_p", "hodges_lehmann", "wilcoxon", "mcnemar_exact",
                               "selective_risk", "tost_noninferiority", "cliffs_delta"), hot)
     with timer("stats", "read per_item_scores.csv"):
         per_item = pd.read_csv(per_item_path, dtype={"item_key": str, "condition": str, "type": str})

@@ -8,11 +8,11 @@ Accepted line shapes (original_system.md §4 "Results line"): `{"custom_id"|"cus
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from pipeline.naming import parse_custom_id
 
@@ -216,10 +216,8 @@ def missing_result(custom_id: str, reason: str) -> dict:
     return {"custom_id": custom_id, "error": {"code": "missing", "message": reason}}
 
 
-def predictions_csv(rows: Iterable[dict[str, object]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PREDICTION_COLUMNS, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+def predictions_writer(out: IO[str]) -> csv.DictWriter:
+    """A CSV writer of prediction rows (fixed column order) that has already written the header."""
+    writer = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    return buf.getvalue()
+    return writer

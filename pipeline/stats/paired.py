@@ -148,6 +148,26 @@ def _bca_levels(d: np.ndarray, means: np.ndarray, alpha: float) -> tuple[float, 
     return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
 
 
+def bootstrap_cis(
+    deltas: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int,
+    rng: np.random.Generator,
+    alpha: float = 0.05,
+) -> dict[str, list[float | None]]:
+    """`{"percentile": [lo, hi], "bca": [lo, hi]}` from ONE set of resamples (see `bootstrap_ci`)."""
+    d = _finite(deltas)
+    if len(d) == 0:
+        return {"percentile": [None, None], "bca": [None, None]}
+    means = bootstrap_means(d, n_resamples=n_resamples, rng=rng)
+    plain = (alpha / 2, 1 - alpha / 2)
+    out: dict[str, list[float | None]] = {}
+    for method, levels in (("percentile", plain), ("bca", _bca_levels(d, means, alpha) or plain)):
+        lo, hi = np.quantile(means, levels)
+        out[method] = [float(lo), float(hi)]
+    return out
+
+
 def bootstrap_ci(
     deltas: Sequence[float] | np.ndarray,
     *,
@@ -164,15 +184,7 @@ def bootstrap_ci(
     """
     if method not in ("percentile", "bca"):
         raise ValueError(f"unknown bootstrap method {method!r}; expected 'percentile' or 'bca'")
-    d = _finite(deltas)
-    if len(d) == 0:
-        return [None, None]
-    means = bootstrap_means(d, n_resamples=n_resamples, rng=rng)
-    levels = (alpha / 2, 1 - alpha / 2)
-    if method == "bca":
-        levels = _bca_levels(d, means, alpha) or levels
-    lo, hi = np.quantile(means, levels)
-    return [float(lo), float(hi)]
+    return bootstrap_cis(deltas, n_resamples=n_resamples, rng=rng, alpha=alpha)[method]
 
 
 def _walsh_bounds(u: np.ndarray, t: float) -> np.ndarray:

@@ -37,7 +37,7 @@ from pipeline.naming import TYPES, temp_str
 from pipeline.stats.fdr import benjamini_hochberg
 from pipeline.stats.meta import meta_analysis
 from pipeline.stats.paired import (
-    bootstrap_ci,
+    bootstrap_cis,
     cliffs_delta,
     cohens_dz,
     hodges_lehmann,
@@ -109,6 +109,7 @@ def _metric_block(c: np.ndarray, t: np.ndarray, cfg: dict[str, Any], stream: tup
             "wilcoxon": {"W": None, "p_value": None, "q_value": None},
             "hodges_lehmann": None, "cohens_d": None, "cliffs_delta": None, "perm_p_value": None,
         }
+    cis = bootstrap_cis(d, n_resamples=int(cfg["bootstrap_samples"]), rng=_rng(cfg, *stream, "bootstrap"))
     perm_p = None
     if cfg["enable_permutation"]:
         perm_p = sign_flip_permutation_p(
@@ -119,11 +120,9 @@ def _metric_block(c: np.ndarray, t: np.ndarray, cfg: dict[str, Any], stream: tup
         "control_mean": float(c.mean()),
         "treatment_mean": float(t.mean()),
         "delta_mean": float(d.mean()),
-        "ci_95": bootstrap_ci(d, n_resamples=int(cfg["bootstrap_samples"]), rng=_rng(cfg, *stream, "bootstrap")),
+        "ci_95": cis["percentile"],
         "ci_method": "percentile_bootstrap",
-        # BCa on the very same resamples (same stream), so the two intervals differ only by the method.
-        "ci_95_bca": bootstrap_ci(d, n_resamples=int(cfg["bootstrap_samples"]), rng=_rng(cfg, *stream, "bootstrap"),
-                                  method="bca"),
+        "ci_95_bca": cis["bca"],  # the same resamples: the two intervals differ only by the method
         "wilcoxon": {**wilcoxon(d), "q_value": None},
         "hodges_lehmann": hodges_lehmann(d),
         "cohens_d": cohens_dz(d),

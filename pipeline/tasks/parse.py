@@ -6,21 +6,20 @@ list. The combine step reads only the per-part `results.jsonl` files, in plan or
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import luigi
 
 from pipeline.naming import temp_label
-from pipeline.parsing import iter_jsonl, prediction_row, predictions_csv
+from pipeline.parsing import iter_jsonl, prediction_row, predictions_writer
 from pipeline.plan import PartRef
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.build import BuildBatches
 from pipeline.tasks.download import DownloadPart
 from pipeline.tasks.prepare import PrepareData
 from pipeline.tasks.remote import run_parts
-from targets.atomic import write_text
+from targets.atomic import atomic_open
 from targets.fingerprint import fingerprint
 from targets.manifest import TrialManifest
 
@@ -103,31 +102,33 @@ class ParsePredictions(TrialTask):
     def run(self):  # type: ignore[override]  # a generator: Luigi resumes it after the yielded parts are done
         refs = self.refs()
         yield [DownloadPart(trial=r.owner, jkey=r.jkey, **self.common()) for r in refs]
-        rows: list[dict[str, Any]] = []
-        combined: list[str] = []
-        seen: set[str] = set()
-        for ref in refs:
-            for _, obj in iter_jsonl(self.layout.part_results(ref.owner, ref.jkey)):
-                row = prediction_row(obj)
-                if row["custom_id"] in seen:
-                    raise ValueError(f"custom_id {row['custom_id']} appears in two parts of trial {self.trial}")
-                seen.add(str(row["custom_id"]))
-                rows.append(row)
-                combined.append(json.dumps(obj, ensure_ascii=False, sort_keys=True))
-        expected = sum(r.lines for r in refs)
-        if len(rows) != expected:
-            raise ValueError(f"trial {self.trial}: {len(rows)} predictions for {expected} requests; "
-                             "re-run to repair the parts")
-        combined_path = self.layout.combined_results(self.trial)
-        write_text(combined_path, "".join(line + "\n" for line in combined))
         predictions = self.layout.predictions(self.trial)
-        write_text(predictions, predictions_csv(rows))
+        combined_path = self.layout.combined_results(self.trial)
+        seen: set[str] = set()
+        errors = 0
+        # Streamed: the per-part files are already canonical JSON lines, so the combine copies them as they are.
+        with atomic_open(combined_path, "w", newline="") as combined, atomic_open(predictions, "w", newline="") as out:
+            writer = predictions_writer(out)
+            for ref in refs:
+                path = self.layout.part_results(ref.owner, ref.jkey)
+                with open(path, encoding="utf-8") as fh:
+                    combined.write(fh.read())
+                for _, obj in iter_jsonl(path):
+                    row = prediction_row(obj)
+                    if row["custom_id"] in seen:
+                        raise ValueError(f"custom_id {row['custom_id']} appears in two parts of trial {self.trial}")
+                    seen.add(str(row["custom_id"]))
+                    errors += bool(row["error"])
+                    writer.writerow(row)
+        rows = len(seen)
+        expected = sum(r.lines for r in refs)
+        if rows != expected:
+            raise ValueError(f"trial {self.trial}: {rows} predictions for {expected} requests; re-run to repair the parts")
         inputs = {"parts": part_results_fingerprints(self, refs)}
-        artifacts = {"predictions_csv": self.layout.rel(predictions), "row_count": len(rows),
-                     "file": artifact_record(self.layout, predictions, rows=len(rows)), "inputs": inputs,
-                     "errors": sum(1 for r in rows if r["error"])}
+        artifacts = {"predictions_csv": self.layout.rel(predictions), "row_count": rows,
+                     "file": artifact_record(self.layout, predictions, rows=rows), "inputs": inputs, "errors": errors}
         self._record(refs, artifacts, combined_path)
-        log.info("done parsed trial=%s (%d predictions from %d parts)", self.trial, len(rows), len(refs))
+        log.info("done parsed trial=%s (%d predictions from %d parts)", self.trial, rows, len(refs))
 
     def _record(self, refs: list[PartRef], artifacts: dict[str, Any], combined_path) -> None:
         shared = {f"t{temp_label(r.temp)}": {"mode": "reuse", "producer_trial": r.owner, "temp": r.temp,
