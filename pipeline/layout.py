@@ -111,9 +111,6 @@ class RunLayout:
     def part_results(self, slug: str, jkey: str) -> Path:
         return self.part_dir(slug, jkey) / "results.jsonl"
 
-    def part_errors(self, slug: str, jkey: str) -> Path:
-        return self.part_dir(slug, jkey) / "errors.jsonl"
-
     def job_breadcrumb(self, slug: str, jkey: str) -> Path:
         return self.results_dir(slug) / f"{jkey}_job.json"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.loaders import clean_text, load_nq_open, load_squad_v2, load_triviaqa, prepare_from_sources
-from pipeline.data.prepared import DataFormatError, read_prepared, sha256_file
+from pipeline.data.prepared import DataFormatError, read_prepared
+from targets.fingerprint import sha256_file
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "datasets"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.prepared import DataFormatError, read_prepared, row_problem, sha256_file
+from pipeline.data.prepared import DataFormatError, read_prepared, row_problem
+from targets.fingerprint import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 OPEN = {"dataset": "squad_v2", "id": "o1", "context": "Paris is in France.", "question": "Where is Paris?",

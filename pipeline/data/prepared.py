@@ -12,7 +12,6 @@ Contract of a valid row (checked by :func:`row_problem`, enforced by :func:`read
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,12 +104,3 @@ def read_prepared(path: Path, kind: Literal["open_book", "closed_book"], *, max_
         if max_items is not None and len(rows) >= max_items:
             break
     return rows
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of the file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -28,9 +28,6 @@ _CLASSES = {
 TERMINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
 """Classes after which polling stops: `classify(state) in TERMINAL`."""
 
-TERMINAL_STATES = frozenset(_PREFIX + name for name in _CLASSES)
-"""The provider states (with prefix) that classify as terminal."""
-
 
 def normalize(state: str) -> str:
     """`"completed"` / `"JOB_STATE_COMPLETED"` -> `"COMPLETED"` (upper case, prefix removed)."""
@@ -41,7 +38,3 @@ def normalize(state: str) -> str:
 def classify(state: str) -> str:
     """One of in_progress / completed / failed / expired / cancelled for a provider job state."""
     return _CLASSES.get(normalize(state), IN_PROGRESS)
-
-
-def is_terminal(state: str) -> bool:
-    return classify(state) in TERMINAL
