@@ -262,11 +262,12 @@ def _apply_fdr(results: dict[str, Any], enabled: bool) -> dict[str, Any]:
     }
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """Plain JSON types only: numpy scalars unwrapped, NaN/inf → None, tuples → lists, keys → str."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, bool | np.bool_):
         return bool(obj)
     if isinstance(obj, int | np.integer):
@@ -294,7 +295,7 @@ def compute_significance(per_item: pd.DataFrame, *, temps: list[float], stats_cf
             if (at_temp["type"] == type_).any()
         }
     fdr = _apply_fdr(results, bool(cfg["enable_fdr"]))
-    return _json_safe(
+    return json_safe(
         {
             "schema_version": SCHEMA_VERSION,
             "temps": [float(t) for t in temps],

@@ -7,9 +7,7 @@ are present. Rows are sorted by (type, item_key) first, so any row order of the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,22 +21,6 @@ PER_ITEM_KEYS: tuple[str, ...] = ("item_key", "type", "condition", "temp")
 def rng(seed: int, *stream: object) -> np.random.Generator:
     """The generator of one named random stream: the same (seed, stream) always gives the same draws."""
     return np.random.default_rng([int(seed), stable_hash(*stream)])
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain JSON types only: numpy scalars unwrapped, NaN/inf → None, tuples → lists, keys → str."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    return obj
 
 
 def require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:

@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.naming import temp_str
-from pipeline.stats.optional.common import json_safe, paired_values, prepare_per_item
+from pipeline.stats.optional.common import paired_values, prepare_per_item
+from pipeline.stats.significance import json_safe
 
 METRICS: tuple[str, ...] = ("em", "f1", "false_answer_rate")
 # output key -> (metric, sign that turns the delta into a gain)

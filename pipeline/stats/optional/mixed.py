@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.naming import CONDITIONS, temp_str
-from pipeline.stats.optional.common import json_safe, require
-from pipeline.stats.significance import stable_hash
+from pipeline.stats.optional.common import require
+from pipeline.stats.significance import json_safe, stable_hash
 
 FORMULA = "em ~ condition * C(temp)"
 DEFAULT_MAX_ROWS = 200_000

@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-from pipeline.stats.optional.common import json_safe, paired_values, prepare_per_item, require, temp_keys
+from pipeline.stats.optional.common import paired_values, prepare_per_item, require, temp_keys
+from pipeline.stats.significance import json_safe
 
 DEFAULT_TARGETS: tuple[float, ...] = (0.02, 0.05, 0.1)
 METHOD = "normal approximation, paired two-sided test: mde = (z_{1-alpha/2} + z_power)·sd/sqrt(n)"

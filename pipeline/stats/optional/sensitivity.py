@@ -27,8 +27,9 @@ import pandas as pd
 from pipeline.naming import temp_str
 from pipeline.scoring.squad import normalize_answer
 from pipeline.scoring.unsupported import tokens
-from pipeline.stats.optional.common import json_safe, require, rng, temp_keys
+from pipeline.stats.optional.common import require, rng, temp_keys
 from pipeline.stats.paired import bootstrap_ci
+from pipeline.stats.significance import json_safe
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 STREAM = "unsupported_sensitivity"
