@@ -1,6 +1,8 @@
 """`python -m pipeline <command>`: the views and tools around the Luigi graph.
 
 - `plan --rid X [--config PATH] [--root DIR]`: read-only; prints every task of the run as done / to run, with the reason.
+- `status --rid X [--root DIR] [--json]`: read-only; each trial's stages, parts by job state, cost so far, what blocks it.
+- `list [--root DIR] [--json]`: read-only; the runs under the root with their status, age and cost.
 - `stop --rid X [--root DIR]`: ask a running run to stop submitting, save its state and exit (code 75).
 - `emulator --port P --state-dir D [--latency S] [--answer-key DIR]`: the offline Fireworks-compatible server.
 - `prepare-data --out DIR [--squad-v2 F] [--triviaqa F] [--nq-open F] [--max-items ...]`: prepared files from the
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["emulator"]:  # a server must survive clients that hang up: keep Python's SIGPIPE handling
         return _emulator(argv[1:])
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
+    if argv[:1] in (["status"], ["list"]):
+        from pipeline.views import list_command, status_command
+
+        return (status_command if argv[0] == "status" else list_command)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="read-only: what would run and why")
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "config/experiment.yaml)")
     plan.add_argument("--root", default="", help="experiments root (default ./experiments)")
     plan.set_defaults(func=_plan)
+    sub.add_parser("status", help="read-only: a run's trials, stages, parts and cost (--rid X [--json])")
+    sub.add_parser("list", help="read-only: every run under the root (--json)")
     stop = sub.add_parser("stop", help="ask a running run to stop submitting, save its state and exit")
     stop.add_argument("--rid", required=True)
     stop.add_argument("--root", default="", help="experiments root (default ./experiments)")

@@ -1,0 +1,287 @@
+"""Read-only views of runs: `status` (one run, trial by trial) and `list` (every run under a root).
+
+Contract:
+- `run_status(rid, root)` and `list_runs(root)` return plain dicts / lists (JSON-serialisable) built only from what is
+  on disk: trial manifests (`targets.store.read`, which never writes, rebuilds nothing without a context, and raises
+  for a corrupt file, shown here as "manifest unreadable: <reason>"), `run_state.json`, `STOP_REQUESTED` and the
+  aggregate report. Nothing is written, locked or created, so they are safe next to a running pipeline.
+- A run's trials are those of its frozen config plus any trial directory holding a manifest, sorted by slug.
+- Parts are counted under the trial whose manifest owns them: a control part another trial reuses (its
+  `control_registry` names the producer) is never counted twice.
+- A run is "done" when its aggregate report is recorded current in `run_state.json` and every trial is done;
+  otherwise "stopped" (`STOP_REQUESTED` exists), "not started" (no frozen config, no trial manifest) or "in progress".
+- `render_status` / `render_list` turn those into aligned text tables, one line per trial / run.
+- `status_command(argv)` / `list_command(argv)` are the CLI entry points (`--json` prints the data instead);
+  an unknown or invalid rid exits with `exit_codes.CONFIG_INVALID` and names the root searched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO, get_args
+
+from pipeline import exit_codes
+from pipeline.layout import RunLayout, check_rid
+from targets import store
+from targets.fingerprint import fingerprint
+from targets.manifest import PartState, RunState, TrialManifest
+
+VIEW_STAGES = ("downloaded", "parsed", "scored", "stats", "costs", "optional", "report")
+PART_STATES: tuple[str, ...] = get_args(PartState)
+_NOT_SUBMITTED = ("planned", "uploading", "uploaded", "submitting")
+_AT_PROVIDER = ("submitted", "running")
+_LOST = ("failed", "expired", "cancelled")
+_STAGE_SHOWN = {"completed": "done", "in_progress": "running", "pending": "-", "failed": "FAILED", "stale": "stale"}
+_STOP_READ_LIMIT = 4096
+
+
+class UnknownRunError(LookupError):
+    """No run directory for the rid under the root; the message names the root searched."""
+
+
+def _root(root: str | Path | None) -> Path:
+    from pipeline.run import resolve_root
+
+    return resolve_root(root)
+
+
+def _file_current(layout: RunLayout, record: dict[str, Any] | None) -> bool:
+    """Is a recorded artifact (`{"path", "sha256", ...}`) still on disk unchanged? (stat short-cut, checksum decides)"""
+    if not record or "path" not in record:
+        return False
+    fp = fingerprint(layout.run_dir / record["path"], record)
+    return fp is not None and fp.sha256 == record.get("sha256")
+
+
+def _config_trials(layout: RunLayout) -> tuple[list[str], dict[str, Any]]:
+    """Trial slugs of the frozen config and a description of the config source (never the default config)."""
+    if not layout.effective_config.exists():
+        return [], {"frozen": False, "source": None, "error": None}
+    from pipeline.config import ConfigError
+    from pipeline.run import open_run
+
+    try:
+        run = open_run(layout.rid, layout.root)
+    except (ConfigError, ValueError, OSError) as exc:
+        return [], {"frozen": True, "source": str(layout.effective_config), "error": str(exc)}
+    return [t.slug for t in run.trials], {"frozen": True, "source": str(run.source), "error": None}
+
+
+def _borrowed_groups(manifest: TrialManifest, slug: str) -> set[str]:
+    """Part groups (`t07_control`) this trial reuses from another trial: counted under their producer only."""
+    groups = set()
+    for key, entry in manifest.control_registry.items():
+        if isinstance(entry, dict) and entry.get("mode") == "reuse" and entry.get("producer_trial") not in (None, slug):
+            groups.add(f"{key}_{entry.get('condition', 'control')}")
+    return groups
+
+
+def _part_counts(manifest: TrialManifest, slug: str) -> dict[str, int]:
+    borrowed = _borrowed_groups(manifest, slug)
+    counts = {state: 0 for state in PART_STATES}
+    for record in manifest.parts.values():
+        if record.group not in borrowed:
+            counts[record.state] += 1
+    return {state: n for state, n in counts.items() if n}
+
+
+def _usd(manifest: TrialManifest) -> float | None:
+    value = manifest.stage("costs").artifacts.get("usd")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _blocking(layout: RunLayout, slug: str, manifest: TrialManifest, parts: dict[str, int],
+              stages: dict[str, str]) -> list[str]:
+    reasons = []
+    for label, states in (("not yet submitted", _NOT_SUBMITTED), ("running at the provider", _AT_PROVIDER)):
+        n = sum(parts.get(s, 0) for s in states)
+        if n:
+            reasons.append(f"{n} part{'s' if n > 1 else ''} {label}")
+    reasons += [f"{parts[s]} part{'s' if parts[s] > 1 else ''} {s}" for s in _LOST if parts.get(s)]
+    reasons += [f"stage {stage} {status}" for stage, status in stages.items() if status in ("failed", "stale")]
+    report = manifest.stage("report")
+    if report.status != "completed":
+        reasons.append("report missing")
+    elif not _file_current(layout, report.artifacts.get("file")):
+        why = "missing" if not layout.report_md(slug).exists() else "changed since it was written"
+        reasons.append(f"report {why}")
+    return reasons
+
+
+def trial_status(layout: RunLayout, slug: str) -> dict[str, Any]:
+    """One trial's view: state, stage statuses, part counts, usd and what blocks it (never raises for bad data)."""
+    view: dict[str, Any] = {"trial": slug, "state": "not started", "manifest": "missing", "stages": {}, "parts": {},
+                            "usd": None, "blocking": []}
+    try:
+        manifest = store.read(layout.trial_manifest(slug), TrialManifest)
+    except (ValueError, OSError) as exc:  # ManifestError is a ValueError; permissions and the like are OSErrors
+        reason = f"manifest unreadable: {exc}"
+        return {**view, "state": "unreadable", "manifest": reason, "blocking": [reason]}
+    if manifest is None:
+        return {**view, "blocking": ["no trial manifest yet"]}
+    stages = {stage: manifest.stage_status[stage].status if stage in manifest.stage_status else "pending"
+              for stage in VIEW_STAGES}
+    parts = _part_counts(manifest, slug)
+    blocking = _blocking(layout, slug, manifest, parts, stages)
+    return {**view, "state": "in progress" if blocking else "done", "manifest": "ok", "stages": stages, "parts": parts,
+            "usd": _usd(manifest), "blocking": blocking}
+
+
+def _run_state(layout: RunLayout) -> tuple[RunState | None, str | None]:
+    try:
+        return store.read(layout.run_state, RunState), None
+    except (ValueError, OSError) as exc:
+        return None, str(exc)
+
+
+def _stop_reason(layout: RunLayout) -> str | None:
+    try:
+        with open(layout.stop_file, encoding="utf-8", errors="replace") as fh:
+            return fh.read(_STOP_READ_LIMIT).strip() or "requested"
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"requested (unreadable sentinel: {exc})"
+
+
+def run_status(rid: str, root: str | Path | None) -> dict[str, Any]:
+    """The run's status, trial by trial. Raises UnknownRunError when there is no such run, ValueError for a bad rid."""
+    layout = RunLayout(_root(root), check_rid(rid))
+    if not layout.run_dir.is_dir():
+        raise UnknownRunError(f"no run {rid!r} under {layout.root} (looked for {layout.run_dir})")
+    slugs, config = _config_trials(layout)
+    on_disk = [p.parent.parent.name for p in layout.run_dir.glob("*/results/trial_manifest.json")]
+    trials = [trial_status(layout, slug) for slug in sorted(set(slugs) | set(on_disk))]
+    stop = _stop_reason(layout)
+    if stop is not None:
+        for trial in trials:
+            if trial["state"] != "done":
+                trial["blocking"].append("stop requested")
+    state, state_error = _run_state(layout)
+    aggregate = {"present": layout.aggregate_report.exists(),
+                 "current": bool(state) and _file_current(layout, state.aggregate_report.get("file"))}
+    priced = [t["usd"] for t in trials if t["usd"] is not None]
+    if aggregate["current"] and all(t["state"] == "done" for t in trials):
+        status = "done"
+    elif stop is not None:
+        status = "stopped"
+    elif not config["frozen"] and not on_disk:
+        status = "not started"
+    else:
+        status = "in progress"
+    return {"rid": rid, "run_dir": str(layout.run_dir), "status": status, "config": config,
+            "stop_requested": stop is not None, "stop_reason": stop, "run_state_error": state_error,
+            "aggregate_report": aggregate, "total_usd": round(sum(priced), 6) if priced else None, "trials": trials}
+
+
+def list_runs(root: str | Path | None, *, now: float | None = None) -> list[dict[str, Any]]:
+    """Every `run_*` directory under the root, sorted by rid: age (of effective_config.yaml), trials, status, usd."""
+    base = _root(root)
+    now = time.time() if now is None else now
+    runs = []
+    for run_dir in sorted(base.glob("run_*")) if base.is_dir() else []:
+        rid = run_dir.name.removeprefix("run_")
+        try:
+            check_rid(rid)
+        except ValueError:
+            continue  # not a directory the pipeline could have written
+        if not run_dir.is_dir():
+            continue
+        status = run_status(rid, base)
+        try:
+            age: float | None = max(0.0, now - RunLayout(base, rid).effective_config.stat().st_mtime)
+        except OSError:
+            age = None
+        runs.append({"rid": rid, "age_s": age, "trials": len(status["trials"]), "status": status["status"],
+                     "total_usd": status["total_usd"]})
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- text rendering
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+
+
+def _money(usd: float | None) -> str:
+    return "-" if usd is None else f"${usd:.6f}"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def render_status(view: dict[str, Any]) -> str:
+    config = view["config"]
+    if config["error"]:
+        source = f"frozen, unreadable ({config['error']})"
+    else:
+        source = f"frozen ({config['source']})" if config["frozen"] else "not frozen yet"
+    aggregate = view["aggregate_report"]
+    report = "current" if aggregate["current"] else "present, not recorded current" if aggregate["present"] else "missing"
+    lines = [f"run {view['rid']} at {view['run_dir']}: {view['status']}",
+             f"config: {source}",
+             f"stop requested: {'yes (' + view['stop_reason'] + ')' if view['stop_requested'] else 'no'}; "
+             f"aggregate report: {report}; total usd: {_money(view['total_usd'])}"]
+    if view["run_state_error"]:
+        lines.append(f"run_state.json unreadable: {view['run_state_error']}")
+    rows = []
+    for trial in view["trials"]:
+        stages = [_STAGE_SHOWN.get(trial["stages"].get(s, ""), "-") for s in VIEW_STAGES]
+        parts = ", ".join(f"{n} {state}" for state, n in trial["parts"].items()) or "-"
+        rows.append([trial["trial"], trial["state"], *stages, parts, _money(trial["usd"]),
+                     "; ".join(trial["blocking"]) or "-"])
+    lines += _table(["trial", "state", *VIEW_STAGES, "parts", "usd", "blocking"], rows) if rows else ["no trials"]
+    return "\n".join(lines) + "\n"
+
+
+def render_list(runs: list[dict[str, Any]], root: Path) -> str:
+    if not runs:
+        return f"no runs under {root}\n"
+    rows = [[r["rid"], _age(r["age_s"]), str(r["trials"]), r["status"], _money(r["total_usd"])] for r in runs]
+    return "\n".join(_table(["rid", "age", "trials", "status", "usd"], rows)) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _emit(data: Any, text: str, as_json: bool, stream: TextIO) -> None:
+    stream.write(json.dumps(data, indent=2) + "\n" if as_json else text)
+
+
+def status_command(argv: list[str], stream: TextIO | None = None) -> int:
+    """`status --rid X [--root DIR] [--json]`."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline status", description="read-only: where a run stands")
+    parser.add_argument("--rid", required=True)
+    parser.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = parser.parse_args(argv)
+    out = stream or sys.stdout
+    try:
+        view = run_status(args.rid, args.root or None)
+    except (UnknownRunError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_codes.CONFIG_INVALID
+    _emit(view, render_status(view), args.json, out)
+    return exit_codes.OK
+
+
+def list_command(argv: list[str], stream: TextIO | None = None) -> int:
+    """`list [--root DIR] [--json]`."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline list", description="read-only: every run under a root")
+    parser.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    args = parser.parse_args(argv)
+    root = _root(args.root or None)
+    runs = list_runs(root)
+    _emit(runs, render_list(runs, root), args.json, stream or sys.stdout)
+    return exit_codes.OK
