@@ -56,6 +56,8 @@ def _parse(path: Path, model: type[M]) -> M:
 def read(path: Path, model: type[M], *, context: Context | None = None) -> M | None:
     """The validated manifest, or None if the file does not exist. Raises ManifestError when it is unusable.
 
+    The value is shared with the stat-keyed cache: treat it as read-only (copy what you change; persist with `update`).
+
     `context` (trial manifests only) is `targets.lifecycle`'s rebuild context for a corrupt file.
     """
     try:
@@ -66,7 +68,7 @@ def read(path: Path, model: type[M], *, context: Context | None = None) -> M | N
     stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
     hit = _cache.get(key)
     if hit and hit[0] == stamp:
-        return hit[1].model_copy(deep=True)  # type: ignore[return-value]
+        return hit[1]  # type: ignore[return-value]
     if issubclass(model, TrialManifest):
         from targets import lifecycle  # lifecycle imports this module
 
@@ -78,7 +80,7 @@ def read(path: Path, model: type[M], *, context: Context | None = None) -> M | N
     else:
         value = _parse(path, model)
     _cache[key] = (stamp, value)
-    return value.model_copy(deep=True)
+    return value
 
 
 def _current(path: Path, model: type[M], context: Context | None) -> M | None:

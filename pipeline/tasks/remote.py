@@ -78,8 +78,10 @@ class PartTask(PipelineTask):
         raise KeyError(f"trial {self.trial} owns no part {self.jkey} in run {self.rid}")
 
     def record(self) -> PartRecord | None:
+        """A private copy of the part's record (callers change it, then `save` it)."""
         manifest = self.manifest(self.trial)
-        return manifest.parts.get(self.jkey) if manifest else None
+        record = manifest.parts.get(self.jkey) if manifest else None
+        return record.model_copy(deep=True) if record else None
 
     def save(self, record: PartRecord) -> None:
         self.update_manifest(self.trial, lambda manifest: manifest.set_part(self.jkey, record))
