@@ -83,7 +83,8 @@ def _writer_alive(name: str) -> bool:
     host = socket.gethostname()
     marker = f"{host}-"
     if marker not in name:
-        return not name.startswith(".") or TMP_MARK not in name  # untagged leftovers of an older version: dead
+        # An untagged temp file is a leftover of a writer from before tagging: dead. Anything else untagged is kept.
+        return TMP_MARK not in name
     pid_text = name.split(marker, 1)[1].split("-", 1)[0].split(".", 1)[0]
     if not pid_text.isdigit():
         return True

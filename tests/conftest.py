@@ -82,3 +82,8 @@ def start_emulator(state_dir: Path, **kwargs: object) -> EmulatorServer:
     server = make_server("127.0.0.1", 0, state_dir, **kwargs)  # type: ignore[arg-type]
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return server
+
+
+def stop_emulator_server(server: EmulatorServer) -> None:
+    server.shutdown()
+    server.server_close()

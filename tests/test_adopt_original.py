@@ -16,7 +16,7 @@ from pipeline.emulator.model import answer
 from pipeline.emulator.server import make_server
 from pipeline.providers.fireworks import FireworksClient
 from targets.manifest import TrialManifest
-from tests.conftest import REPO, tiny_data
+from tests.conftest import REPO, stop_emulator_server, tiny_data
 
 pytestmark = pytest.mark.slow
 SLUG = "gpt-oss-120b-default-tp1-tk50-mx1024-1024"
@@ -32,8 +32,7 @@ def emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     monkeypatch.setenv("FIREWORKS_API_KEY", "k")
     monkeypatch.setenv("FIREWORKS_ACCOUNT_ID", "acct")
     yield FireworksClient(base_url, "k", "acct", allow_loopback_http=True)
-    server.shutdown()
-    server.server_close()
+    stop_emulator_server(server)
 
 
 def original_run(repo: Path, client: FireworksClient) -> Path:

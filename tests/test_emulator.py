@@ -15,15 +15,10 @@ import requests
 from pipeline.emulator.process import ensure_emulator, stop_emulator
 from pipeline.emulator.server import EmulatorServer, make_server
 from pipeline.naming import make_custom_id
-from tests.conftest import Clock, start_emulator
+from tests.conftest import Clock, start_emulator, stop_emulator_server
 
 AUTH = {"Authorization": "Bearer test-key"}
 ACCT = "/v1/accounts/acme"
-
-
-def _stop(server: EmulatorServer) -> None:
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
@@ -35,7 +30,7 @@ def clock() -> Clock:
 def emu(tmp_path: Path, clock: Clock) -> Iterator[EmulatorServer]:
     server = start_emulator(tmp_path / "state", latency_s=8.0, clock=clock, answer_key=_answer_key(tmp_path / "key"))
     yield server
-    _stop(server)
+    stop_emulator_server(server)
 
 
 def _answer_key(directory: Path) -> Path:
@@ -230,7 +225,7 @@ def test_state_survives_restart_and_calls_are_counted(tmp_path: Path) -> None:
     _create_ready_dataset(first.base_url, "in-1", _lines(3), declared=3)
     assert _create_job(first.base_url, "job-r", outputDatasetId="accounts/acme/datasets/out-r").status_code == 200
     assert _create_job(first.base_url, "job-r").status_code == 409
-    _stop(first)
+    stop_emulator_server(first)
 
     second = start_emulator(state, latency_s=0.0)
     try:
@@ -245,7 +240,7 @@ def test_state_survives_restart_and_calls_are_counted(tmp_path: Path) -> None:
         assert requests.post(f"{base}/emulator/reset-calls").status_code == 200
         assert requests.get(f"{base}/emulator/calls").json()["job_creates"] == {}
     finally:
-        _stop(second)
+        stop_emulator_server(second)
 
 
 def test_ensure_emulator_reuses_one_server_and_stop_stops_it(tmp_path: Path) -> None:

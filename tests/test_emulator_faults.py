@@ -21,7 +21,7 @@ from pipeline.naming import make_custom_id
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderUnavailable
 from pipeline.providers.fireworks import FireworksClient
-from tests.conftest import Clock, start_emulator
+from tests.conftest import Clock, start_emulator, stop_emulator_server
 
 REPO = Path(__file__).resolve().parent.parent
 ACCT = "/v1/accounts/acme"
@@ -29,16 +29,11 @@ AUTH = {"Authorization": "Bearer k"}
 MODEL = "accounts/fireworks/models/m"
 
 
-def _stop(server: EmulatorServer) -> None:
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
 def emu(tmp_path: Path) -> Iterator[EmulatorServer]:
     server = start_emulator(tmp_path / "state", latency_s=0.0)
     yield server
-    _stop(server)
+    stop_emulator_server(server)
 
 
 def _client(base_url: str, **kwargs: Any) -> tuple[FireworksClient, list[float]]:
@@ -185,7 +180,7 @@ def test_delay_is_interrupted_by_shutdown(tmp_path: Path) -> None:
     while _faults(server)[0]["fired"] == 0:  # the request is now waiting inside the server
         assert time.monotonic() < deadline
     started = time.monotonic()
-    _stop(server)
+    stop_emulator_server(server)
     thread.join(timeout=10)
     assert not thread.is_alive() and time.monotonic() - started < 5
     assert len(outcome) == 1 and isinstance(outcome[0], requests.ConnectionError)
@@ -257,7 +252,7 @@ def test_job_latency_and_stuck_jobs(tmp_path: Path) -> None:
         client.delete_job("stuck")
         assert client.get_job("stuck") is None
     finally:
-        _stop(server)
+        stop_emulator_server(server)
 
 
 # ---------------------------------------------------------------------------------------------- output faults
@@ -416,25 +411,25 @@ def test_plan_and_counters_survive_a_restart(tmp_path: Path) -> None:
     url = f"{ACCT}/datasets"
     first = start_emulator(state, faults=plan)
     assert requests.get(first.base_url + url, headers=AUTH).status_code == 503
-    _stop(first)
+    stop_emulator_server(first)
 
     second = start_emulator(state)
     assert _faults(second)[0]["fired"] == 1
     assert requests.get(second.base_url + url, headers=AUTH).status_code == 503
     assert requests.get(second.base_url + url, headers=AUTH).status_code == 200
-    _stop(second)
+    stop_emulator_server(second)
 
     third = start_emulator(state, faults=plan)
     assert _faults(third)[0]["fired"] == 2, "the same plan at startup keeps its counters"
     assert requests.get(third.base_url + url, headers=AUTH).status_code == 200
-    _stop(third)
+    stop_emulator_server(third)
 
     fourth = start_emulator(state, faults={"rules": [{"fault": "status", "match": "/datasets$", "status": 500}]})
     try:
         assert _faults(fourth)[0]["fired"] == 0, "another plan starts fresh"
         assert requests.get(fourth.base_url + url, headers=AUTH).status_code == 500
     finally:
-        _stop(fourth)
+        stop_emulator_server(fourth)
 
 
 def test_load_plan_arg_reads_json_or_a_file(tmp_path: Path) -> None:

@@ -17,12 +17,13 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from pipeline.emulator.server import EmulatorServer, make_server
+from pipeline.emulator.server import EmulatorServer
 from pipeline.naming import make_custom_id
 from pipeline.providers import job_states
 from pipeline.providers.download import extract_jsonl_bundle, fetch_url
 from pipeline.providers.errors import AuthError, NotFound, ProviderError, ProviderUnavailable, RateLimited
 from pipeline.providers.fireworks import FireworksClient
+from tests.conftest import start_emulator, stop_emulator_server
 
 KEY = "sk-secret-test-key"
 
@@ -32,11 +33,9 @@ KEY = "sk-secret-test-key"
 
 @pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[EmulatorServer]:
-    server = make_server("127.0.0.1", 0, tmp_path / "emu", latency_s=0.0)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    server = start_emulator(tmp_path / "emu", latency_s=0.0)
     yield server
-    server.shutdown()
-    server.server_close()
+    stop_emulator_server(server)
 
 
 def _client(base_url: str, **kwargs: Any) -> tuple[FireworksClient, list[float]]:
