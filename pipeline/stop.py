@@ -3,17 +3,15 @@
 A stop writes `run_<rid>/STOP_REQUESTED`; tasks check it before every remote create and while polling, and
 raise instead of sending anything new. State is already persisted (every change is written as it happens),
 so the next run resumes where this one stopped; it removes the sentinel when it starts.
-The process then exits with `exit_codes.STOPPED`.
+The process then exits with `exit_codes.STOPPED` (see `pipeline.outcome`).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 
 from pipeline import exit_codes
@@ -46,10 +44,10 @@ def clear_stop(layout: RunLayout) -> None:
         log.info("cleared stop request of run %s (a new invocation resumes it)", layout.rid)
 
 
-def install_signal_handlers(layout: RunLayout, finished: Callable[[], bool]) -> None:
+def install_signal_handlers(layout: RunLayout) -> None:
     """SIGINT / SIGTERM write the sentinel instead of killing mid-write; a second signal exits at once.
 
-    At exit, a run that was asked to stop and is not `finished()` exits with `exit_codes.STOPPED`.
+    The exit code of a stopped run is decided by `pipeline.outcome` at exit.
     """
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -62,16 +60,3 @@ def install_signal_handlers(layout: RunLayout, finished: Callable[[], bool]) -> 
     if sys.platform != "win32":
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-    atexit.register(_exit_code_on_stop, layout, finished)
-
-
-def _exit_code_on_stop(layout: RunLayout, finished: Callable[[], bool]) -> None:
-    """Luigi reports a stopped task as failed (30); a stop is not a failure, so the process says so itself.
-
-    The sentinel (not in-process state) decides, because with several workers the stop is seen by child processes.
-    """
-    if layout.stop_file.exists() and not finished():
-        log.warning("run %s stopped; run the same command again to resume (exit %d)", layout.rid, exit_codes.STOPPED)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_codes.STOPPED)

@@ -57,6 +57,8 @@ class PartRecord(_Open):
     output_dataset_id: str
     state: PartState = "planned"
     provider_state: str | None = None
+    progress: dict[str, Any] | None = None  # the provider's last jobProgress, as checked
+    estimated_usd: float | None = Field(default=None, ge=0)  # budget estimate of one generation, fixed at upload
     resubmissions: int = Field(default=0, ge=0)
     history: list[dict[str, Any]] = Field(default_factory=list)
     updated_at: str = Field(default_factory=utcnow)

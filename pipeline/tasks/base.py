@@ -14,6 +14,7 @@ from typing import Any
 import luigi
 from luigi.task import flatten
 
+from pipeline import outcome
 from pipeline.layout import RunLayout
 from pipeline.naming import temp_str
 from pipeline.run import Run, open_run, resolve_root
@@ -107,6 +108,16 @@ class PipelineTask(luigi.Task):
         return {"run_id": fresh.run_id, "trial": fresh.trial, "temps": fresh.temps,
                 "samples_per_item": fresh.samples_per_item, "prompts": fresh.prompts,
                 "results_dir": self.layout.results_dir(slug)}
+
+
+@PipelineTask.event_handler(luigi.Event.FAILURE)
+def _remember_failure(task: PipelineTask, exc: BaseException) -> None:
+    """The cause of a failure decides the invocation's exit code (waiting, budget, stopped or failed)."""
+    try:
+        layout = task.layout
+    except Exception:  # a config that cannot be opened was already reported by the task itself
+        return
+    outcome.record_failure(layout, exc)
 
 
 def new_trial_manifest(task: PipelineTask, slug: str) -> TrialManifest:

@@ -16,6 +16,7 @@ from typing import Any
 
 import luigi
 
+from pipeline.outcome import StopRequested, WaitingOnProvider, no_wait
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.provider import make_client, poll_interval
 from pipeline.providers import job_states
@@ -130,10 +131,6 @@ class PartTask(PipelineTask):
 
 class JobEnded(RuntimeError):
     """The part's job ended without results (FAILED, CANCELLED): it is resubmitted once under the next generation."""
-
-
-class StopRequested(RuntimeError):
-    """A stop was requested (`python -m pipeline stop`, SIGINT, SIGTERM): nothing new is sent; state is saved."""
 
 
 class OutputGone(RuntimeError):
@@ -251,9 +248,13 @@ def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], 
             task.save(record)
             message = (job.get("status") or {}).get("message", "")
             raise JobEnded(f"job {record.job_id} ended {state}: {message or 'no message'}")
-        if record.state != "running":
-            record.state, record.provider_state = "running", state
+        progress = job.get("jobProgress") if isinstance(job.get("jobProgress"), dict) else None
+        if record.state != "running" or record.provider_state != state or (no_wait() and progress != record.progress):
+            record.state, record.provider_state, record.progress = "running", state, progress
             task.save(record)
+        if no_wait():
+            raise WaitingOnProvider(f"job {record.job_id} of part {task.jkey} is {state}{_percent(progress)}; "
+                                    "checked once (--no-wait), the next run continues")
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {record.job_id} still {state} after {run.cfg.provider.poll_timeout_s:.0f}s; "
                                "re-run later to keep waiting (nothing is resubmitted)")
@@ -262,6 +263,11 @@ def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], 
                                 "and is re-attached on the next run")
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * POLL_BACKOFF, poll_interval(run) * POLL_BACKOFF_MAX)
+
+
+def _percent(progress: dict[str, Any] | None) -> str:
+    percent = (progress or {}).get("percent")
+    return f" ({percent:g}% done)" if isinstance(percent, int | float) else ""
 
 
 class UploadPart(PartTask):

@@ -15,7 +15,7 @@ from typing import Any
 
 import luigi
 
-from pipeline import exit_codes
+from pipeline import exit_codes, outcome
 from pipeline.config import ConfigError
 from pipeline.layout import RunLayout
 from pipeline.run import ConfigDriftError, check_drift, config_fingerprint, open_run
@@ -47,6 +47,8 @@ class TrialReport(TrialTask):
     trial: str = luigi.Parameter(default="", description="Trial slug; empty = every trial plus the aggregate report")
     accept_config_drift: bool = luigi.BoolParameter(significant=False, description="Adopt a changed --config")
     force: bool = luigi.BoolParameter(significant=False, description="Rebuild the report(s) even if current")
+    no_wait: bool = luigi.BoolParameter(significant=False, description="Cron mode: check running jobs once, record "
+                                        "their progress and exit (code 5 while waiting) instead of waiting for them")
     stage = "report"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -58,9 +60,17 @@ class TrialReport(TrialTask):
             if threading.current_thread() is threading.main_thread() and not _checked_roots:
                 # The first TrialReport of a process is the one the user asked for: it owns stop handling.
                 _checked_roots.append(self.task_id)
-                clear_stop(self.layout)
-                install_signal_handlers(self.layout, self.complete)
-                sweep_leftovers(self.layout)
+                install_signal_handlers(self.layout)
+                outcome.begin(self.layout, self.complete, wait=not self.no_wait)
+
+    def complete(self) -> bool:
+        if _checked_roots == [self.task_id]:
+            # First look at the root, after Luigi's process lock was taken (construction comes before it, so a
+            # refused overlapping invocation must not clear the running one's stop request).
+            _checked_roots.append("started")
+            clear_stop(self.layout)
+            sweep_leftovers(self.layout)
+        return super().complete()
 
     def _check_config(self) -> None:
         try:
