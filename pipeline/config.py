@@ -71,6 +71,12 @@ class Provider(_Model):
                     "[firectl, download, dataset, '{dataset_id}', --output-dir, '{output_dir}']")
 
 
+class Budget(_Model):
+    """`max_usd`: no submission may take the run's committed cost estimate past it (see `pipeline.budget`)."""
+
+    max_usd: Annotated[float, Field(gt=0)] | None = None
+
+
 class Batching(_Model):
     lines_per_part: Annotated[int, Field(gt=0, le=1_000_000)] = 500
 
@@ -180,6 +186,7 @@ class ExperimentConfig(_Model):
     paths: Paths = Field(default_factory=Paths)
     provider: Provider = Field(default_factory=Provider)
     batching: Batching = Field(default_factory=Batching)
+    budget: Budget = Field(default_factory=Budget)
     use_batch_api: bool = True
     pricing: Pricing = Field(default_factory=Pricing)
     unsupported: Unsupported = Field(default_factory=Unsupported)

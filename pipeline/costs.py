@@ -110,6 +110,14 @@ def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_bat
                                          "rate_type", "table_found", "use_batch_api", "source")}
 
 
+def pricing_args(cfg: Any, model: str) -> dict[str, Any]:
+    """`resolve_rates` keyword arguments for a trial's `model` under an ExperimentConfig: the emulator is priced as
+    Fireworks, and `provider.pricing_key` (when set) replaces the model key."""
+    provider = "fireworks" if cfg.provider.name == "emulator" else cfg.provider.name
+    return {"pricing": cfg.pricing.model_dump(), "provider": provider, "model": cfg.provider.pricing_key or model,
+            "use_batch_api": cfg.use_batch_api}
+
+
 def _tokens(frame: pd.DataFrame) -> pd.DataFrame:
     """Integer token columns (blank/NaN/garbage → 0); a row without total_tokens counts prompt + completion."""
     out = pd.DataFrame(index=frame.index)

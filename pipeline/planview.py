@@ -6,9 +6,9 @@ from typing import TextIO
 
 from luigi.task import flatten
 
-from pipeline import exit_codes
+from pipeline import budget, exit_codes
 from pipeline.config import ConfigError
-from pipeline.run import ConfigDriftError, check_drift, open_run
+from pipeline.run import ConfigDriftError, Run, check_drift, open_run
 
 
 def _children(task):  # noqa: ANN001, ANN202
@@ -57,4 +57,29 @@ def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO) -
 
     visit(TrialReport(rid=rid, root=str(run.layout.root), config=config), 0)
     print(f"{counts['done']} done, {counts['to run']} to run", file=stream)
+    for line in budget_lines(run):
+        print(line, file=stream)
     return exit_codes.OK
+
+
+def budget_lines(run: Run) -> list[str]:
+    """The cost estimate of the whole run (an upper bound: every request uses its max tokens) against the budget."""
+    try:
+        plan = budget.plan_estimate(run)
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"cost estimate unavailable: {exc}"]
+    total: budget.Estimate = plan["total"]
+    pricing = "batch" if run.cfg.use_batch_api else "standard"
+    lines = [f"estimated cost (from the {plan['from']}, {pricing} pricing): at most ${total.usd:,.4f} for "
+             f"{total.requests:,} requests, ~{total.prompt_tokens:,} prompt tokens (~{budget.CHARS_PER_TOKEN} chars "
+             f"per token) + at most {total.max_completion_tokens:,} completion tokens"]
+    lines += [f"  {slug}: ${estimate.usd:,.4f} ({estimate.requests:,} requests)"
+              for slug, estimate in plan["by_trial"].items()]
+    limit = plan["max_usd"]
+    committed = budget.committed_usd(run)
+    if limit is None:
+        lines.append(f"budget: none set (budget.max_usd); committed so far ${committed:,.4f}")
+    else:
+        verdict = "fits" if total.usd <= limit else f"EXCEEDS it by ${total.usd - limit:,.4f}: submission stops at the budget"
+        lines.append(f"budget: ${limit:,.4f}; committed so far ${committed:,.4f}; the estimate {verdict}")
+    return lines

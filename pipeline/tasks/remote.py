@@ -16,6 +16,7 @@ from typing import Any
 
 import luigi
 
+from pipeline import budget
 from pipeline.outcome import StopRequested, WaitingOnProvider, no_wait
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.provider import make_client, poll_interval
@@ -180,8 +181,6 @@ def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
 def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
     """Create the part's batch job exactly once: write-ahead intent, GET first, 409 means re-attach."""
     interrupted = record.state == "submitting"  # a create may have been sent before a crash
-    record.state = "submitting"
-    task.save(record)  # write-ahead: if we die after the POST, the resume GETs this id instead of posting again
     client = make_client(task.run_ctx)
     crashpoint("before job create")
     display_name = remote_ids(task.run_ctx, ref, record.generation)["job_display_name"]
@@ -194,6 +193,8 @@ def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
         decision("re-attach", f"job {record.job_id}", f"part {task.jkey} already submitted, state {job.get('state')}")
     else:
         check_stop(task)
+        # Write-ahead, after the budget check: if we die after the POST, the resume GETs this id instead of posting.
+        budget.reserve(task.run_ctx, ref, record, task.save)
         job, created = client.create_job(
             record.job_id, model=ref.model, input_dataset_id=record.dataset_id,
             output_dataset_id=record.output_dataset_id, display_name=display_name,
