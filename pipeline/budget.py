@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from pipeline.costs import pricing_args, resolve_rates
 from pipeline.outcome import BudgetExceeded
+from pipeline.pricing import pricing_args, resolve_rates
 from pipeline.run import Run
 from targets import store
 from targets.manifest import PartRecord, TrialManifest

@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.costs import resolve_rates, summarize_costs
+from pipeline.costs import summarize_costs
+from pipeline.pricing import resolve_rates
 
 BIG = "accounts/fireworks/models/gpt-oss-120b"
 SMALL = "accounts/fireworks/models/gpt-oss-20b"

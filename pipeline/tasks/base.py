@@ -7,6 +7,7 @@ complete task, so a stage whose inputs went stale must notice it itself (ARCHITE
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from targets.stage import StageTarget
 
 log = logging.getLogger("pipeline")
 _logged: set[tuple[str, str]] = set()
+# Task id -> complete(), shared by the nested checks of one outermost complete() call (which writes nothing), so a
+# stage that several downstream stages require is evaluated once per check instead of once per path to it.
+_memo = threading.local()
 
 
 def decision(verb: str, what: str, reason: str) -> None:
@@ -81,9 +85,19 @@ class PipelineTask(luigi.Task):
         return "skip", target.reason
 
     def complete(self) -> bool:
-        verb, reason = self.status()
-        decision(verb, f"{self.stage} {self.describe()}", reason)
-        return verb == "skip"
+        memo: dict[str, bool] | None = getattr(_memo, "checks", None)
+        outermost = memo is None
+        if memo is None:
+            memo = _memo.checks = {}
+        try:
+            if self.task_id not in memo:
+                verb, reason = self.status()
+                decision(verb, f"{self.stage} {self.describe()}", reason)
+                memo[self.task_id] = verb == "skip"
+            return memo[self.task_id]
+        finally:
+            if outermost:
+                _memo.checks = None
 
     def manifest(self, slug: str) -> TrialManifest | None:
         """The trial's manifest as it stands (a v1 or corrupt file is upgraded / rebuilt in memory only)."""

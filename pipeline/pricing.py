@@ -1,0 +1,110 @@
+"""Rates for pricing tokens: which per-million-token rates apply to a trial's model, and where each came from.
+
+Pricing config (original-compatible): `input_per_million` / `output_per_million` are fallback standard rates,
+`batch_discount` is a multiplier on standard rates for batch use, and `providers[provider][model]` entries hold
+`input_per_mtok`, `output_per_mtok`, `input_per_mtok_batch`, `output_per_mtok_batch`, `batch_discount`.
+
+Rate rules (fixing the original):
+- the model priced is the one the caller passes (the trial's), never a config-wide default;
+- provider and model keys are looked up exactly, then case-insensitively;
+- with `use_batch_api`, an explicit batch rate is used as is (never discounted again); a side without one gets
+  its standard rate times the entry's discount (else the global one);
+- a discount of None, 0 or 1 means "no discount" (0 never makes a run free);
+- without `use_batch_api`, standard rates are used; an entry that only has batch rates is priced at those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Same defaults as pipeline.config.Pricing, for plain dicts that omit a key.
+DEFAULT_INPUT_PER_MILLION = 0.15
+DEFAULT_OUTPUT_PER_MILLION = 0.60
+DEFAULT_BATCH_DISCOUNT = 0.5
+
+def _lookup(table: Any, key: str) -> tuple[str, Any] | None:
+    """(matched key, value) for `key` in `table`: exact match first, then case-insensitive (first in sorted order)."""
+    if not isinstance(table, dict):
+        return None
+    if key in table:
+        return key, table[key]
+    lowered = key.lower()
+    for candidate in sorted(table, key=str):
+        if str(candidate).lower() == lowered:
+            return candidate, table[candidate]
+    return None
+
+
+def _effective_discount(value: Any) -> float | None:
+    """The multiplier to apply, or None when the configured value means "no discount" (None, 0, 1)."""
+    if value is None:
+        return None
+    factor = float(value)
+    return None if factor in (0.0, 1.0) else factor
+
+
+def _rate(
+    entry: dict[str, Any], side: str, where: str, use_batch_api: bool, discount: float | None, discount_where: str
+) -> tuple[float, str, str]:
+    """(rate, kind, source) for `side` ("input"/"output") of a table entry; kind is standard|batch|batch_discount."""
+    standard_key, batch_key = f"{side}_per_mtok", f"{side}_per_mtok_batch"
+    standard = entry.get(standard_key)
+    batch = entry.get(batch_key)
+    if batch is not None and use_batch_api:
+        return float(batch), "batch", f"{where}.{batch_key}"
+    if batch is not None and standard is None:
+        return float(batch), "batch", f"{where}.{batch_key} (no {standard_key} in the table)"
+    if standard is None:
+        raise ValueError(f"{where} has neither {standard_key} nor {batch_key}")
+    if use_batch_api and discount is not None:
+        return float(standard) * discount, "batch_discount", f"{where}.{standard_key} × {discount_where} ({discount:g})"
+    return float(standard), "standard", f"{where}.{standard_key}"
+
+
+def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_batch_api: bool) -> dict[str, Any]:
+    """The rates used to price `model` served by `provider` (see module docstring for the rules).
+
+    Returns `{provider, model_key, input_rate_per_mtok, output_rate_per_mtok, rate_type, table_found,
+    use_batch_api, source}`; rate_type is standard | batch | batch_discount | default | default_batch, and
+    `source` names the config keys each rate came from.
+    """
+    global_discount = pricing.get("batch_discount", DEFAULT_BATCH_DISCOUNT)
+    provider_hit = _lookup(pricing.get("providers") or {}, provider)
+    entry_hit = _lookup(provider_hit[1], model) if provider_hit else None
+    result: dict[str, Any] = {"provider": provider_hit[0] if provider_hit else provider, "use_batch_api": use_batch_api}
+    if provider_hit and entry_hit:
+        model_key, entry = entry_hit
+        where = f"pricing.providers.{provider_hit[0]}[{model_key!r}]"
+        if entry.get("batch_discount") is not None:
+            discount, discount_where = _effective_discount(entry["batch_discount"]), f"{where}.batch_discount"
+        else:
+            discount, discount_where = _effective_discount(global_discount), "pricing.batch_discount"
+        in_rate, in_kind, in_source = _rate(entry, "input", where, use_batch_api, discount, discount_where)
+        out_rate, out_kind, out_source = _rate(entry, "output", where, use_batch_api, discount, discount_where)
+        kinds = {in_kind, out_kind}
+        # A mixed pair (one side explicit, the other derived) reports the most derived kind; `source` has the detail.
+        rate_type = next(kind for kind in ("batch_discount", "batch", "standard") if kind in kinds)
+        result.update(model_key=model_key, table_found=True)
+    else:
+        discount = _effective_discount(global_discount) if use_batch_api else None
+        in_rate = float(pricing.get("input_per_million", DEFAULT_INPUT_PER_MILLION))
+        out_rate = float(pricing.get("output_per_million", DEFAULT_OUTPUT_PER_MILLION))
+        in_source, out_source = "pricing.input_per_million", "pricing.output_per_million"
+        rate_type = "default"
+        if discount is not None:
+            in_rate, out_rate, rate_type = in_rate * discount, out_rate * discount, "default_batch"
+            in_source += f" × pricing.batch_discount ({discount:g})"
+            out_source += f" × pricing.batch_discount ({discount:g})"
+        result.update(model_key=model, table_found=False)
+    result.update(input_rate_per_mtok=in_rate, output_rate_per_mtok=out_rate, rate_type=rate_type,
+                  source=f"input: {in_source}; output: {out_source}")
+    return {key: result[key] for key in ("provider", "model_key", "input_rate_per_mtok", "output_rate_per_mtok",
+                                         "rate_type", "table_found", "use_batch_api", "source")}
+
+
+def pricing_args(cfg: Any, model: str) -> dict[str, Any]:
+    """`resolve_rates` keyword arguments for a trial's `model` under an ExperimentConfig: the emulator is priced as
+    Fireworks, and `provider.pricing_key` (when set) replaces the model key."""
+    provider = "fireworks" if cfg.provider.name == "emulator" else cfg.provider.name
+    return {"pricing": cfg.pricing.model_dump(), "provider": provider, "model": cfg.provider.pricing_key or model,
+            "use_batch_api": cfg.use_batch_api}
