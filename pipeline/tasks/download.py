@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
+from pipeline.progress import Progress
 from pipeline.provider import make_client
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
@@ -73,11 +74,14 @@ class DownloadPart(PartTask):
         if self.layout.output_dataset_breadcrumb(self.trial, self.jkey).exists():
             decision("repair", f"downloaded part={self.jkey}", f"results missing or invalid, output dataset "
                      f"{record.output_dataset_id} known")
+        progress = Progress(self, f"download {self.jkey}", 3, unit="steps", terminal=False)
+        progress.update(0, f"fetching output dataset {record.output_dataset_id}")
         try:
             found, problems = self.fetch(record, expected)
         except OutputGone as gone:
             record = self.resubmit(ref, record, str(gone))
             found, problems = self.fetch(record, expected)
+        progress.update(1, f"checking {len(found):,} lines against {len(expected):,} requests")
         missing = [c for c in expected if c not in {line_custom_id(o) for o in found}]
         if missing:
             reason = f"no result in output dataset {record.output_dataset_id} (job {record.provider_state})"
@@ -85,12 +89,14 @@ class DownloadPart(PartTask):
                         self.jkey, len(missing), len(expected), problems[0] if problems else reason)
             by_id = {line_custom_id(o): o for o in found}
             found = [by_id.get(c) or missing_result(c, reason) for c in expected]
+        progress.update(2, f"writing {len(found):,} results")
         results = self.layout.part_results(self.trial, self.jkey)
         write_text(results, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
         shutil.rmtree(self.scratch, ignore_errors=True)
         entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256,
                                 missing=len(missing), errors=sum(1 for o in found if not has_answer(o)))
         record_download(self, self.trial, entry)
+        progress.update(3, "done")
         decision("done", f"{self.stage} {self.describe()}", f"{len(found)} results, {entry['errors']} errors")
 
     @property

@@ -19,6 +19,7 @@ import luigi
 from pipeline import budget
 from pipeline.outcome import StopRequested, WaitingOnProvider, no_wait
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
+from pipeline.progress import Progress
 from pipeline.provider import make_client, poll_interval
 from pipeline.providers import job_states
 from pipeline.providers.errors import ProviderError
@@ -231,8 +232,8 @@ def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], 
         if state != last_state:
             write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job)
             last_state = state
-            if status:
-                status(job)
+        if status:
+            status(job)
         decided = job_states.classify(state)
         if decided in (job_states.COMPLETED, job_states.EXPIRED):
             # EXPIRED / EARLY_STOPPED keep the rows done so far; the download accounts for the others.
@@ -344,6 +345,7 @@ class PollJob(PartTask):
 
     stage = "polled"
     priority = 10
+    _progress: Progress | None = None
 
     def requires(self) -> SubmitPart:
         return SubmitPart(trial=self.trial, jkey=self.jkey, **self.common())
@@ -360,8 +362,8 @@ class PollJob(PartTask):
             self.resubmit(self.ref(), record, str(ended))
 
     def _status(self, job: dict[str, Any]) -> None:
-        progress = job.get("jobProgress") or {}
-        if self.set_status_message:
-            self.set_status_message(f"{self.jkey}: {job.get('state')}")
-        if self.set_progress_percentage and isinstance(progress.get("percent"), int | float):
-            self.set_progress_percentage(int(progress["percent"]))
+        if self._progress is None:
+            self._progress = Progress(self, f"job {job.get('name', '').rsplit('/', 1)[-1]}", 100, unit="%",
+                                      terminal=False)
+        percent = (job.get("jobProgress") or {}).get("percent")
+        self._progress.update(int(percent) if isinstance(percent, int | float) else 0, str(job.get("state") or ""))
