@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 _RID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -40,7 +41,7 @@ class RunLayout:
     root: Path
     rid: str
 
-    @property
+    @cached_property
     def run_dir(self) -> Path:
         return self.root / f"run_{self.rid}"
 
@@ -96,6 +97,7 @@ class RunLayout:
     def trial_dir(self, slug: str) -> Path:
         return self.run_dir / slug
 
+    @lru_cache(maxsize=4096)  # noqa: B019 - layouts are few and long-lived; a no-op resume asks thousands of times
     def results_dir(self, slug: str) -> Path:
         return self.trial_dir(slug) / "results"
 
@@ -108,6 +110,7 @@ class RunLayout:
     def part_dir(self, slug: str, jkey: str) -> Path:
         return self.results_dir(slug) / jkey
 
+    @lru_cache(maxsize=65536)  # noqa: B019 - see results_dir
     def part_results(self, slug: str, jkey: str) -> Path:
         return self.part_dir(slug, jkey) / "results.jsonl"
 

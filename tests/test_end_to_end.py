@@ -108,6 +108,8 @@ def test_second_run_does_nothing(experiment: dict) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done " not in again.stderr.replace("Done", "")
     assert "skip report run=e2e (aggregate)" in again.stderr
+    assert "verified complete before, and none of its" in again.stderr, "one walk instead of the graph's predicates"
+    assert again.stderr.count(" pipeline: ") == 1, again.stderr[-3000:]
     assert emulator_calls(experiment["run_dir"]) == before
 
 

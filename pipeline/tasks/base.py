@@ -55,7 +55,13 @@ class PipelineTask(luigi.Task):
 
     @property
     def run_ctx(self) -> Run:
-        return open_run(self.rid, self.root or None, self.config or None)
+        runs: dict[tuple[str, str, str], Run] | None = getattr(_memo, "runs", None)
+        if runs is None:
+            return open_run(self.rid, self.root or None, self.config or None)
+        key = (self.rid, self.root, self.config)
+        if key not in runs:  # within one completeness check nothing is written: the run cannot change
+            runs[key] = open_run(self.rid, self.root or None, self.config or None)
+        return runs[key]
 
     @property
     def layout(self) -> RunLayout:
@@ -89,6 +95,7 @@ class PipelineTask(luigi.Task):
         outermost = memo is None
         if memo is None:
             memo = _memo.checks = {}
+            _memo.runs = {}
         try:
             if self.task_id not in memo:
                 verb, reason = self.status()
@@ -97,7 +104,7 @@ class PipelineTask(luigi.Task):
             return memo[self.task_id]
         finally:
             if outermost:
-                _memo.checks = None
+                _memo.checks = _memo.runs = None
 
     def manifest(self, slug: str) -> TrialManifest | None:
         """The trial's manifest as it stands (a v1 or corrupt file is upgraded / rebuilt in memory only)."""

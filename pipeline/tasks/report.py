@@ -15,13 +15,13 @@ from typing import Any
 
 import luigi
 
-from pipeline import exit_codes, outcome
+from pipeline import exit_codes, noop_index, outcome
 from pipeline.config import ConfigError
 from pipeline.layout import RunLayout
 from pipeline.run import ConfigDriftError, check_drift, config_fingerprint, open_run
 from pipeline.stop import clear_stop, install_signal_handlers
 from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts
-from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, decision, inputs_changed
 from pipeline.tasks.download import SCRATCH
 from pipeline.tasks.parse import TrialTask
 from targets import store
@@ -50,6 +50,7 @@ class TrialReport(TrialTask):
     no_wait: bool = luigi.BoolParameter(significant=False, description="Cron mode: check running jobs once, record "
                                         "their progress and exit (code 5 while waiting) instead of waiting for them")
     stage = "report"
+    _seen_done = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,7 +62,7 @@ class TrialReport(TrialTask):
                 # The first TrialReport of a process is the one the user asked for: it owns stop handling.
                 _checked_roots.append(self.task_id)
                 install_signal_handlers(self.layout)
-                outcome.begin(self.layout, self.complete, wait=not self.no_wait)
+                outcome.begin(self.layout, self._finished, wait=not self.no_wait)
 
     def complete(self) -> bool:
         if _checked_roots == [self.task_id]:
@@ -69,8 +70,32 @@ class TrialReport(TrialTask):
             # refused overlapping invocation must not clear the running one's stop request).
             _checked_roots.append("started")
             clear_stop(self.layout)
+            if self._unchanged_since_verified():
+                self._seen_done = True
+                return True
             sweep_leftovers(self.layout)
-        return super().complete()
+        done = self._seen_done = super().complete()
+        if done and _checked_roots[:1] == [self.task_id] and self._indexable():
+            noop_index.record(self.layout, self.task_id, (SCRATCH,))
+        return done
+
+    def _finished(self) -> bool:
+        """At exit: was the run seen complete (nothing runs after that), else is it now?"""
+        return self._seen_done or self.complete()
+
+    def _indexable(self) -> bool:
+        return not self.trial and not self.force and not self.run_ctx.adopted
+
+    def _unchanged_since_verified(self) -> bool:
+        """The no-op short-cut (`pipeline.noop_index`): one directory walk instead of the graph's predicates."""
+        if not self._indexable():
+            return False
+        files = noop_index.unchanged(self.layout, self.task_id, (SCRATCH,))
+        if files is None:
+            return False
+        decision("skip", f"{self.stage} {self.describe()}", f"verified complete before, and none of its {files:,} "
+                 "files changed since")
+        return True
 
     def _check_config(self) -> None:
         try:
