@@ -60,7 +60,10 @@ def run_parts(task: PipelineTask) -> dict[str, list[PartRef]]:
 class PartTask(PipelineTask):
     """A task on one part, identified by its owner trial and job key (`t07_control_p02`)."""
 
-    resources = {"provider_api": 1}
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        """One unit of `<provider>_api` (`[resources]` in luigi.cfg caps how many part tasks use a provider at once)."""
+        return {f"{self.run_ctx.cfg.provider.name}_api": 1}
 
     trial: str = luigi.Parameter(description="Owner trial slug")
     jkey: str = luigi.Parameter(description="Part job key, t{T}_{cond}_p{NN}")
