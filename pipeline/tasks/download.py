@@ -58,9 +58,10 @@ class DownloadPart(PartTask):
         fp = fingerprint(results, known)
         if fp is None:
             return False, "results.jsonl missing"
-        if known and known.get("sha256") == fp.sha256 and known.get("input_sha256") == self.ref().sha256:
+        ref = self.ref()
+        if known and known.get("sha256") == fp.sha256 and known.get("input_sha256") == ref.sha256:
             return True, f"results.jsonl {known.get('rows')} rows, unchanged"
-        check = check_part_results(results, input_custom_ids(self.ref().path))
+        check = check_part_results(results, input_custom_ids(ref.path))
         if not check.valid:
             detail = check.problems[0] if check.problems else f"{len(check.missing)} input ids have no result"
             return False, f"results.jsonl invalid: {detail}"
