@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+import json
+from typing import Any, TextIO
 
 from luigi.task import flatten
 
@@ -26,60 +27,75 @@ def _children(task):  # noqa: ANN001, ANN202
     return deps
 
 
-def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO) -> int:
+def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO, as_json: bool = False) -> int:
     from pipeline.tasks.report import TrialReport
 
     try:
         run = open_run(rid, root or None, config or None)
         check_drift(run, config or None)
     except ConfigDriftError as exc:
-        print(f"error: {exc}", file=stream)
+        print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}", file=stream)
         return exit_codes.CONFIG_DRIFT
     except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=stream)
+        print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}", file=stream)
         return exit_codes.CONFIG_INVALID
     source = "frozen effective_config.yaml" if run.frozen else str(run.source)
-    print(f"run {rid} at {run.layout.run_dir} (config: {source}); {len(run.trials)} trial(s)", file=stream)
     seen: set[str] = set()
-    counts = {"done": 0, "to run": 0}
+    tasks: list[dict[str, str]] = []
 
-    def visit(task, depth: int) -> None:  # noqa: ANN001
+    def visit(task) -> None:  # noqa: ANN001
         if task.task_id in seen:
             return
         seen.add(task.task_id)
         verb, reason = task.status()
         if verb != "skip":
             for dep in _children(task):
-                visit(dep, depth + 1)
-        state = "done" if verb == "skip" else "to run"
-        counts[state] += 1
-        print(f"  {state:<7} {task.stage:<10} {task.describe():<55} ({reason})", file=stream)
+                visit(dep)
+        tasks.append({"state": "done" if verb == "skip" else "to run", "stage": task.stage, "task": task.describe(),
+                      "reason": reason})
 
-    visit(TrialReport(rid=rid, root=str(run.layout.root), config=config), 0)
+    visit(TrialReport(rid=rid, root=str(run.layout.root), config=config))
+    counts = {state: sum(1 for t in tasks if t["state"] == state) for state in ("done", "to run")}
+    if as_json:
+        print(json.dumps({"rid": rid, "run_dir": str(run.layout.run_dir), "config": source, "trials": len(run.trials),
+                          "tasks": tasks, "counts": counts, "cost": budget_summary(run)}, indent=2), file=stream)
+        return exit_codes.OK
+    print(f"run {rid} at {run.layout.run_dir} (config: {source}); {len(run.trials)} trial(s)", file=stream)
+    for t in tasks:
+        print(f"  {t['state']:<7} {t['stage']:<10} {t['task']:<55} ({t['reason']})", file=stream)
     print(f"{counts['done']} done, {counts['to run']} to run", file=stream)
     for line in budget_lines(run):
         print(line, file=stream)
     return exit_codes.OK
 
 
-def budget_lines(run: Run) -> list[str]:
-    """The cost estimate of the whole run (an upper bound: every request uses its max tokens) against the budget."""
+def budget_summary(run: Run) -> dict[str, Any]:
+    """The cost estimate, the budget and the money committed so far, as plain data."""
     try:
         plan = budget.plan_estimate(run)
     except (OSError, ValueError, KeyError) as exc:
-        return [f"cost estimate unavailable: {exc}"]
-    total: budget.Estimate = plan["total"]
+        return {"error": f"cost estimate unavailable: {exc}"}
+    return {"estimate_from": plan["from"], "estimate_usd": plan["total"].usd, "requests": plan["total"].requests,
+            "prompt_tokens": plan["total"].prompt_tokens,
+            "max_completion_tokens": plan["total"].max_completion_tokens,
+            "by_trial_usd": {slug: e.usd for slug, e in plan["by_trial"].items()},
+            "max_usd": plan["max_usd"], "committed_usd": budget.committed_usd(run)}
+
+
+def budget_lines(run: Run) -> list[str]:
+    """The cost estimate of the whole run (an upper bound: every request uses its max tokens) against the budget."""
+    cost = budget_summary(run)
+    if "error" in cost:
+        return [str(cost["error"])]
     pricing = "batch" if run.cfg.use_batch_api else "standard"
-    lines = [f"estimated cost (from the {plan['from']}, {pricing} pricing): at most ${total.usd:,.4f} for "
-             f"{total.requests:,} requests, ~{total.prompt_tokens:,} prompt tokens (~{budget.CHARS_PER_TOKEN} chars "
-             f"per token) + at most {total.max_completion_tokens:,} completion tokens"]
-    lines += [f"  {slug}: ${estimate.usd:,.4f} ({estimate.requests:,} requests)"
-              for slug, estimate in plan["by_trial"].items()]
-    limit = plan["max_usd"]
-    committed = budget.committed_usd(run)
+    lines = [f"estimated cost (from the {cost['estimate_from']}, {pricing} pricing): at most ${cost['estimate_usd']:,.4f} "
+             f"for {cost['requests']:,} requests, ~{cost['prompt_tokens']:,} prompt tokens (~{budget.CHARS_PER_TOKEN} "
+             f"chars per token) + at most {cost['max_completion_tokens']:,} completion tokens"]
+    lines += [f"  {slug}: ${usd:,.4f}" for slug, usd in cost["by_trial_usd"].items()]
+    limit, committed, total = cost["max_usd"], cost["committed_usd"], cost["estimate_usd"]
     if limit is None:
         lines.append(f"budget: none set (budget.max_usd); committed so far ${committed:,.4f}")
     else:
-        verdict = "fits" if total.usd <= limit else f"EXCEEDS it by ${total.usd - limit:,.4f}: submission stops at the budget"
+        verdict = "fits" if total <= limit else f"EXCEEDS it by ${total - limit:,.4f}: submission stops at the budget"
         lines.append(f"budget: ${limit:,.4f}; committed so far ${committed:,.4f}; the estimate {verdict}")
     return lines
