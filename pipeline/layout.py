@@ -2,13 +2,13 @@
 
 ```
 <root>/run_<RID>/
-  effective_config.yaml  run_state.json  STOP_REQUESTED  aggregate_report.md
+  effective_config.yaml  run_state.json  STOP_REQUESTED  aggregate_report.md  aggregate_report.html
   prompts/                     frozen prompt texts and task instructions
   prepared/                    snapshot of the prepared data (+ prepared_manifest.json)
   batch_inputs/                shards, parts, build_manifest.json
   .emulator/                   state of the run's embedded emulator
   <trial>/results/             trial_manifest.json, t{T}_{cond}_p{NN}/results.jsonl, breadcrumbs, tables
-  <trial>/reports/report.md
+  <trial>/reports/report.md  report.html
 ```
 """
 
@@ -60,6 +60,10 @@ class RunLayout:
     @property
     def aggregate_report(self) -> Path:
         return self.run_dir / "aggregate_report.md"
+
+    @property
+    def aggregate_report_html(self) -> Path:
+        return self.run_dir / "aggregate_report.html"
 
     @property
     def prompts_dir(self) -> Path:
@@ -137,6 +141,9 @@ class RunLayout:
 
     def report_md(self, slug: str) -> Path:
         return self.reports_dir(slug) / "report.md"
+
+    def report_html(self, slug: str) -> Path:
+        return self.reports_dir(slug) / "report.html"
 
     def rel(self, path: Path) -> str:
         """A path relative to the run directory, as recorded in manifests."""

@@ -401,7 +401,8 @@ def _prompt_rows(prompts: Any) -> list[dict[str, str]]:
         info = prompts.get(condition) if isinstance(prompts.get(condition), dict) else {}
         sha = info.get("sha256")
         rows.append({"condition": condition.capitalize(), "tokens": fmt_int(info.get("tokens")),
-                     "sha256": f"`{str(sha)[:12]}`" if sha else NA, "path": info.get("path") or NA})
+                     "sha256": f"`{str(sha)[:12]}`" if sha else NA, "sha256_full": str(sha) if sha else NA,
+                     "path": info.get("path") or NA})
     return rows
 
 
@@ -415,7 +416,12 @@ def _job_rows(jobs: Any) -> list[dict[str, str]]:
 
 
 def render_trial_report(ctx: dict[str, Any]) -> str:
-    """report.md for one trial.
+    """report.md for one trial (ctx as for `trial_view`)."""
+    return _env().get_template("report.md.j2").render(**trial_view(ctx))
+
+
+def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The display strings of one trial's report (shared by report.md and report.html).
 
     ctx: `rid`, `trial{slug, model, prompt_set, top_p, top_k, max_new_tokens{closed_book, open_book}}`,
     `temps` [float], `samples_per_item{temp_str: int}`, `prompts{condition: {path, sha256, tokens}}`,
@@ -445,7 +451,7 @@ def render_trial_report(ctx: dict[str, Any]) -> str:
         "config_hash": ctx.get("config_hash") or NA,
         "jobs": _job_rows(ctx.get("jobs")),
     }
-    return _env().get_template("report.md.j2").render(**view)
+    return view
 
 
 # ---------------------------------------------------------------- aggregate report
@@ -483,7 +489,12 @@ def _aggregate_rows(trial: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def render_aggregate_report(ctx: dict[str, Any]) -> str:
-    """aggregate_report.md: one row per trial × temperature, then the run's total cost.
+    """aggregate_report.md (ctx as for `aggregate_view`)."""
+    return _env().get_template("aggregate_report.md.j2").render(**aggregate_view(ctx))
+
+
+def aggregate_view(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The display strings of the run's report: one row per trial × temperature, then the run's total cost.
 
     ctx: `rid`, `trials` [{slug, model, prompt_set, per_item (DataFrame), significance, costs}]. Trials keep
     the given order; temperatures within a trial are increasing.
@@ -494,6 +505,5 @@ def render_aggregate_report(ctx: dict[str, Any]) -> str:
     known = [u for u in usds if u is not None]
     total = fmt_usd(sum(known)) if known else NA
     unpriced = len(usds) - len(known)
-    view = {"rid": ctx.get("rid") or NA, "rows": rows, "total_usd": total, "n_trials": len(trials),
+    return {"rid": ctx.get("rid") or NA, "rows": rows, "total_usd": total, "n_trials": len(trials),
             "unpriced": unpriced}
-    return _env().get_template("aggregate_report.md.j2").render(**view)

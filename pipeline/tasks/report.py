@@ -135,12 +135,20 @@ class TrialReport(TrialTask):
             if kind != "v2":
                 # Everything may still be valid, but the file on disk must be upgraded / repaired (with a copy aside).
                 return False, f"trial manifest is {kind} on disk"
-            return self.stage_done("report", self.current_inputs())
+            ok, why = self.stage_done("report", self.current_inputs())
+            if ok:
+                manifest = self.manifest(self.trial)
+                html_ok, html_why = artifact_current(self.layout, manifest.stage("report").artifacts.get("html")
+                                                     if manifest else None)
+                if not html_ok:
+                    return False, f"report.html: {html_why}"
+            return ok, why
         state = store.read(self.layout.run_state, RunState)
         record = state.aggregate_report if state else {}
-        ok, why = artifact_current(self.layout, record.get("file"))
-        if not ok:
-            return False, why
+        for key in ("file", "html"):
+            ok, why = artifact_current(self.layout, record.get(key))
+            if not ok:
+                return False, why
         changed = inputs_changed(record.get("inputs"), self.current_inputs())
         return (False, changed) if changed else (True, f"{why}, trial reports unchanged")
 
@@ -163,6 +171,7 @@ class TrialReport(TrialTask):
         }
 
     def _trial_report(self, inputs: dict[str, Any]) -> None:
+        from pipeline.report.html import render_trial_html
         from pipeline.report.render import render_trial_report
 
         run = self.run_ctx
@@ -192,20 +201,24 @@ class TrialReport(TrialTask):
                "prompts": prompts, **self._load(self.trial),
                "score_summary": manifest.stage("scored").artifacts.get("summary", {}),
                "jobs": jobs, "config_hash": config_fingerprint(run.cfg)}
-        path = self.layout.report_md(self.trial)
+        path, html = self.layout.report_md(self.trial), self.layout.report_html(self.trial)
         write_text(path, render_trial_report(ctx))
-        self.record_stage("report", {"report_md": self.layout.rel(path), "file": artifact_record(self.layout, path),
+        write_text(html, render_trial_html(ctx))
+        self.record_stage("report", {"report_md": self.layout.rel(path), "report_html": self.layout.rel(html),
+                                     "file": artifact_record(self.layout, path), "html": artifact_record(self.layout, html),
                                      "inputs": inputs})
         log.info("done report trial=%s (%s)", self.trial, self.layout.rel(path))
 
     def _aggregate(self, inputs: dict[str, Any]) -> None:
+        from pipeline.report.html import render_aggregate_html
         from pipeline.report.render import render_aggregate_report
 
         trials = [{"slug": t.slug, "model": t.model_id, "prompt_set": t.prompt_set, **self._load(t.slug)}
                   for t in self.run_ctx.trials]
-        path = self.layout.aggregate_report
+        path, html = self.layout.aggregate_report, self.layout.aggregate_report_html
         write_text(path, render_aggregate_report({"rid": self.rid, "trials": trials}))
-        record = {"file": artifact_record(self.layout, path), "inputs": inputs}
+        write_text(html, render_aggregate_html({"rid": self.rid, "trials": trials}))
+        record = {"file": artifact_record(self.layout, path), "html": artifact_record(self.layout, html), "inputs": inputs}
 
         def change(state: RunState | None) -> RunState:
             state = state or RunState(run_id=self.rid, config_hash="")
