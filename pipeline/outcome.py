@@ -119,8 +119,14 @@ def exit_code(kinds: set[str], stop_requested: bool) -> int | None:
 
 def _exit(layout: RunLayout, finished: Callable[[], bool]) -> None:
     kinds = _collect(layout)
-    if os.getpid() != _session["pid"] or finished():
+    if os.getpid() != _session["pid"]:
         return
+    if finished():
+        # Under luigid Luigi exits 10 (run by another worker), 20 or 25 when another worker process ran some of this
+        # invocation's tasks, although every requested report is current: that is a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_codes.OK)
     code = exit_code(kinds, layout.stop_file.exists())
     if code is None:
         return
