@@ -32,6 +32,7 @@ def _setup_logging() -> None:
 _setup_logging()
 
 from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts  # noqa: E402
+from pipeline.tasks.archive import ArchiveRun  # noqa: E402
 from pipeline.tasks.build import BuildBatches  # noqa: E402
 from pipeline.tasks.download import DownloadPart  # noqa: E402
 from pipeline.tasks.parse import ParsePredictions  # noqa: E402
@@ -40,6 +41,6 @@ from pipeline.tasks.remote import PollJob, SubmitPart, UploadPart  # noqa: E402
 from pipeline.tasks.report import TrialReport  # noqa: E402
 
 __all__ = [
-    "BuildBatches", "ComputeStats", "DownloadPart", "OptionalAnalyses", "ParsePredictions", "PollJob", "PrepareData",
-    "ScorePredictions", "SubmitPart", "SummarizeCosts", "TrialReport", "UploadPart",
+    "ArchiveRun", "BuildBatches", "ComputeStats", "DownloadPart", "OptionalAnalyses", "ParsePredictions", "PollJob",
+    "PrepareData", "ScorePredictions", "SubmitPart", "SummarizeCosts", "TrialReport", "UploadPart",
 ]

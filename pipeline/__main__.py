@@ -1,8 +1,11 @@
 """`python -m pipeline <command>`: the views and tools around the Luigi graph.
 
-- `plan --rid X [--config PATH] [--root DIR]`: read-only; prints every task of the run as done / to run, with the reason.
+- `plan --rid X [--config PATH] [--root DIR] [--json]`: read-only; every task of the run as done / to run, with the
+  reason, and the run's cost estimate against its budget.
 - `status --rid X [--root DIR] [--json]`: read-only; each trial's stages, parts by job state, cost so far, what blocks it.
 - `list [--root DIR] [--json]`: read-only; the runs under the root with their status, age and cost.
+- `compare --rid A --rid B [--root DIR] [--json]`: read-only; two runs' metrics and deltas side by side.
+- `archive --rid X [--root DIR] [--out DIR] [--json]`: a verified archive bundle of a finished run (non-destructive).
 - `stop --rid X [--root DIR]`: ask a running run to stop submitting, save its state and exit (code 75).
 - `emulator --port P --state-dir D [--latency S] [--answer-key DIR]`: the offline Fireworks-compatible server.
 - `prepare-data --out DIR [--squad-v2 F] [--triviaqa F] [--nq-open F] [--max-items ...]`: prepared files from the
@@ -24,7 +27,60 @@ from pipeline import exit_codes
 def _plan(args: argparse.Namespace) -> int:
     from pipeline.planview import render_plan
 
-    return render_plan(args.rid, root=args.root, config=args.config, stream=sys.stdout)
+    return render_plan(args.rid, root=args.root, config=args.config, stream=sys.stdout, as_json=args.json)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.compare import compare_runs, render_comparison
+
+    if len(args.rid) != 2:
+        print("error: compare takes exactly two runs: --rid A --rid B", file=sys.stderr)
+        return exit_codes.CONFIG_INVALID
+    try:
+        view = compare_runs(args.rid[0], args.rid[1], args.root or None)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_codes.CONFIG_INVALID
+    sys.stdout.write(json.dumps(view, indent=2) + "\n" if args.json else render_comparison(view))
+    return exit_codes.OK
+
+
+def _archive(args: argparse.Namespace) -> int:
+    import json
+
+    import luigi
+
+    from pipeline.run import resolve_root
+    from pipeline.tasks.archive import ArchiveRun
+    from pipeline.tasks.report import TrialReport
+
+    common = {"rid": args.rid, "root": str(resolve_root(args.root or None))}
+    try:
+        report = TrialReport(**common)
+        finished = report.complete()
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_codes.CONFIG_INVALID
+    if not finished:
+        print(f"error: run {args.rid} is not finished (its reports are not current): nothing archived. Run "
+              f"`luigi --module pipeline TrialReport --rid {args.rid} --local-scheduler` first, or see "
+              f"`python -m pipeline status --rid {args.rid}`", file=sys.stderr)
+        return exit_codes.NOT_FINISHED
+    task = ArchiveRun(out=args.out, **common)
+    if not luigi.build([task], local_scheduler=True, log_level="WARNING") or not task.complete():
+        print(f"error: archiving run {args.rid} failed (see the log above)", file=sys.stderr)
+        return exit_codes.FAILED
+    record = task.records()[0] or {}
+    if args.json:
+        print(json.dumps({key: record.get(key) for key in ("archive_path", "sha256", "files", "bytes", "checksums_path")},
+                         indent=2))
+    else:
+        print(f"archive of run {args.rid}: {record.get('archive_path')} ({record.get('files')} files, "
+              f"{record.get('bytes', 0):,} bytes, sha256 {str(record.get('sha256'))[:12]}; checksums in "
+              f"{record.get('checksums_path')})")
+    return exit_codes.OK
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -75,7 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--config", default="", help="experiment config (default: the run's frozen one, else "
                                                    "config/experiment.yaml)")
     plan.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_plan)
+    compare = sub.add_parser("compare", help="read-only: two runs' metrics and deltas side by side")
+    compare.add_argument("--rid", action="append", required=True, help="give twice: --rid A --rid B")
+    compare.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    compare.set_defaults(func=_compare)
+    archive = sub.add_parser("archive", help="a verified, non-destructive archive bundle of a finished run")
+    archive.add_argument("--rid", required=True)
+    archive.add_argument("--root", default="", help="experiments root (default ./experiments)")
+    archive.add_argument("--out", default="", help="where bundles go (default <root>/archives)")
+    archive.add_argument("--json", action="store_true", help="print the archive record as JSON")
+    archive.set_defaults(func=_archive)
     sub.add_parser("status", help="read-only: a run's trials, stages, parts and cost (--rid X [--json])")
     sub.add_parser("list", help="read-only: every run under the root (--json)")
     stop = sub.add_parser("stop", help="ask a running run to stop submitting, save its state and exit")

@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO, get_args
 
-from pipeline import exit_codes
+from pipeline import budget, exit_codes
+from pipeline.archive import archive_current
 from pipeline.layout import RunLayout, check_rid
+from pipeline.run import open_run
 from targets import store
 from targets.fingerprint import fingerprint
 from targets.manifest import PartState, RunState, TrialManifest
@@ -175,7 +177,31 @@ def run_status(rid: str, root: str | Path | None) -> dict[str, Any]:
         status = "in progress"
     return {"rid": rid, "run_dir": str(layout.run_dir), "status": status, "config": config,
             "stop_requested": stop is not None, "stop_reason": stop, "run_state_error": state_error,
-            "aggregate_report": aggregate, "total_usd": round(sum(priced), 6) if priced else None, "trials": trials}
+            "aggregate_report": aggregate, "total_usd": round(sum(priced), 6) if priced else None,
+            "budget": _budget(rid, root, config), "archive": _archive(layout, slugs), "trials": trials}
+
+
+def _budget(rid: str, root: str | Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The budget, the money committed by sent parts and the money spent per the priced results (frozen runs only)."""
+    if not config["frozen"] or config["error"]:
+        return None
+    try:
+        return budget.summary(open_run(rid, root))
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc)}
+
+
+def _archive(layout: RunLayout, slugs: list[str]) -> dict[str, Any] | None:
+    """The archive recorded by the trials (the `archived` stage), and whether it still holds the run as it is."""
+    try:
+        manifest = store.read(layout.trial_manifest(slugs[0]), TrialManifest) if slugs else None
+    except (OSError, ValueError):
+        return None
+    record = manifest.stage("archived").artifacts if manifest else {}
+    if not record.get("archive_path"):
+        return None
+    current, reason = archive_current(layout, record)
+    return {"path": record["archive_path"], "current": current, "reason": reason}
 
 
 def list_runs(root: str | Path | None, *, now: float | None = None) -> list[dict[str, Any]]:
@@ -235,6 +261,14 @@ def render_status(view: dict[str, Any]) -> str:
              f"aggregate report: {report}; total usd: {_money(view['total_usd'])}"]
     if view["run_state_error"]:
         lines.append(f"run_state.json unreadable: {view['run_state_error']}")
+    money = view.get("budget")
+    if money and "error" not in money:
+        limit = "none set" if money["max_usd"] is None else _money(money["max_usd"])
+        lines.append(f"budget: {limit}; committed (estimate of every part sent): {_money(money['committed_usd'])}; "
+                     f"spent (priced results): {_money(money['spent_usd'])}")
+    if view.get("archive"):
+        archive = view["archive"]
+        lines.append(f"archive: {archive['path']} ({'current' if archive['current'] else archive['reason']})")
     rows = []
     for trial in view["trials"]:
         stages = [_STAGE_SHOWN.get(trial["stages"].get(s, ""), "-") for s in VIEW_STAGES]
