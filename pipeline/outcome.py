@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import exit_codes
 from pipeline.layout import RunLayout
+from targets.atomic import pid_alive
 
 log = logging.getLogger("pipeline")
 
@@ -83,19 +84,9 @@ def _collect(layout: RunLayout) -> set[str]:
         if session == str(_session["pid"]):
             kinds.add(rest.partition(".")[0])
             path.unlink(missing_ok=True)
-        elif session.isdigit() and not _alive(int(session)):
+        elif session.isdigit() and not pid_alive(int(session)):
             path.unlink(missing_ok=True)
     return kinds
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def begin(layout: RunLayout, finished: Callable[[], bool], *, wait: bool = True) -> None:

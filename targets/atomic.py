@@ -86,10 +86,13 @@ def _writer_alive(name: str) -> bool:
         # An untagged temp file is a leftover of a writer from before tagging: dead. Anything else untagged is kept.
         return TMP_MARK not in name
     pid_text = name.split(marker, 1)[1].split("-", 1)[0].split(".", 1)[0]
-    if not pid_text.isdigit():
-        return True
+    return not pid_text.isdigit() or pid_alive(int(pid_text))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -120,17 +123,6 @@ def sweep_temp_files(directory: Path, *, scratch: tuple[str, ...] = (), exclude:
         dirs[:] = [d for d in dirs if not is_leftover(d, scratch)]
     for p in candidates:
         if _writer_alive(p.name):
-            continue
-        with contextlib.suppress(OSError):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p)
-    return removed
-    candidates = list(directory.rglob(f".*{TMP_MARK}*")) + [p for name in scratch for p in directory.rglob(f"{name}*")]
-    for p in candidates:
-        if p.relative_to(directory).parts[0] in exclude or _writer_alive(p.name):
             continue
         with contextlib.suppress(OSError):
             if p.is_dir() and not p.is_symlink():

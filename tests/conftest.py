@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -87,3 +90,20 @@ def start_emulator(state_dir: Path, **kwargs: object) -> EmulatorServer:
 def stop_emulator_server(server: EmulatorServer) -> None:
     server.shutdown()
     server.server_close()
+
+
+def run_luigi(root: Path, config: Path | None, rid: str, *extra: str, task: str = "TrialReport",
+              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`luigi --module pipeline <task> --rid RID --root ROOT [--config CONFIG] --local-scheduler ...` in a subprocess
+    (with the project's luigi.cfg, whatever LUIGI_CONFIG_PATH the caller has)."""
+    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
+    cmd = [str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", task, "--rid", rid, "--root", str(root),
+           *(["--config", str(config)] if config else []), "--local-scheduler", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def finished_run(root: Path, config: Path, rid: str) -> Path:
+    """Run the pipeline to the end; the run directory."""
+    done = run_luigi(root, config, rid)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / f"run_{rid}"

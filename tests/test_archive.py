@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import exit_codes
-from tests.conftest import small_experiment
+from tests.conftest import finished_run, small_experiment
 
 pytestmark = pytest.mark.e2e
 
@@ -25,12 +25,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("archive")
-    config = small_experiment(base)
-    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    done = subprocess.run([str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", "TrialReport", "--rid",
-                           "arc", "--root", str(base / "exp"), "--config", str(config), "--local-scheduler"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    finished_run(base / "exp", small_experiment(base), "arc")
     return {"root": base / "exp", "run_dir": base / "exp" / "run_arc"}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import yaml
 
 from pipeline import budget, exit_codes
 from pipeline.run import open_run
-from tests.conftest import small_experiment
+from tests.conftest import run_luigi, small_experiment
 
 RATES = {"input_rate_per_mtok": 2.0, "output_rate_per_mtok": 10.0}
 
@@ -42,27 +41,15 @@ def test_the_plan_estimate_is_the_same_before_and_after_the_build(tmp_path: Path
     assert before["from"] == "requests the build will write"
     # 12 items x 2 temperatures per condition; the two trials share their control parts, which count once.
     assert before["total"].requests == 12 * 2 * (len(run.trials) + 1)
-    luigi = Path(sys.executable).with_name("luigi")
-    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
     for trial in run.trials:
         for temp in trial.temps:
-            built = subprocess.run([str(luigi), "--module", "pipeline", "BuildBatches", "--rid", "est", "--root",
-                                    str(tmp_path / "exp"), "--config", str(config), "--prompt-set", trial.prompt_set,
-                                    "--temp", str(temp), "--local-scheduler"], capture_output=True, text=True,
-                                   timeout=120, env=env)
+            built = run_luigi(tmp_path / "exp", config, "est", "--prompt-set", trial.prompt_set, "--temp", str(temp),
+                              task="BuildBatches")
             assert built.returncode == 0, built.stderr[-2000:]
     after = budget.plan_estimate(open_run("est", tmp_path / "exp"))
     assert after["from"] == "built requests"
     assert after["total"] == before["total"] and after["by_trial"] == before["by_trial"]
     assert after["total"].usd > 0
-
-
-def run_pipeline(tmp_path: Path, config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    luigi = Path(sys.executable).with_name("luigi")
-    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    return subprocess.run([str(luigi), "--module", "pipeline", "TrialReport", "--rid", "b", "--root",
-                           str(tmp_path / "exp"), "--config", str(config), "--local-scheduler", *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def job_creates(run_dir: Path) -> dict[str, int]:
@@ -82,7 +69,7 @@ def test_submission_stops_before_the_budget_and_resumes_when_it_is_raised(tmp_pa
                            "--config", str(config)], capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0 and "EXCEEDS" in plan.stdout, plan.stdout[-2000:]
 
-    stopped = run_pipeline(tmp_path, config, "--workers", "4")
+    stopped = run_luigi(tmp_path / "exp", config, "b", "--workers", "4")
     assert stopped.returncode == exit_codes.BUDGET_EXCEEDED, stopped.stderr[-3000:]
     assert "over budget.max_usd" in stopped.stderr
     run_dir = tmp_path / "exp" / "run_b"
@@ -95,7 +82,7 @@ def test_submission_stops_before_the_budget_and_resumes_when_it_is_raised(tmp_pa
 
     raw["budget"] = {"max_usd": round(full * 2, 6)}
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    finished = run_pipeline(tmp_path, config, "--accept-config-drift")
+    finished = run_luigi(tmp_path / "exp", config, "b", "--accept-config-drift")
     assert finished.returncode == exit_codes.OK, finished.stderr[-3000:]
     after = job_creates(run_dir)
     assert all(n == 1 for n in after.values()) and set(sent) <= set(after)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline import exit_codes
-from tests.conftest import small_experiment
+from tests.conftest import finished_run, small_experiment
 
 pytestmark = pytest.mark.e2e
 
@@ -22,25 +22,17 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
-def run_pipeline(root: Path, config: Path, rid: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    done = subprocess.run([str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", "TrialReport", "--rid",
-                           rid, "--root", str(root), "--config", str(config), "--local-scheduler"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("compare")
     config = small_experiment(base)
     root = base / "exp"
-    run_pipeline(root, config, "a")
+    finished_run(root, config, "a")
     raw = yaml.safe_load(config.read_text())
     raw["sweep"]["prompt_sets"] = raw["sweep"]["prompt_sets"][:1]  # B: one of A's two trials
     one = config.with_name("one.yaml")
     one.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run_pipeline(root, one, "b")
+    finished_run(root, one, "b")
     return root
 
 

@@ -10,12 +10,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_experiment
+from tests.conftest import finished_run, small_experiment
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
@@ -39,13 +38,7 @@ def console_messages(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("html")
-    config = small_experiment(base)
-    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    done = subprocess.run([str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", "TrialReport", "--rid",
-                           "html", "--root", str(base / "exp"), "--config", str(config), "--local-scheduler"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = base / "exp" / "run_html"
+    run_dir = finished_run(base / "exp", small_experiment(base), "html")
     return {"trial": next(run_dir.glob("*/reports/report.html")), "run": run_dir / "aggregate_report.html",
             "base": base}
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from targets.atomic import pid_alive
+
 _HEALTH_TIMEOUT_S = 1.0
 _POLL_S = 0.05
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -121,10 +123,4 @@ def _alive(pid: int) -> bool:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
