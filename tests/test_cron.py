@@ -6,6 +6,7 @@ are decided by the test, not by timing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -100,8 +101,13 @@ def test_an_overlapping_identical_invocation_is_refused_with_the_locked_code(tmp
         second = subprocess.run(luigi_cmd(tmp_path, config), capture_output=True, text=True, timeout=120, env=env,
                                 cwd=tmp_path)
         assert second.returncode == exit_codes.LOCKED, second.stderr[-3000:]
-        provider.clock.advance(120)
-        _, err = blocking.communicate(timeout=180)
+        # Parts may still be being submitted: keep the provider's clock moving until the first invocation is done.
+        deadline = time.monotonic() + 180
+        while blocking.poll() is None and time.monotonic() < deadline:
+            provider.clock.advance(120)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                blocking.wait(timeout=0.5)
+        _, err = blocking.communicate(timeout=5)
         assert blocking.returncode == exit_codes.OK, err[-3000:]
     finally:
         if blocking.poll() is None:
