@@ -3,14 +3,16 @@
 Usage (from the repository root, with the project's virtualenv):
     python bench/bench_score_stats.py            # full size: 1,000,000 result lines, 100,000 paired items
     python bench/bench_score_stats.py --quick    # smoke size: 40,000 lines, 5,000 items, 1,000 resamples
+    python bench/bench_score_stats.py --workdir DIR   # keep the data in DIR; reused when size and seed match
 
 What one run does (everything seeded, so every run sees the same data):
-1. Writes synthetic prepared items (open-book squad_v2 with contexts, a third unanswerable; closed-book triviaqa
-   and nq_open) and provider result lines in the Fireworks success-line shape (plus ~0.1 % error lines and
-   ~0.5 % `finish_reason: "length"` rows) for 2 temps × 2 conditions × K samples, shuffled.
-2. Runs pipeline A (ours: `pipeline.parsing`, `pipeline.scoring.score`, `pipeline.stats.significance`, as the
-   Luigi tasks call them, CSV files between the phases) and pipeline B (`original_impl.py`) on those files, each
-   in its own subprocess, so that each peak RSS (`ru_maxrss`) is its own.
+1. Writes (or reuses, see --workdir) synthetic prepared items (open-book squad_v2 with contexts, a third
+   unanswerable; closed-book triviaqa and nq_open) and provider result lines in the Fireworks success-line shape
+   (plus ~0.1 % error lines and ~0.5 % `finish_reason: "length"` rows) for 2 temps × 2 conditions × K samples,
+   shuffled.
+2. Runs pipeline A (ours: the functions ParsePredictions, ScorePredictions and ComputeStats call, in their
+   order, with the files between the phases) and pipeline B (`original_impl.py`) on those files, each
+   in its own subprocess, so that each peak RSS (VmHWM) is its own.
 3. Statistics alone: one metric (EM replicate-mean deltas, K=10) on N paired items: ours
    (`pipeline.stats.paired`) against the original's per-resample loops, each in its own subprocess.
 4. Prints the side-by-side table, the breakdown of our phases and PASS/FAIL against the targets
@@ -20,8 +22,9 @@ deltas above. Both are reported: "as shipped" (what the original spent) and "sam
 n as ours, so the algorithms are compared). The same-n time above n = 2000 is EXTRAPOLATED from the loop's
 measured per-pair cost (fastest of n = 1000/2000/4000, which favours the original: the real loop also slows
 down as its list of n²/2 floats outgrows the caches). The script prints every extrapolation it makes.
-File writes are plain writes (no fsync) on both sides; ParsePredictions' extra results_combined.jsonl
-re-serialization is timed as a separate row and left out of the totals (the original had its own combine step).
+File writes are plain writes (no fsync) on both sides; ParsePredictions' copy of the part files into
+results_combined.jsonl (`combine_results`) is timed as a separate row and left out of the totals (the original had
+its own combine step).
 """
 
 from __future__ import annotations
@@ -229,6 +232,17 @@ def stats_alone_deltas(n: int, seed: int) -> Any:
 # ---------------------------------------------------------------- measurement helpers
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started: VmHWM on Linux.
+
+    Not `ru_maxrss`: Linux carries it across fork + exec, so a worker would report the bench parent's own peak
+    (about 1.5 GiB while it generates the data) when that is higher than the worker's.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -280,40 +294,34 @@ def walsh_seconds_per_pair(sizes: tuple[int, ...]) -> dict[str, Any]:
 # ---------------------------------------------------------------- workers (one subprocess each)
 
 def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import orjson
     import pandas as pd
 
     import pipeline.stats.significance as significance
     from pipeline.data.prepared import read_prepared
-    from pipeline.parsing import iter_jsonl, prediction_row, predictions_writer
-    from pipeline.scoring.score import per_item_scores, score_predictions, score_summary
-    from pipeline.tasks.analyze import read_predictions
+    from pipeline.parsing import combine_results, write_predictions
+    from pipeline.scoring.score import per_item_csv, per_item_scores, score_predictions, score_summary, scored_row_arrays
+    from pipeline.tasks.analyze import read_predictions_for_scoring
     from targets.atomic import dumps_json
 
     timer = Timer()
     pred_path, per_item_path = work / "ours_predictions.csv", work / "ours_per_item_scores.csv"
-    with timer("parse", "iter_jsonl + prediction_row + streamed CSV (as ParsePredictions.run)"):
-        seen: set[str] = set()
+    sources = [work / "results.jsonl"]
+    # ParsePredictions.run: combine_results into results_combined.jsonl, then write_predictions into predictions.csv
+    with timer("info", "combine_results (results_combined.jsonl)"):
+        with open(work / "ours_results_combined.jsonl", "wb") as combined:
+            combine_results(sources, combined)
+    with timer("parse", "write_predictions (as ParsePredictions.run)"):
         with open(pred_path, "w", encoding="utf-8", newline="") as out:
-            writer = predictions_writer(out)
-            for _, obj in iter_jsonl(work / "results.jsonl"):
-                row = prediction_row(obj)
-                if row["custom_id"] in seen:
-                    raise ValueError(f"duplicate custom_id {row['custom_id']}")
-                seen.add(str(row["custom_id"]))
-                writer.writerow(row)
-    with timer("info", "results_combined.jsonl (the part files copied as they are)"):
-        with open(work / "ours_results_combined.jsonl", "w", encoding="utf-8") as out, \
-                open(work / "results.jsonl", encoding="utf-8") as src:
-            out.write(src.read())
-    n_rows = len(seen)
-    del seen
-    with timer("floor", "json.loads of every line alone, nothing kept"):
+            n_rows = write_predictions(sources, out).rows
+    with timer("floor", "orjson.loads of every line alone, nothing kept"):
         with open(work / "results.jsonl", "rb") as fh:
             for raw in fh:
-                json.loads(raw)
+                orjson.loads(raw)
 
-    with timer("score", "read_predictions (pandas)"):
-        frame = read_predictions(pred_path)
+    with timer("score", "read_predictions_for_scoring (pandas)"):
+        frame = read_predictions_for_scoring(pred_path)
     with timer("score", "load prepared items"):
         items_rows = []
         for kind, type_ in (("open_book", "open"), ("closed_book", "closed")):  # as tasks.analyze.prepared_items
@@ -327,8 +335,11 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         scored = score_predictions(frame, items)
     with timer("score", "per_item_scores"):
         table = per_item_scores(scored)
-    with timer("score", "write per_item_scores.csv"):
-        per_item_path.write_text(table.to_csv(index=False, lineterminator="\n"), encoding="utf-8")
+    with timer("score", "write per_item_scores.csv (per_item_csv)"):
+        per_item_path.write_text(per_item_csv(table), encoding="utf-8")
+    with timer("score", "write scored_rows.npz (for OptionalAnalyses)"):
+        with open(work / "ours_scored_rows.npz", "wb") as fh:
+            np.savez(fh, **scored_row_arrays(scored))
     with timer("score", "score_summary"):
         score_summary(scored)
     n_per_item = len(table)
@@ -477,9 +488,9 @@ def report(data: dict[str, Any], ours: dict[str, Any], orig: dict[str, Any], s_o
     print(_row("total, same-n O(n²) HL (EXTRAPOLATED)", totals["ours"], totals["orig"] + extra))
     print(_row("info: ours writes results_combined.jsonl too", phase(ours, "info"), None, "(not in totals)"))
     floor = phase(ours, "floor")
-    print(_row("floor: stdlib json.loads of every line", floor, None,
+    print(_row("floor: orjson.loads of every line", floor, None,
                f"(any parse that decodes each line; caps the overall ratio at {_ratio(totals['orig'], floor):.1f}x)"))
-    print(f"{'peak RSS (ru_maxrss, own subprocess)':<46}{_gib(ours['peak_rss']):>10}  {_gib(orig['peak_rss']):>12}")
+    print(f"{'peak RSS (VmHWM, own subprocess)':<46}{_gib(ours['peak_rss']):>10}  {_gib(orig['peak_rss']):>12}")
     per_pair = orig["walsh"]["per_pair"]
     print(f"  HL: the original answered {len(big)} of {len(orig['hl_sizes'])} HL calls (n = {sorted(set(big))}) with the "
           f"median; EXTRAPOLATED their O(n²) loop from {per_pair * 1e9:.0f} ns/pair (measured at n = "
@@ -545,7 +556,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--stats-items", type=int, help="paired items for statistics alone (default 100,000; quick 5,000)")
     ap.add_argument("--resamples", type=int, help="bootstrap and permutation resamples there (default 5,000; quick 1,000)")
     ap.add_argument("--seed", type=int, default=20240611)
-    ap.add_argument("--workdir", type=Path, help="where to write the data (default: a temporary directory)")
+    ap.add_argument("--workdir", type=Path, help="where to write the data (default: a temporary directory); data already "
+                    "there for the same --lines, --samples and --seed is reused")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.lines = args.lines or (40_000 if args.quick else 1_000_000)
@@ -553,6 +565,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.resamples = args.resamples or (1_000 if args.quick else 5_000)
     args.walsh_sizes = (1000, 2000) if args.quick else (1000, 2000, 4000)
     return args
+
+
+def data_in(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The synthetic data in `work`: generated, or reused when `work` already holds it for the same size and seed."""
+    marker = work / "data.json"
+    wanted = {"lines": args.lines, "k": args.samples, "seed": args.seed}
+    if marker.exists() and (work / "results.jsonl").exists():
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+        if recorded.get("params") == wanted:
+            print(f"Reusing the {args.lines:,} result lines (K={args.samples}, seed {args.seed}) in {work}", flush=True)
+            return recorded["data"]
+    print(f"Generating {args.lines:,} result lines (K={args.samples}, seed {args.seed}) in {work} …", flush=True)
+    start = time.perf_counter()
+    data = generate(work, args.lines, args.samples, args.seed)
+    marker.write_text(json.dumps({"params": wanted, "data": data}), encoding="utf-8")
+    print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
+    return data
 
 
 def main(argv: list[str]) -> int:
@@ -563,10 +592,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_score_stats_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"Generating {args.lines:,} result lines (K={args.samples}, seed {args.seed}) in {work} …", flush=True)
-        start = time.perf_counter()
-        data = generate(work, args.lines, args.samples, args.seed)
-        print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
+        data = data_in(work, args)
         common = [*(["--quick"] if args.quick else []), "--lines", str(args.lines), "--samples", str(args.samples),
                   "--stats-items", str(args.stats_items), "--resamples", str(args.resamples)]
         ours = run_worker("ours", work, common)

@@ -133,6 +133,10 @@ class RunLayout:
     def per_item_scores(self, slug: str) -> Path:
         return self.results_dir(slug) / "per_item_scores.csv"
 
+    def scored_rows(self, slug: str) -> Path:
+        """Per-prediction scores aligned with predictions.csv (ScorePredictions writes, OptionalAnalyses reads)."""
+        return self.results_dir(slug) / "scored_rows.npz"
+
     def significance(self, slug: str) -> Path:
         return self.results_dir(slug) / "significance.json"
 

@@ -8,11 +8,16 @@ Accepted line shapes (original_system.md §4 "Results line"): `{"custom_id"|"cus
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Iterable, Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import orjson
 
 from pipeline.naming import parse_custom_id
 
@@ -21,6 +26,10 @@ PREDICTION_COLUMNS = (
     "response_text", "prompt_tokens", "completion_tokens", "total_tokens", "error",
 )
 MAX_LINE_BYTES = 16 * 1024 * 1024
+_TAILS: dict[str, tuple[str, str, int, str]] = {}  # checked custom_id tails: (condition, temp, sample_index, type)
+_TAILS_MAX = 1 << 16
+_BLOCK_BYTES = 1 << 22
+_loads = orjson.loads  # about 3x json.loads on result lines; any line it refuses is decided by json.loads
 
 
 class ResultsError(ValueError):
@@ -53,13 +62,6 @@ def _text(body: dict) -> str | None:
     return body["content"] if isinstance(body.get("content"), str) else None
 
 
-def _int(value: object) -> int:
-    try:
-        return int(float(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 0
-
-
 def _error_text(obj: dict) -> str:
     err = obj.get("error")
     if isinstance(err, dict):
@@ -69,31 +71,70 @@ def _error_text(obj: dict) -> str:
     return "no usable response in result line"
 
 
-def prediction_row(obj: dict) -> dict[str, object]:
-    """One predictions.csv row from a result line (which must carry a valid custom_id)."""
-    cid = line_custom_id(obj)
-    if cid is None:
+def _custom_id_fields(cid: str) -> tuple[str, str, str, str, int, str]:
+    """`parse_custom_id` without building a CustomId (this runs once per result line); the same checks and errors.
+
+    The tail `condition|temp|sample|type` repeats across a file, so each distinct tail is checked once.
+    """
+    fields = cid.split("|", 2)
+    tail = _TAILS.get(fields[-1]) if len(fields) == 3 else None
+    if tail is None:
+        parts = parse_custom_id(cid)  # raises the error that names what is wrong
+        tail = (parts.condition, parts.temp, parts.sample_index, parts.type)
+        if len(_TAILS) < _TAILS_MAX:
+            _TAILS[fields[-1]] = tail
+    return fields[0], fields[1], *tail
+
+
+def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str, str, str, int, int, int, str]:
+    """One predictions.csv row, in `PREDICTION_COLUMNS` order, from a result line (which must carry a valid custom_id).
+
+    Text and finish_reason come from `body.choices[0]` (text falls back to `body.message.content`, then
+    `body.content`); usage from `response.usage`, else `body.usage`; request_id from `response.request_id`, else
+    `response.id`, else `body.id`; tokens are `int(float(value))` (0 when not a number), total falls back to
+    prompt + completion. A line without text is an error row whose `error` says why.
+    """
+    cid = obj.get("custom_id", obj.get("customId"))
+    if not isinstance(cid, str) or not cid:
         raise ValueError("result line has no custom_id")
-    parts = parse_custom_id(cid)
+    dataset, item_id, condition, temp, sample_index, type_ = _custom_id_fields(cid)
     response = obj.get("response")
-    body = _body(response)
-    text = _text(body) if body else None
-    usage = (response.get("usage") if isinstance(response, dict) else None) or (body or {}).get("usage") or {}
-    usage = usage if isinstance(usage, dict) else {}
+    is_dict = isinstance(response, dict)
+    body = response.get("body", response) if is_dict else None
+    if not isinstance(body, dict):
+        body = None
+    text = None
     finish = ""
-    if body and isinstance(body.get("choices"), list) and body["choices"] and isinstance(body["choices"][0], dict):
-        finish = str(body["choices"][0].get("finish_reason") or "")
-    request_id = ""
-    if isinstance(response, dict):
-        request_id = str(response.get("request_id") or response.get("id") or (body or {}).get("id") or "")
-    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-    total = _int(usage.get("total_tokens")) or prompt + completion
-    return {
-        "custom_id": cid, "dataset": parts.dataset, "item_id": parts.item_id, "condition": parts.condition,
-        "temp": parts.temp, "sample_index": parts.sample_index, "type": parts.type, "request_id": request_id,
-        "finish_reason": finish, "response_text": (text or "").strip(), "prompt_tokens": prompt,
-        "completion_tokens": completion, "total_tokens": total, "error": "" if text is not None else _error_text(obj),
-    }
+    if body:
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            first = choices[0]
+            message = first.get("message")
+            if isinstance(message, dict):
+                content = message.get("content")
+                text = content if isinstance(content, str) else None
+            finish = str(first.get("finish_reason") or "")
+        if text is None:
+            text = _text(body)
+    usage = (response.get("usage") if is_dict else None) or (body or {}).get("usage") or {}
+    if not isinstance(usage, dict):
+        usage = {}
+    request_id = str(response.get("request_id") or response.get("id") or (body or {}).get("id") or "") if is_dict else ""
+    # int(float(value)), 0 when that fails: inlined, this runs three times per result line
+    try:
+        prompt = int(float(usage.get("prompt_tokens")))
+    except (TypeError, ValueError):
+        prompt = 0
+    try:
+        completion = int(float(usage.get("completion_tokens")))
+    except (TypeError, ValueError):
+        completion = 0
+    try:
+        total = int(float(usage.get("total_tokens"))) or prompt + completion
+    except (TypeError, ValueError):
+        total = prompt + completion
+    return (cid, dataset, item_id, condition, temp, sample_index, type_, request_id, finish, (text or "").strip(),
+            prompt, completion, total, "" if text is not None else _error_text(obj))
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -216,8 +257,135 @@ def missing_result(custom_id: str, reason: str) -> dict:
     return {"custom_id": custom_id, "error": {"code": "missing", "message": reason}}
 
 
-def predictions_writer(out: IO[str]) -> csv.DictWriter:
-    """A CSV writer of prediction rows (fixed column order) that has already written the header."""
-    writer = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-    writer.writeheader()
-    return writer
+class _CsvLines:
+    """predictions.csv lines exactly as `csv.writer(quoting=QUOTE_MINIMAL, lineterminator="\\n")` writes them.
+
+    A row whose fields hold no comma, quote or line break needs no quoting, so it is formatted directly (`%s` is
+    `str`, as for the csv module); any other row goes through the csv module.
+    """
+
+    _FORMAT = ",".join(["%s"] * len(PREDICTION_COLUMNS)) + "\n"
+    _COMMAS = len(PREDICTION_COLUMNS) - 1
+
+    def __init__(self) -> None:
+        self._buffer = io.StringIO()
+        self._writer = csv.writer(self._buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+
+    def line(self, fields: tuple) -> str:
+        line = self._FORMAT % fields
+        if line.count(",") == self._COMMAS and '"' not in line and "\r" not in line and line.count("\n") == 1:
+            return line
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        self._writer.writerow(fields)
+        return self._buffer.getvalue()
+
+
+@dataclass
+class ParsedResults:
+    """What `write_predictions` wrote: one prediction row per result line, `errors` of them without an answer."""
+
+    rows: int = 0
+    errors: int = 0
+
+
+def _decode_with_json(raw: bytes, path: Path, lineno: int) -> object:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"{path}:{lineno}: not valid JSON ({exc.__class__.__name__}); "
+                           "delete the file to download the part again") from None
+
+
+def _too_long(path: Path, lineno: int) -> ResultsError:
+    return ResultsError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes; the file is not a results file")
+
+
+def _chunks(path: Path) -> Iterator[tuple[bytes, int]]:
+    """(bytes, number of its first line) of newline-aligned pieces of about `_BLOCK_BYTES` (the last one may end
+    without a newline); ResultsError for a line longer than `MAX_LINE_BYTES`."""
+    lineno = 1
+    carry = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK_BYTES):
+            data = carry + block if carry else block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield data[:cut], lineno
+                lineno += data.count(b"\n", 0, cut)
+            if len(carry) > MAX_LINE_BYTES:
+                raise _too_long(path, lineno)
+    if carry:
+        yield carry, lineno
+
+
+def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tuple[str, int]:
+    """predictions.csv text of the non-blank result lines in `data` (see `_chunks`) and how many are error rows;
+    their custom_ids are added to `seen`.
+
+    Lines are as `iter_jsonl` reads them: split on "\\n", at most `MAX_LINE_BYTES` long counting the newline,
+    whitespace-only lines skipped. Raises ResultsError / ValueError naming the file and line, for the first bad line.
+    """
+    csv_lines = _CsvLines()
+    text: list[str] = []
+    errors = 0
+    lines = data.split(b"\n")
+    last = len(lines) - 1  # the only one without a newline (empty when `data` ends with one)
+    for k, raw in enumerate(lines):
+        if len(raw) >= MAX_LINE_BYTES and (k < last or len(raw) > MAX_LINE_BYTES):
+            raise _too_long(path, first_line + k)
+        if not raw or raw.isspace():
+            continue
+        try:
+            obj = _loads(raw)
+        except orjson.JSONDecodeError:  # orjson is stricter than json (NaN, big ints, lone surrogates): json decides
+            obj = _decode_with_json(raw, path, first_line + k)
+        if not isinstance(obj, dict):
+            raise ResultsError(f"{path}:{first_line + k}: expected a JSON object, got {type(obj).__name__}")
+        try:
+            fields = prediction_fields(obj)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{first_line + k}: {exc}") from None
+        cid = fields[0]
+        if cid in seen:
+            raise ValueError(f"{path}:{first_line + k}: custom_id {cid} appears twice in the results")
+        seen.add(cid)
+        errors += fields[13] != ""
+        text.append(csv_lines.line(fields))
+    return "".join(text), errors
+
+
+def combine_results(sources: Iterable[Path], out: IO[bytes]) -> None:
+    """Append each source's bytes, as they are, to the binary file `out` (in the kernel where it can)."""
+    for path in sources:
+        out.flush()
+        with open(path, "rb") as src:
+            try:
+                while os.sendfile(out.fileno(), src.fileno(), None, _BLOCK_BYTES * 16):
+                    pass
+            except OSError:  # no sendfile between these files: copy in user space from where it stopped
+                shutil.copyfileobj(src, out, _BLOCK_BYTES)
+
+
+def write_predictions(sources: Iterable[Path], out: IO[str],
+                      progress: Callable[[int], None] | None = None) -> ParsedResults:
+    """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order.
+
+    Streamed in pieces of about `_BLOCK_BYTES`: only the custom_ids are kept in memory. `progress(n)` is told after
+    each of the n first files.
+    Raises ResultsError naming the file and line for an unreadable line, ValueError for a line without a valid
+    custom_id and for a custom_id seen twice.
+    """
+    seen: set[str] = set()
+    parsed = ParsedResults()
+    out.write(",".join(PREDICTION_COLUMNS) + "\n")
+    for done, path in enumerate(sources, 1):
+        for data, first_line in _chunks(path):
+            text, errors = _chunk_rows(path, data, first_line, seen)
+            parsed.errors += errors
+            out.write(text)
+        if progress:
+            progress(done)
+    parsed.rows = len(seen)
+    return parsed

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import luigi
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +14,10 @@ import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.stats.power import NormalIndPower, TTestPower
 
+from pipeline import OptionalAnalyses, TrialReport
 from pipeline.costs import summarize_costs
-from pipeline.scoring.score import per_item_scores, score_predictions
+from pipeline.scoring import score as score_module
+from pipeline.scoring.score import per_item_scores, score_predictions, scored_from_arrays, scored_row_arrays
 from pipeline.stats.optional import mixed
 from pipeline.stats.optional.analyses import OUTPUT_FILES, optional_analyses
 from pipeline.stats.optional.common import rng
@@ -22,6 +26,7 @@ from pipeline.stats.optional.mixed import mixed_effects
 from pipeline.stats.optional.power import power_analysis
 from pipeline.stats.optional.sensitivity import STREAM, unsupported_sensitivity
 from pipeline.stats.paired import bootstrap_ci
+from tests.conftest import small_experiment
 
 Z = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))
 
@@ -342,3 +347,36 @@ def test_optional_analyses_entry_point() -> None:
         optional_analyses(per_item, rows, ITEMS, costs, temps=[0.0], cfg={"enable_power": True})
     with pytest.raises(ValueError, match="costs"):
         optional_analyses(per_item, rows, ITEMS, None, temps=[0.0], cfg={})
+
+
+# --- per-prediction scores persisted by ScorePredictions --------------------------------------------------------------
+def test_scored_rows_rebuild_equals_scoring_and_refuses_other_predictions() -> None:
+    preds = predictions((0.0, 0.7))
+    rows = score_predictions(preds, ITEMS, unsupported_strategy="overlap")
+    arrays = scored_row_arrays(rows)
+    pd.testing.assert_frame_equal(scored_from_arrays(preds, arrays), rows)
+    edited = preds.assign(error=["boom"] + [""] * (len(preds) - 1))  # row 0 is now a provider error
+    with pytest.raises(ValueError, match="statuses"):
+        scored_from_arrays(edited, arrays)
+    with pytest.raises(ValueError, match="rows"):
+        scored_from_arrays(preds.iloc[1:], arrays)
+
+
+def test_optional_analyses_task_reads_the_persisted_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = {"rid": "opt", "root": str(tmp_path / "exp"), "config": str(small_experiment(tmp_path))}
+    assert luigi.build([TrialReport(**common)], local_scheduler=True, log_level="WARNING")
+    results = next((tmp_path / "exp" / "run_opt").glob("*/results/trial_manifest.json")).parent
+    trial = results.parent.name
+    written = {name: (results / name).read_bytes() for name in OUTPUT_FILES.values() if (results / name).exists()}
+    assert written and (results / "scored_rows.npz").exists()
+
+    def no_scoring(*_: object, **__: object) -> None:
+        raise AssertionError("OptionalAnalyses scored the predictions again")
+
+    monkeypatch.setattr(score_module, "score_predictions", no_scoring)
+    OptionalAnalyses(trial=trial, **common).run()  # from scored_rows.npz: the same bytes
+    assert {name: (results / name).read_bytes() for name in written} == written
+    monkeypatch.undo()
+    (results / "scored_rows.npz").unlink()  # gone: scored again, still the same bytes
+    OptionalAnalyses(trial=trial, **common).run()
+    assert {name: (results / name).read_bytes() for name in written} == written

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.scoring.abstention import DEFAULT_MARKERS, is_abstention
-from pipeline.scoring.score import PER_ITEM_COLUMNS, per_item_scores, score_predictions, score_summary
+from pipeline.scoring.score import PER_ITEM_COLUMNS, per_item_csv, per_item_scores, score_predictions, score_summary
 from pipeline.scoring.squad import exact_match, f1, normalize_answer
 from pipeline.scoring.unsupported import is_unsupported
 
@@ -96,6 +96,16 @@ def test_em_f1_match_official_on_random_strings() -> None:
         em_ref, f1_ref = ref_scores(pred, answers)
         assert exact_match(pred, answers) == em_ref, (pred, answers)
         assert f1(pred, answers) == pytest.approx(f1_ref, abs=1e-12), (pred, answers)
+
+
+def test_normalize_matches_official_on_any_characters() -> None:
+    # the fast path (every word character-wise alphanumeric) and the regex path must agree with the official steps
+    alphabet = ["a", "an", "the", "The", "x", "é", "ß", "İ", "Ⅻ", "٣", "_", "-", "'", "’", ".", "«", "»", "\u0301",
+                " ", "\t", "\n", "\x1c", "\u2028", "\xa0", "\u3000", "北", "A", "N", "E", "5"]
+    rng = np.random.default_rng(17)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet, size=rng.integers(0, 9)))
+        assert normalize_answer(text) == ref_normalize(text), repr(text)
 
 
 def test_empty_golds_become_empty_answer() -> None:
@@ -288,3 +298,15 @@ def test_score_summary_counts() -> None:
     assert summary["status_counts"] == {"ok": 1, "provider_error": 1, "truncated": 1}
     closed = next(g for g in summary["groups"] if g["type"] == "closed")
     assert closed["n_rows"] == 2 and closed["means"]["em"] == 1.0 and closed["means"]["false_answer_rate"] is None
+
+
+def test_per_item_csv_is_what_pandas_writes() -> None:
+    floats = [1e-5, 1e16, 0.1 + 0.2, -0.0, 1 / 3, 5e-324, 1.7976931348623157e308, np.nan, 2.0, 1.2345678901234568e17]
+    plain = pd.DataFrame({"item_key": [f"sq|{i}" for i in range(len(floats))], "em": floats,
+                          "n_samples": np.arange(len(floats)), "type": ["open"] * len(floats)})
+    tables = [plain,
+              plain.assign(item_key=['a,b', 'say "x"', "line\nbreak", "cr\rx", "", "é", "|", " ", "t", "u"]),
+              plain.assign(type=["open", None] * 5), plain.assign(em=np.linspace(0, 1, len(floats), dtype=np.float32)),
+              plain.assign(flag=[True, False] * 5), plain.iloc[:0]]
+    for table in tables:
+        assert per_item_csv(table) == table.to_csv(index=False, lineterminator="\n")

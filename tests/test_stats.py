@@ -19,10 +19,12 @@ from pipeline.stats.fdr import benjamini_hochberg
 from pipeline.stats.meta import meta_analysis
 from pipeline.stats.paired import (
     bootstrap_ci,
+    bootstrap_means,
     cliffs_delta,
     cohens_dz,
     hodges_lehmann,
     mcnemar_exact,
+    means_from_counts,
     sign_flip_permutation_p,
     tost_noninferiority,
     wilcoxon,
@@ -136,11 +138,56 @@ def test_bootstrap_bca_matches_scipy() -> None:
 
 
 def test_bootstrap_edges() -> None:
-    assert bootstrap_ci([], n_resamples=10, rng=rng()) == [None, None]
-    assert bootstrap_ci([0.3], n_resamples=10, rng=rng()) == [0.3, 0.3]
-    assert bootstrap_ci(np.full(9, 0.25), n_resamples=100, rng=rng(), method="bca") == [0.25, 0.25]
+    for draws in ("auto", "index", "counts"):
+        assert bootstrap_ci([], n_resamples=10, rng=rng(), draws=draws) == [None, None]
+        assert bootstrap_ci([0.3], n_resamples=10, rng=rng(), draws=draws) == [0.3, 0.3]
+        assert bootstrap_ci(np.full(9, 0.1), n_resamples=100, rng=rng(), method="bca", draws=draws) == [0.1, 0.1]
+        with pytest.raises(ValueError):
+            bootstrap_ci([1.0, float("nan")], n_resamples=10, rng=rng(), draws=draws)
     with pytest.raises(ValueError):
-        bootstrap_ci([1.0, float("nan")], n_resamples=10, rng=rng())
+        bootstrap_ci([1.0, 2.0], n_resamples=10, rng=rng(), draws="poisson")
+
+
+def per_row_counts(value_ids: np.ndarray, n_values: int) -> np.ndarray:
+    rows = value_ids.shape[0]
+    flat = (np.arange(rows)[:, None] * n_values + value_ids).ravel()
+    return np.bincount(flat, minlength=rows * n_values).reshape(rows, n_values)
+
+
+def test_bootstrap_count_means_equal_index_means_on_the_same_draws() -> None:
+    d = rng(30).integers(-4, 5, size=700) / 8
+    idx = rng(31).integers(0, len(d), (300, len(d)))
+    by_index = bootstrap_means(d, n_resamples=300, rng=rng(31), draws="index")
+    assert np.array_equal(by_index, d[idx].mean(axis=1))  # the documented index stream
+    values, value_ids = np.unique(d, return_inverse=True)
+    counts = per_row_counts(value_ids[idx], len(values))
+    assert np.allclose(means_from_counts(counts, values), by_index, rtol=0, atol=1e-14)
+
+
+def test_bootstrap_count_and_index_draws_give_the_same_distribution() -> None:
+    d = rng(32).integers(-5, 6, size=2000) / 10 + 0.02  # 11 distinct values: what per-item rate deltas look like
+    resamples = 20_000
+    by_counts = bootstrap_means(d, n_resamples=resamples, rng=rng(33), draws="counts")
+    by_index = bootstrap_means(d, n_resamples=resamples, rng=rng(34), draws="index")
+    se = d.std() / math.sqrt(len(d))  # the bootstrap distribution's exact sd
+    for means in (by_counts, by_index):
+        assert abs(means.mean() - d.mean()) <= 5 * se / math.sqrt(resamples)
+        assert abs(means.std() / se - 1) <= 5 * math.sqrt(0.5 / resamples)
+    assert stats.ks_2samp(by_counts, by_index).pvalue > 1e-3
+    for method in ("percentile", "bca"):
+        ci_counts = bootstrap_ci(d, n_resamples=resamples, rng=rng(35), method=method, draws="counts")
+        ci_index = bootstrap_ci(d, n_resamples=resamples, rng=rng(36), method=method, draws="index")
+        assert np.allclose(ci_counts, ci_index, rtol=0, atol=0.15 * se)  # quantile MC error is about 0.03 se
+
+
+def test_bootstrap_draws_auto_picks_the_cheaper_equivalent() -> None:
+    continuous = rng(40).normal(size=500)
+    tied = rng(41).integers(0, 5, size=500) / 4
+    for d, expected in ((continuous, "index"), (tied, "counts")):
+        for method in ("percentile", "bca"):
+            auto = bootstrap_ci(d, n_resamples=200, rng=rng(42), method=method)
+            assert auto == bootstrap_ci(d, n_resamples=200, rng=rng(42), method=method, draws=expected)
+            assert auto == bootstrap_ci(d, n_resamples=200, rng=rng(42), method=method)  # deterministic per seed
 
 
 # --- Hodges–Lehmann --------------------------------------------------------------------------------------------------
@@ -198,16 +245,67 @@ def test_cliffs_delta_matches_brute_force() -> None:
     assert cliffs_delta([], [1.0]) is None
 
 
-def test_sign_flip_p_uses_plus_one_and_the_documented_draws() -> None:
+def exact_sign_flip_p(d: np.ndarray) -> float:
+    """P(|Σ s_i d_i| ≥ |Σ d_i|) over all 2^n fair sign vectors (the permutation p without Monte Carlo error)."""
+    signs = 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) - 1
+    return float(np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-12))
+
+
+@pytest.mark.parametrize("draws", ["bits", "binomial"])
+def test_sign_flip_p_estimates_the_exact_enumerated_p(draws: str) -> None:
+    r = rng(8)
+    resamples = 40_000
+    for d in (r.normal(0.3, 1, size=11), r.integers(-2, 4, size=14) / 4, np.array([0.5, 0.5, 0.5, -0.5, 0.25, 0.0])):
+        exact = exact_sign_flip_p(d)
+        p = sign_flip_permutation_p(d, n_resamples=resamples, rng=rng(9), draws=draws)
+        estimate = (p * (resamples + 1) - 1) / resamples  # undo the +1 correction
+        assert abs(estimate - exact) <= 5 * math.sqrt(exact * (1 - exact) / resamples) + 1e-12
+
+
+def test_sign_flip_bits_are_the_documented_draws() -> None:
     d = rng(8).normal(0.1, 1, size=37)
-    p = sign_flip_permutation_p(d, n_resamples=400, rng=rng(9))
-    bits = np.unpackbits(rng(9).integers(0, 256, (400, 5), dtype=np.uint8), axis=1, count=37).astype(int)
-    perm = np.abs(((2 * bits - 1) * d).mean(axis=1))
-    assert p == pytest.approx((1 + np.sum(perm >= abs(d.mean()) - 1e-12)) / 401, abs=TOL)
-    # constant deltas: only the all-plus / all-minus flips (chance 2^-29) reach |mean| = 1, so p is 1/(R + 1)
-    assert sign_flip_permutation_p(np.full(30, 1.0), n_resamples=99, rng=rng()) == pytest.approx(1 / 100)
-    assert sign_flip_permutation_p(np.zeros(5), n_resamples=99, rng=rng()) == 1.0
-    assert sign_flip_permutation_p([], n_resamples=9, rng=rng()) is None
+    d[[3, 20]] = 0.0  # zeros are dropped before the signs are drawn
+    a = np.abs(d[d != 0])
+    bits = np.unpackbits(rng(9).integers(0, 256, (400, 5), dtype=np.uint8), axis=1, count=len(a)).astype(int)
+    perm = np.abs((2 * bits - 1) @ a)
+    expected = (1 + np.sum(perm >= abs(d.sum()) - 1e-9)) / 401
+    assert sign_flip_permutation_p(d, n_resamples=400, rng=rng(9), draws="bits") == pytest.approx(expected, abs=TOL)
+
+
+@pytest.mark.parametrize("draws", ["auto", "bits", "binomial"])
+def test_sign_flip_plus_one_correction_and_edges(draws: str) -> None:
+    # constant deltas: only the all-plus / all-minus flips (chance 2^-29) reach |sum| = 30, so p is 1/(R + 1)
+    assert sign_flip_permutation_p(np.full(30, 1.0), n_resamples=99, rng=rng(), draws=draws) == pytest.approx(1 / 100)
+    assert sign_flip_permutation_p(np.zeros(5), n_resamples=99, rng=rng(), draws=draws) == 1.0
+    assert sign_flip_permutation_p([0.2, -0.1], n_resamples=0, rng=rng(), draws=draws) == 1.0
+    assert sign_flip_permutation_p([], n_resamples=9, rng=rng(), draws=draws) is None
+    with pytest.raises(ValueError):
+        sign_flip_permutation_p([0.1], n_resamples=9, rng=rng(), draws="shuffle")
+
+
+@pytest.mark.parametrize("draws", ["bits", "binomial"])
+def test_sign_flip_is_deterministic_and_ignores_zeros(draws: str) -> None:
+    d = rng(3).integers(-3, 4, size=500) / 10
+    p = sign_flip_permutation_p(d, n_resamples=999, rng=rng(4), draws=draws)
+    assert p == sign_flip_permutation_p(d, n_resamples=999, rng=rng(4), draws=draws)
+    assert p == sign_flip_permutation_p(d[d != 0], n_resamples=999, rng=rng(4), draws=draws)
+
+
+def test_sign_flip_binomial_counts_agree_with_the_bit_draws() -> None:
+    r = rng(21)
+    resamples = 50_000
+    for shift in (0.0, 0.04, 0.08):  # null, borderline and clear effects on tied, discrete deltas
+        d = np.clip(r.integers(-4, 5, size=600) / 8 + shift, -1, 1)
+        p_bits = sign_flip_permutation_p(d, n_resamples=resamples, rng=rng(22), draws="bits")
+        p_binom = sign_flip_permutation_p(d, n_resamples=resamples, rng=rng(23), draws="binomial")
+        p = (p_bits + p_binom) / 2
+        assert abs(p_bits - p_binom) <= 5 * math.sqrt(2 * p * (1 - p) / resamples) + 2 / resamples
+    many = r.normal(size=800)  # all |values| distinct: auto takes the bits
+    assert sign_flip_permutation_p(many, n_resamples=99, rng=rng(1)) == sign_flip_permutation_p(
+        many, n_resamples=99, rng=rng(1), draws="bits")
+    tied = r.integers(-3, 4, size=800) / 4  # 3 distinct |values| in 800: auto takes the binomial counts
+    assert sign_flip_permutation_p(tied, n_resamples=99, rng=rng(1)) == sign_flip_permutation_p(
+        tied, n_resamples=99, rng=rng(1), draws="binomial")
 
 
 @pytest.mark.parametrize("n", [2, 3, 25, 300])

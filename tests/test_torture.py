@@ -136,7 +136,7 @@ def uncovered_phases(result: TortureResult) -> list[str]:
 @pytest.fixture(scope="module")
 def tortured(reference: dict[str, Any]) -> dict[str, Any]:
     print(f"\ntorture seed {SEED} (set TORTURE_SEED to replay another)")
-    return torture_run(reference, "torture", KillPlan(seed=SEED, body_kills=48, tail_max_step=4, parent_kills=6))
+    return torture_run(reference, "torture", KillPlan(seed=SEED, body_kills=56, tail_max_step=4, parent_kills=6))
 
 
 def test_kill_nine_at_fifty_points_then_resume_is_exactly_once_and_identical(tortured: dict[str, Any]) -> None:

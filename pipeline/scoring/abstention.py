@@ -40,7 +40,7 @@ _WORD = re.compile(r"\w[\w']*")
 
 
 def _canon(text: str) -> str:
-    return text.translate(_APOSTROPHES).lower()
+    return text.lower() if text.isascii() else text.translate(_APOSTROPHES).lower()  # the apostrophes are not ASCII
 
 
 @lru_cache(maxsize=64)

@@ -10,15 +10,20 @@
   else `is_unsupported(response, context)` with the configured strategy.
 - `abstained` follows `pipeline.scoring.abstention.is_abstention`; an empty (ok) response counts as an
   abstention, matching the official metric where the empty prediction is the no-answer prediction.
-Text work is done once per unique response and once per unique (response, item) pair; rows are then filled
-by integer indexing, so a million rows with repeated answers cost little more than their distinct answers.
+Text work is done once per distinct value of each column (keys, status), once per distinct response
+(abstention, normalization) and once per distinct (normalized response, item) pair (em, f1, unsupported); rows
+are then filled by integer indexing, so a million rows with repeated answers cost little more than their
+distinct answers. `scored_row_arrays` / `scored_from_arrays` keep the per-row scores so that a later reader of
+the same predictions does not score them again.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-from collections import Counter
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -26,7 +31,7 @@ import pandas as pd
 
 from pipeline.naming import TYPES
 from pipeline.scoring.abstention import DEFAULT_MARKERS, is_abstention
-from pipeline.scoring.squad import bag_f1, gold_answers, normalize_answer
+from pipeline.scoring.squad import bag_f1, normalize_answer
 from pipeline.scoring.unsupported import STRATEGIES, tokens, unsupported_normalized
 
 STATUSES: tuple[str, ...] = ("ok", "provider_error", "truncated")
@@ -49,6 +54,9 @@ _REQUIRED_PREDICTION_COLUMNS = (
     "dataset", "item_id", "condition", "temp", "sample_index", "type", "finish_reason", "response_text",
 )
 _REQUIRED_ITEM_COLUMNS = ("dataset", "id", "type", "answers")
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')
+# every predictions column score_predictions reads (`error` is optional, `custom_id` is only passed through)
+SCORING_INPUT_COLUMNS: tuple[str, ...] = (*_REQUIRED_PREDICTION_COLUMNS, "error")
 
 
 def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
@@ -65,6 +73,38 @@ def _key(dataset: pd.Series, item_id: pd.Series) -> pd.Series:
     return _text(dataset) + "|" + _text(item_id)
 
 
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    """`pd.factorize(values, use_na_sentinel=False)` (missing values are one more distinct value), but faster."""
+    codes, uniques = pd.factorize(values)
+    distinct = list(uniques)
+    missing = codes < 0
+    if missing.any():
+        codes[missing] = len(distinct)
+        distinct.append(None)
+    return codes, distinct
+
+
+def _as_text(value: Any) -> str:
+    """`_text` of one value: missing → "", anything else → str(value)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+class _Codes:
+    """A column as integer codes into its distinct `_text` values (text work once per distinct value, not per row)."""
+
+    __slots__ = ("codes", "texts")
+
+    def __init__(self, series: pd.Series) -> None:
+        codes, uniques = _factorize(series.to_numpy())
+        texts = [_as_text(u) for u in uniques]
+        merged, distinct = pd.factorize(np.array(texts, dtype=object))  # e.g. 1 and "1" are the same text
+        self.codes = merged[codes] if len(merged) else codes
+        self.texts = np.asarray(distinct, dtype=object)
+
+    def values(self) -> np.ndarray:
+        return self.texts[self.codes]
+
+
 def _answers(value: Any) -> list[str]:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
@@ -73,55 +113,118 @@ def _answers(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def _bag(normalized: str) -> tuple[Counter[str], int]:
+def _bag(normalized: str) -> tuple[dict[str, int], int]:
+    """Token multiset (token → count) and token count; a plain dict, as Counter() costs more for a few tokens."""
     tokens_ = normalized.split()
-    return Counter(tokens_), len(tokens_)
+    bag: dict[str, int] = {}
+    for token in tokens_:
+        bag[token] = bag.get(token, 0) + 1
+    return bag, len(tokens_)
 
 
 class _Item:
     """Per-item text prepared once: normalized golds and their token multisets, normalized context."""
 
-    __slots__ = ("gold_norms", "gold_bags", "gold_vocab", "context_norm", "context_tokens")
+    __slots__ = ("gold_norms", "gold_bags", "gold_vocab", "context_norm", "context_padded", "context_tokens")
 
     def __init__(self, answers: Any, context: Any, overlap: bool) -> None:
-        golds = [normalize_answer(g) for g in gold_answers(_answers(answers))]
+        golds = [norm for norm in map(normalize_answer, _answers(answers)) if norm] or [""]  # as gold_answers keeps them
         self.gold_norms = frozenset(golds)
         self.gold_bags = [_bag(g) for g in golds]
         self.gold_vocab = frozenset(token for g in golds for token in g.split())
         self.context_norm = normalize_answer(context) if isinstance(context, str) else ""
+        self.context_padded = f" {self.context_norm} "
         self.context_tokens = frozenset(tokens(self.context_norm)) if overlap else None
 
 
-def _item_positions(pred_key: pd.Series, pred_type: pd.Series, items: pd.DataFrame) -> np.ndarray:
-    """Row position in `items` of each prediction's (dataset|id, type); ValueError on missing or ambiguous items."""
+def _item_index(items: pd.DataFrame) -> dict[tuple[str, str], int]:
+    """(dataset|id, type) → row position in `items`; ValueError on duplicate rows."""
     item_keys = _key(items["dataset"], items["id"]) + "\x1f" + _text(items["type"])
     duplicated = item_keys[item_keys.duplicated()]
     if len(duplicated):
         shown = sorted(set(duplicated.str.replace("\x1f", " type=", regex=False)))[:5]
         raise ValueError(f"items hold {len(duplicated)} duplicate (dataset|id, type) rows, e.g. {shown}")
-    pred_keys = pred_key + "\x1f" + pred_type
-    positions = pd.Index(item_keys).get_indexer(pred_keys)
+    pairs = zip(_key(items["dataset"], items["id"]).tolist(), _text(items["type"]).tolist(), strict=True)
+    return {pair: pos for pos, pair in enumerate(pairs)}
+
+
+def _item_positions(keys: list[str], types: list[str], n_rows: np.ndarray, items: pd.DataFrame) -> np.ndarray:
+    """Row in `items` of each (dataset|id, type); ValueError naming up to five missing items (`n_rows`: rows per item)."""
+    index = _item_index(items)
+    positions = np.array([index.get(pair, -1) for pair in zip(keys, types, strict=True)], dtype=np.int64)
     if (positions < 0).any():
-        missing = pd.unique(pred_keys[positions < 0]).tolist()
-        shown = [k.replace("\x1f", " type=") for k in missing[:5]]
+        missing = np.flatnonzero(positions < 0)
+        shown = [f"{keys[m]} type={types[m]}" for m in missing[:5]]
         raise ValueError(
             f"{len(missing)} predicted item(s) are missing from the prepared items "
-            f"({int((positions < 0).sum())} prediction rows), e.g. {shown}"
+            f"({int(n_rows[missing].sum())} prediction rows), e.g. {shown}"
         )
     return positions
 
 
-def _flag(series: pd.Series, test: Any) -> np.ndarray:
+def _flag(column: _Codes, test: Any) -> np.ndarray:
     """`test(value.strip())` per row, evaluated once per distinct value (these columns repeat a handful of values)."""
-    codes, uniques = pd.factorize(_text(series).to_numpy())
-    return np.array([bool(test(u.strip())) for u in uniques], dtype=bool)[codes]
+    return np.array([bool(test(u.strip())) for u in column.texts], dtype=bool)[column.codes]
 
 
-def _row_status(predictions: pd.DataFrame) -> np.ndarray:
-    status = np.where(_flag(predictions["finish_reason"], lambda v: v == "length"), "truncated", "ok").astype(object)
-    if "error" in predictions.columns:
-        status[_flag(predictions["error"], bool)] = "provider_error"
+def _row_status(finish_reason: _Codes, error: _Codes | None) -> np.ndarray:
+    status = np.where(_flag(finish_reason, lambda v: v == "length"), "truncated", "ok").astype(object)
+    if error is not None:
+        status[_flag(error, bool)] = "provider_error"
     return status
+
+
+def _numbers(series: pd.Series, dtype: type) -> np.ndarray:
+    """`pd.to_numeric(series).astype(dtype)`, converting each distinct value once."""
+    codes, uniques = _factorize(series.to_numpy())
+    return pd.to_numeric(pd.Series(uniques, dtype=series.dtype)).astype(dtype).to_numpy()[codes]
+
+
+class _Rows:
+    """The key columns and status of scored rows, from the predictions (text work once per distinct value).
+
+    `item` is each row's code of its (dataset|id, type); `keys[code]`, `types[code]` name it.
+    """
+
+    def __init__(self, predictions: pd.DataFrame) -> None:
+        _require(predictions, _REQUIRED_PREDICTION_COLUMNS, "predictions")
+        type_ = _Codes(predictions["type"])
+        bad_types = sorted(set(type_.texts.tolist()) - set(TYPES))
+        if bad_types:
+            raise ValueError(f"predictions have unknown type(s) {bad_types[:5]}; expected {TYPES}")
+        dataset, item_id = _Codes(predictions["dataset"]), _Codes(predictions["item_id"])
+        n_ids, n_types = len(item_id.texts), len(type_.texts)
+        self.item, firsts = pd.factorize((dataset.codes.astype(np.int64) * n_ids + item_id.codes) * n_types + type_.codes)
+        self.keys = [f"{d}|{i}" for d, i in zip(dataset.texts[firsts // n_types // n_ids].tolist(),
+                                                  item_id.texts[(firsts // n_types) % n_ids].tolist(), strict=True)]
+        self.types: list[str] = type_.texts[firsts % n_types].tolist()
+        self.status = _row_status(_Codes(predictions["finish_reason"]),
+                                  _Codes(predictions["error"]) if "error" in predictions.columns else None)
+        self.frame = pd.DataFrame(
+            {
+                **({"custom_id": _text(predictions["custom_id"]).to_numpy()} if "custom_id" in predictions else {}),
+                "item_key": np.array(self.keys, dtype=object)[self.item],
+                "dataset": dataset.values(),
+                "type": type_.values(),
+                "condition": _Codes(predictions["condition"]).values(),
+                "temp": _numbers(predictions["temp"], float),
+                "sample_index": _numbers(predictions["sample_index"], int),
+                "status": self.status,
+            }
+        )
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off: scoring allocates about a million short, acyclic containers (token bags,
+    tuples, lists), and the collector's repeated passes over them cost about a third of the time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def score_predictions(
@@ -136,45 +239,59 @@ def score_predictions(
     """One scored row per prediction (see module docstring); raises ValueError on unknown items or types."""
     if unsupported_strategy not in STRATEGIES:
         raise ValueError(f"unknown unsupported strategy {unsupported_strategy!r}; expected one of {STRATEGIES}")
-    _require(predictions, _REQUIRED_PREDICTION_COLUMNS, "predictions")
-    _require(items, _REQUIRED_ITEM_COLUMNS, "items")
-    pred_type = _text(predictions["type"])
-    bad_types = sorted(set(pred_type.unique()) - set(TYPES))
-    if bad_types:
-        raise ValueError(f"predictions have unknown type(s) {bad_types[:5]}; expected {TYPES}")
-
-    pred_key = _key(predictions["dataset"], predictions["item_id"])
-    positions = _item_positions(pred_key, pred_type, items)
-    status = _row_status(predictions)
-    n_rows = len(predictions)
-    out = pd.DataFrame(
-        {
-            **({"custom_id": _text(predictions["custom_id"]).to_numpy()} if "custom_id" in predictions else {}),
-            "item_key": pred_key.to_numpy(),
-            "dataset": _text(predictions["dataset"]).to_numpy(),
-            "type": pred_type.to_numpy(),
-            "condition": _text(predictions["condition"]).to_numpy(),
-            "temp": pd.to_numeric(predictions["temp"]).astype(float).to_numpy(),
-            "sample_index": pd.to_numeric(predictions["sample_index"]).astype(int).to_numpy(),
-            "status": status,
-        }
-    )
-    metrics = {m: np.full(n_rows, np.nan) for m in ROW_METRICS}
-    ok = np.flatnonzero(status == "ok")
-    if len(ok):
-        _score_ok_rows(
-            ok, positions, predictions, items, metrics, markers=tuple(markers), strategy=unsupported_strategy,
-            threshold=unsupported_threshold, min_token_overlap=min_token_overlap,
-        )
+    with _gc_paused():
+        rows = _Rows(predictions)
+        _require(items, _REQUIRED_ITEM_COLUMNS, "items")
+        positions = _item_positions(rows.keys, rows.types, np.bincount(rows.item, minlength=len(rows.keys)), items)
+        metrics = {m: np.full(len(predictions), np.nan) for m in ROW_METRICS}
+        ok = np.flatnonzero(rows.status == "ok")
+        if len(ok):
+            _score_ok_rows(
+                ok, rows.item[ok], positions, _Codes(predictions["response_text"]), items, metrics,
+                markers=tuple(markers), strategy=unsupported_strategy, threshold=unsupported_threshold,
+                min_token_overlap=min_token_overlap,
+            )
+    out = rows.frame
     for name in ROW_METRICS:
         out[name] = metrics[name]
     return out
 
 
+def scored_row_arrays(scored: pd.DataFrame) -> dict[str, np.ndarray]:
+    """What `scored_from_arrays` needs to rebuild `scored` without scoring again: status codes and the metrics."""
+    _require(scored, ("status", *ROW_METRICS), "scored predictions")
+    status = scored["status"].to_numpy()
+    codes = np.full(len(status), -1, dtype=np.int8)
+    for code, name in enumerate(STATUSES):
+        codes[status == name] = code
+    if (codes < 0).any():
+        raise ValueError(f"scored predictions hold unknown statuses {sorted(set(status[codes < 0].tolist()))[:5]}")
+    return {"status": codes, **{m: scored[m].to_numpy(dtype=float) for m in ROW_METRICS}}
+
+
+def scored_from_arrays(predictions: pd.DataFrame, arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    """`score_predictions` output for `predictions`, its metrics taken from `scored_row_arrays` of an earlier scoring.
+
+    ValueError when the arrays do not fit the predictions (other length, or statuses that differ from the ones
+    the predictions give), so arrays from another predictions file are not silently used.
+    """
+    rows = _Rows(predictions)
+    status = np.asarray(arrays["status"])
+    if len(status) != len(predictions) or any(len(arrays[m]) != len(predictions) for m in ROW_METRICS):
+        raise ValueError(f"scored rows hold {len(status)} rows for {len(predictions)} predictions")
+    if not np.array_equal(np.asarray(STATUSES, dtype=object)[status], rows.status):
+        raise ValueError("scored rows do not match the predictions' statuses; score the predictions again")
+    out = rows.frame
+    for name in ROW_METRICS:
+        out[name] = np.asarray(arrays[name], dtype=float)
+    return out
+
+
 def _score_ok_rows(
     ok: np.ndarray,
+    ok_item: np.ndarray,
     positions: np.ndarray,
-    predictions: pd.DataFrame,
+    response: _Codes,
     items: pd.DataFrame,
     metrics: dict[str, np.ndarray],
     *,
@@ -183,14 +300,17 @@ def _score_ok_rows(
     threshold: float,
     min_token_overlap: float,
 ) -> None:
-    """Fill `metrics` in place for the ok rows; text work once per unique response / (response, item) pair."""
-    item_pos = positions[ok]
-    used_items, item_code = np.unique(item_pos, return_inverse=True)
+    """Fill `metrics` in place for the ok rows; text work once per unique response / (response, item) pair.
+
+    `ok_item` are the ok rows' item codes (their rows of `items` are in `positions`).
+    """
+    item_code, used_codes = pd.factorize(ok_item)
+    used_items = positions[used_codes]
     item_type = _text(items["type"]).to_numpy()[used_items]
     is_open = item_type == "open"
     if "is_unanswerable" in items.columns:
         flags = items["is_unanswerable"].to_numpy()[used_items]
-        unanswerable = np.array([bool(f) and not (isinstance(f, float) and math.isnan(f)) for f in flags])
+        unanswerable = np.array([bool(f) and not (isinstance(f, float) and math.isnan(f)) for f in flags], dtype=bool)
     else:
         unanswerable = np.zeros(len(used_items), dtype=bool)
     unanswerable &= is_open
@@ -200,30 +320,38 @@ def _score_ok_rows(
         _Item(answers[i], contexts[i] if is_open[i] else None, strategy == "overlap") for i in range(len(used_items))
     ]
 
-    resp_code, responses = pd.factorize(_text(predictions["response_text"]).to_numpy()[ok])
-    resp_norm = [normalize_answer(r) for r in responses]
+    resp_code, resp_distinct = pd.factorize(response.codes[ok])
+    responses = response.texts[resp_distinct].tolist()
     resp_abst = np.array([is_abstention(r, markers) for r in responses], dtype=bool)
+    # em, f1 and unsupported depend on the normalized text only: one pair per (normalized response, item)
+    norm_of_resp, norms = pd.factorize(np.array([normalize_answer(r) for r in responses], dtype=object))
+    norm_texts: list[str] = norms.tolist()
 
     n_used = len(used_items)
-    pairs, pair_code = np.unique(resp_code.astype(np.int64) * n_used + item_code, return_inverse=True)
-    resp_bags = [_bag(norm) for norm in resp_norm]
+    pair_code, pairs = pd.factorize(norm_of_resp[resp_code].astype(np.int64) * n_used + item_code)
     pair_em = np.zeros(len(pairs))
     pair_f1 = np.zeros(len(pairs))
     pair_unsup = np.zeros(len(pairs))
+    bags: dict[int, tuple[dict[str, int], int]] = {}
+    baseline = strategy == "baseline"
     for p, (r, i) in enumerate(zip((pairs // n_used).tolist(), (pairs % n_used).tolist(), strict=True)):
         item = prepared[i]
-        norm = resp_norm[r]
+        norm = norm_texts[r]
         if not unanswerable[i]:  # unanswerable em/f1 follow abstention, set below
             if norm in item.gold_norms:
                 pair_em[p] = pair_f1[p] = 1.0  # equal normalized text has equal tokens
+            elif not item.gold_vocab.isdisjoint(norm.split()):  # no shared token: F1 is 0
+                bag = bags.get(r)
+                if bag is None:
+                    bag = bags[r] = _bag(norm)
+                pair_f1[p] = max(bag_f1(bag[0], bag[1], gold, n_gold) for gold, n_gold in item.gold_bags)
+        if is_open[i]:  # abstained rows get unsupported = 0 below, whatever this says
+            if baseline:  # unsupported_normalized's baseline rule, against the context padded once per item
+                pair_unsup[p] = not norm or f" {norm} " not in item.context_padded
             else:
-                bag, n_tokens = resp_bags[r]
-                if not bag.keys().isdisjoint(item.gold_vocab):
-                    pair_f1[p] = max(bag_f1(bag, n_tokens, gold, n_gold) for gold, n_gold in item.gold_bags)
-        if is_open[i] and float(resp_abst[r]) < threshold:
-            pair_unsup[p] = unsupported_normalized(
-                norm, item.context_norm, item.context_tokens, strategy=strategy, min_token_overlap=min_token_overlap
-            )
+                pair_unsup[p] = unsupported_normalized(
+                    norm, item.context_norm, item.context_tokens, strategy=strategy, min_token_overlap=min_token_overlap
+                )
 
     abst = resp_abst[resp_code].astype(float)
     row_open = is_open[item_code]
@@ -235,6 +363,16 @@ def _score_ok_rows(
     metrics["unsupported"][ok] = np.where(row_open, np.where(abst >= threshold, 0.0, pair_unsup[pair_code]), np.nan)
 
 
+def _groups(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(group code per row, first row of each group) over `columns`; codes follow first appearance, NaN keys group."""
+    group = np.zeros(len(frame), dtype=np.int64)
+    for column in columns:
+        codes, uniques = _factorize(frame[column].to_numpy())
+        group, _ = pd.factorize(group * max(len(uniques), 1) + codes)
+    _, first = np.unique(group, return_index=True)
+    return group, first
+
+
 def per_item_scores(scored: pd.DataFrame) -> pd.DataFrame:
     """Aggregate scored rows per (item_key, type, condition, temp) over the ok rows.
 
@@ -244,24 +382,50 @@ def per_item_scores(scored: pd.DataFrame) -> pd.DataFrame:
     failures stay visible. Rows are sorted by (temp, type, condition, item_key).
     """
     _require(scored, (*KEY_COLUMNS, "status", *ROW_METRICS), "scored predictions")
-    frame = scored.loc[:, [*KEY_COLUMNS, *ROW_METRICS]].copy()
-    ok = scored["status"].to_numpy() == "ok"
-    frame["n_samples"] = ok.astype(np.int64)
-    frame["n_excluded"] = (~ok).astype(np.int64)
-    grouped = frame.groupby(list(KEY_COLUMNS), sort=False, observed=True, dropna=False)
-    means = grouped[list(ROW_METRICS)].mean()
-    stds = grouped[list(ROW_METRICS)].std(ddof=1)
-    counts = grouped[list(ROW_METRICS)].count()
+    group, first = _groups(scored, KEY_COLUMNS)
+    # pandas' grouped mean/std over integer group codes: the same per-group arithmetic as grouping by the key columns
+    grouped = scored.loc[:, list(ROW_METRICS)].groupby(group, sort=True)
+    means = grouped.mean()
+    stds = grouped.std(ddof=1)
+    counts = grouped.count()
     stds = stds.mask((counts <= 1) & means.notna(), 0.0)
-    result = pd.DataFrame(index=means.index)
+    result = scored.loc[:, list(KEY_COLUMNS)].iloc[first].reset_index(drop=True)
     for metric, stem in ITEM_METRICS.items():
-        result[stem] = means[metric]
-        result[f"{stem}_std"] = stds[metric]
-    sums = grouped[["n_samples", "n_excluded"]].sum()
-    result["n_samples"] = sums["n_samples"].astype(np.int64)
-    result["n_excluded"] = sums["n_excluded"].astype(np.int64)
-    result = result.reset_index().sort_values(["temp", "type", "condition", "item_key"], kind="mergesort")
+        result[stem] = means[metric].to_numpy()
+        result[f"{stem}_std"] = stds[metric].to_numpy()
+    ok = scored["status"].to_numpy() == "ok"
+    result["n_samples"] = np.bincount(group, weights=ok, minlength=len(first)).astype(np.int64)
+    result["n_excluded"] = np.bincount(group, weights=~ok, minlength=len(first)).astype(np.int64)
+    result = result.sort_values(["temp", "type", "condition", "item_key"], kind="mergesort")
     return result.loc[:, list(PER_ITEM_COLUMNS)].reset_index(drop=True)
+
+
+def _plain_text(values: list[Any]) -> bool:
+    return all(type(v) is str and not _CSV_SPECIAL.search(v) for v in values)
+
+
+def per_item_csv(table: pd.DataFrame) -> str:
+    """Exactly `table.to_csv(index=False, lineterminator="\\n")`, built column-wise when every cell is plain.
+
+    Plain: float64 columns (repr, NaN as empty, as pandas writes them), integer columns, and text cells without a
+    comma, quote or line break (which need no quoting). Anything else goes through pandas.
+    """
+    columns: list[list[str]] = []
+    for name in table.columns:
+        values = table[name]
+        kind = values.dtype.kind
+        if values.dtype == np.float64:
+            columns.append(["" if v != v else repr(v) for v in values.tolist()])
+        elif kind in "iu":
+            columns.append([str(v) for v in values.tolist()])
+        elif kind == "O" and _plain_text(text := values.tolist()):
+            columns.append(text)
+        else:
+            return table.to_csv(index=False, lineterminator="\n")
+    if not _plain_text([str(name) for name in table.columns]):
+        return table.to_csv(index=False, lineterminator="\n")
+    header = ",".join(str(name) for name in table.columns) + "\n"
+    return header + "".join([",".join(row) + "\n" for row in zip(*columns, strict=True)])
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:
@@ -270,25 +434,39 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 
 
 def score_summary(scored: pd.DataFrame) -> dict[str, Any]:
-    """Row counts per status and per (temp, type, condition), with row-level means over ok rows (JSON-safe)."""
+    """Row counts per status and per (temp, type, condition), with row-level means over ok rows (JSON-safe).
+
+    Groups are sorted by (temp, type, condition); rows with a missing key are left out of the groups.
+    """
     _require(scored, (*KEY_COLUMNS, "status", *ROW_METRICS), "scored predictions")
+    status_code, status_names = _factorize(scored["status"].to_numpy())
 
-    def counts(status: pd.Series) -> dict[str, int]:
-        found = status.value_counts()
-        return {s: int(found.get(s, 0)) for s in STATUSES}
+    def counts(codes: np.ndarray) -> dict[str, int]:
+        found = np.bincount(codes, minlength=len(status_names))
+        return {s: int(found[status_names.index(s)]) if s in status_names else 0 for s in STATUSES}
 
+    keys = ["temp", "type", "condition"]
+    group, first = _groups(scored, keys)
+    key_rows = scored.loc[:, keys].iloc[first]
+    complete = key_rows.notna().all(axis=1).to_numpy()
+    order = sorted(np.flatnonzero(complete).tolist(), key=lambda g: tuple(key_rows.iloc[g]))
+    item_code = _factorize(scored["item_key"].to_numpy())[0]
+    ok = scored["status"].to_numpy() == "ok"
+    values = {m: scored[m].to_numpy(dtype=float) for m in ROW_METRICS}
     groups = []
-    for (temp, type_, condition), part in scored.groupby(["temp", "type", "condition"], sort=True):
-        ok = part[part["status"] == "ok"]
+    for g in order:
+        rows = group == g
+        temp, type_, condition = key_rows.iloc[g]
+        ok_rows = rows & ok
         groups.append(
             {
                 "temp": float(temp),
                 "type": str(type_),
                 "condition": str(condition),
-                "n_rows": int(len(part)),
-                "n_items": int(part["item_key"].nunique()),
-                "status_counts": counts(part["status"]),
-                "means": {ITEM_METRICS[m]: _mean_or_none(ok[m].to_numpy(dtype=float)) for m in ROW_METRICS},
+                "n_rows": int(rows.sum()),
+                "n_items": len(np.unique(item_code[rows])),
+                "status_counts": counts(status_code[rows]),
+                "means": {ITEM_METRICS[m]: _mean_or_none(values[m][ok_rows]) for m in ROW_METRICS},
             }
         )
-    return {"n_rows": int(len(scored)), "status_counts": counts(scored["status"]), "groups": groups}
+    return {"n_rows": int(len(scored)), "status_counts": counts(status_code), "groups": groups}

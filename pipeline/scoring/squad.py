@@ -15,12 +15,22 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_PUNCT_BYTES = string.punctuation.encode()
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_ARTICLE_WORDS = frozenset(("a", "an", "the"))
 
 
 def normalize_answer(s: str) -> str:
     """The official SQuAD normalization (same order of steps: lower, punctuation, articles, whitespace)."""
-    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCT_TABLE)).split())
+    lower = s.lower()
+    # ASCII text (an O(1) flag in CPython) takes bytes.translate, which deletes the same characters much faster
+    text = lower.encode().translate(None, _PUNCT_BYTES).decode() if lower.isascii() else lower.translate(_PUNCT_TABLE)
+    words = text.split()
+    if "".join(words).isalnum():
+        # Every non-space character is a regex word character (str.isalnum is sre's Unicode \w minus "_", which the
+        # punctuation step removed), so \b falls exactly between words: dropping whole-word articles is the same.
+        return " ".join([w for w in words if w not in _ARTICLE_WORDS])
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def gold_answers(golds: Iterable[str]) -> list[str]:

@@ -20,6 +20,8 @@ Rules:
 - Every randomized test draws from its own generator, seeded by (random_seed, hash of temp, type, subgroup,
   metric, test), so results do not depend on the order of computation; rows are sorted by item_key first,
   so the same per-item table in any row order gives byte-identical JSON.
+- The per-metric blocks run on a few threads (numpy releases the GIL while resampling); each block is a pure
+  function of its data and its own stream, so the document does not depend on the scheduling.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -65,6 +69,8 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 PAIRED_METRICS: tuple[str, ...] = ("em", "f1")  # meta-analysis and TOST
 MIN_SUBGROUP_ITEMS = 2
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+Submit = Callable[..., Future]
 _KEYS = ("item_key", "type", "condition", "temp")
 
 
@@ -148,9 +154,11 @@ def _selective(ctrl: pd.DataFrame, trt: pd.DataFrame, thresholds: list[float]) -
 
 
 def _compare(
-    ctrl: pd.DataFrame, trt: pd.DataFrame, type_: str, cfg: dict[str, Any], stream: tuple[str, ...]
+    ctrl: pd.DataFrame, trt: pd.DataFrame, type_: str, cfg: dict[str, Any], stream: tuple[str, ...], submit: Submit
 ) -> dict[str, Any]:
-    """McNemar, per-metric tests and selective risk for aligned control/treatment rows of paired items."""
+    """McNemar, per-metric tests and selective risk for aligned control/treatment rows of paired items.
+
+    The per-metric blocks are submitted to `submit` and left as futures (see `_resolved`)."""
     c_em, t_em = _metric_values(ctrl, trt, "em")
     mcnemar = {**mcnemar_exact(c_em >= 0.5, t_em >= 0.5), "q_value": None}
     if len(c_em) == 0:
@@ -159,7 +167,7 @@ def _compare(
         "n_items": int(len(ctrl)),
         "mcnemar": mcnemar,
         "metrics": {
-            m: _metric_block(*_metric_values(ctrl, trt, m), cfg, (*stream, m)) for m in METRICS[type_]
+            m: submit(_metric_block, *_metric_values(ctrl, trt, m), cfg, (*stream, m)) for m in METRICS[type_]
         },
         "selective_risk": _selective(ctrl, trt, cfg["risk_thresholds"]),
     }
@@ -197,17 +205,18 @@ def _counts(part: pd.DataFrame, paired: int) -> dict[str, Any]:
     return out
 
 
-def _type_block(part: pd.DataFrame, type_: str, tkey: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _type_block(part: pd.DataFrame, type_: str, tkey: str, cfg: dict[str, Any], submit: Submit) -> dict[str, Any]:
     ctrl = part[part["condition"] == "control"].set_index("item_key")
     trt = part[part["condition"] == "treatment"].set_index("item_key")
     paired = ctrl.index.intersection(trt.index).sort_values()
     ctrl, trt = ctrl.loc[paired], trt.loc[paired]
-    block = _compare(ctrl, trt, type_, cfg, (tkey, type_, "all"))
+    block = _compare(ctrl, trt, type_, cfg, (tkey, type_, "all"), submit)
     block["counts"] = _counts(part, len(paired))
     datasets = np.array([key.split("|", 1)[0] for key in paired], dtype=object)
     block["subgroups"] = {
         "dataset": {
-            name: _compare(ctrl[datasets == name], trt[datasets == name], type_, cfg, (tkey, type_, f"dataset={name}"))
+            name: _compare(ctrl[datasets == name], trt[datasets == name], type_, cfg, (tkey, type_, f"dataset={name}"),
+                           submit)
             for name in sorted(set(datasets.tolist()))
         }
     }
@@ -233,6 +242,17 @@ def _prepare(per_item: pd.DataFrame) -> pd.DataFrame:
         shown = frame.loc[dup, ["item_key", "type", "condition", "temp_key"]].head(5).values.tolist()
         raise ValueError(f"per-item scores have {int(dup.sum())} duplicate (item, type, condition, temp) rows: {shown}")
     return frame.sort_values(["temp_key", "type", "condition", "item_key"], kind="mergesort").reset_index(drop=True)
+
+
+def _resolved(obj: Any) -> Any:
+    """`obj` with every future replaced by its result (dicts and lists are rebuilt, key order kept)."""
+    if isinstance(obj, Future):
+        return obj.result()
+    if isinstance(obj, dict):
+        return {key: _resolved(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_resolved(value) for value in obj]
+    return obj
 
 
 def _tests(obj: Any) -> Iterator[dict[str, Any]]:
@@ -286,14 +306,16 @@ def compute_significance(per_item: pd.DataFrame, *, temps: list[float], stats_cf
     cfg = effective_stats_cfg(stats_cfg)
     frame = _prepare(per_item)
     results: dict[str, Any] = {}
-    for temp in temps:
-        tkey = temp_str(float(temp))
-        at_temp = frame[frame["temp_key"] == tkey]
-        results[tkey] = {
-            type_: _type_block(at_temp[at_temp["type"] == type_], type_, tkey, cfg)
-            for type_ in TYPES
-            if (at_temp["type"] == type_).any()
-        }
+    with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="stats") as pool:
+        for temp in temps:
+            tkey = temp_str(float(temp))
+            at_temp = frame[frame["temp_key"] == tkey]
+            results[tkey] = {
+                type_: _type_block(at_temp[at_temp["type"] == type_], type_, tkey, cfg, pool.submit)
+                for type_ in TYPES
+                if (at_temp["type"] == type_).any()
+            }
+        results = _resolved(results)
     fdr = _apply_fdr(results, bool(cfg["enable_fdr"]))
     return json_safe(
         {

@@ -7,12 +7,14 @@ import json
 import logging
 from typing import Any
 
+from pipeline.progress import Progress
 from pipeline.tasks.base import artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.parse import ParsePredictions, TrialTask
 from pipeline.tasks.prepare import PrepareData
-from targets.atomic import dumps_json, write_text
+from targets.atomic import atomic_open, dumps_json, write_text
 
 log = logging.getLogger("pipeline")
+# Per-prediction scores, aligned with predictions.csv rows: written by ScorePredictions, read by OptionalAnalyses
 
 
 def settings_hash(obj: Any) -> str:
@@ -28,6 +30,22 @@ def read_predictions(path):  # noqa: ANN001, ANN201 - pandas is imported lazily 
     frame["temp"] = frame["temp"].astype(float)
     for col in ("prompt_tokens", "completion_tokens", "total_tokens", "sample_index"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).astype(int)
+    return frame
+
+
+def read_predictions_for_scoring(path):  # noqa: ANN001, ANN201 - pandas is imported lazily
+    """The predictions.csv columns scoring reads (`SCORING_INPUT_COLUMNS` present in the file), typed as
+    `read_predictions` types them; each distinct temp / sample_index text is converted once."""
+    import pandas as pd
+
+    from pipeline.scoring.score import SCORING_INPUT_COLUMNS
+
+    frame = pd.read_csv(path, usecols=lambda c: c in SCORING_INPUT_COLUMNS, dtype=str, na_filter=False)
+    for col, convert in (("temp", lambda u: u.astype(float)),
+                         ("sample_index", lambda u: pd.to_numeric(u, errors="coerce").fillna(0).astype(int))):
+        if col in frame.columns:
+            codes, uniques = pd.factorize(frame[col].to_numpy())
+            frame[col] = convert(pd.Series(uniques, dtype=object)).to_numpy()[codes]
     return frame
 
 
@@ -64,23 +82,42 @@ class ScorePredictions(TrialTask):
         return self.stage_done("scored", self.current_inputs())
 
     def run(self) -> None:
+        import numpy as np
+
         from pipeline.scoring.abstention import DEFAULT_MARKERS
-        from pipeline.scoring.score import per_item_scores, score_predictions, score_summary
+        from pipeline.scoring.score import (
+            per_item_csv,
+            per_item_scores,
+            score_predictions,
+            score_summary,
+            scored_row_arrays,
+        )
 
         cfg = self.run_ctx.cfg
         inputs = self.current_inputs()
+        progress = Progress(self, f"score {self.trial}", 4, unit="steps")
+        progress.update(0, "reading predictions")
+        predictions = read_predictions_for_scoring(self.layout.predictions(self.trial))
+        progress.update(1, f"scoring {len(predictions):,} predictions")
         scored = score_predictions(
-            read_predictions(self.layout.predictions(self.trial)), prepared_items(self),
+            predictions, prepared_items(self),
             markers=tuple(cfg.scoring.abstain_markers or DEFAULT_MARKERS),
             unsupported_strategy=cfg.unsupported.strategy, unsupported_threshold=cfg.unsupported.threshold,
             min_token_overlap=cfg.unsupported.min_token_overlap)
+        progress.update(2, "aggregating per item")
         table = per_item_scores(scored)
+        progress.update(3, f"writing {len(table):,} per-item rows")
         path = self.layout.per_item_scores(self.trial)
-        write_text(path, table.to_csv(index=False, lineterminator="\n"))
+        write_text(path, per_item_csv(table))
+        rows_path = self.layout.scored_rows(self.trial)
+        with atomic_open(rows_path, "wb") as fh:
+            np.savez(fh, **scored_row_arrays(scored))
         summary = score_summary(scored)
         self.record_stage("scored", {"per_item_scores_csv": self.layout.rel(path), "row_count": len(table),
                                      "file": artifact_record(self.layout, path, rows=len(table)),
+                                     "scored_rows": artifact_record(self.layout, rows_path, rows=len(scored)),
                                      "inputs": inputs, "summary": json.loads(json.dumps(summary, default=str))})
+        progress.update(4, "done")
         log.info("done scored trial=%s (%d per-item rows from %d predictions)", self.trial, len(table), len(scored))
 
 
@@ -192,20 +229,15 @@ class OptionalAnalyses(TrialTask):
     def run(self) -> None:
         import pandas as pd
 
-        from pipeline.scoring.abstention import DEFAULT_MARKERS
-        from pipeline.scoring.score import score_predictions
         from pipeline.stats.optional.analyses import OUTPUT_FILES, optional_analyses
 
         run = self.run_ctx
         inputs = self.current_inputs()
         settings = self.settings()
         per_item = pd.read_csv(self.layout.per_item_scores(self.trial), dtype={"item_key": str, "condition": str, "type": str})
-        predictions = read_predictions(self.layout.predictions(self.trial))
+        predictions = read_predictions_for_scoring(self.layout.predictions(self.trial))
         items = prepared_items(self)
-        scored = score_predictions(predictions, items, markers=tuple(run.cfg.scoring.abstain_markers or DEFAULT_MARKERS),
-                                   unsupported_strategy=run.cfg.unsupported.strategy,
-                                   unsupported_threshold=run.cfg.unsupported.threshold,
-                                   min_token_overlap=run.cfg.unsupported.min_token_overlap)
+        scored = self._scored_rows(predictions, items)
         scored = scored.assign(response_text=predictions["response_text"].to_numpy())
         costs = json.loads(self.layout.costs(self.trial).read_text(encoding="utf-8"))
         documents = optional_analyses(per_item, scored, items, costs, temps=list(run.trial(self.trial).temps),
@@ -217,3 +249,26 @@ class OptionalAnalyses(TrialTask):
             files.append(artifact_record(self.layout, path))
         self.record_stage("optional", {"files": files, "inputs": inputs})
         log.info("done optional trial=%s (%s)", self.trial, ", ".join(sorted(documents)) or "none enabled")
+
+    def _scored_rows(self, predictions, items):  # noqa: ANN001, ANN202 - pandas frames, imported lazily
+        """ScorePredictions' per-prediction scores when its scored_rows file is the one it recorded; else score again."""
+        import numpy as np
+
+        from pipeline.scoring.abstention import DEFAULT_MARKERS
+        from pipeline.scoring.score import score_predictions, scored_from_arrays
+
+        manifest = self.manifest(self.trial)
+        record = manifest.stage("scored").artifacts.get("scored_rows") if manifest else None
+        ok, why = artifact_current(self.layout, record)
+        if ok:
+            with np.load(self.layout.run_dir / record["path"], allow_pickle=False) as arrays:
+                try:
+                    return scored_from_arrays(predictions, {name: arrays[name] for name in arrays.files})
+                except (KeyError, ValueError) as exc:
+                    why = str(exc)
+        log.info("optional trial=%s: scoring the predictions again (%s)", self.trial, why)
+        cfg = self.run_ctx.cfg
+        return score_predictions(predictions, items, markers=tuple(cfg.scoring.abstain_markers or DEFAULT_MARKERS),
+                                 unsupported_strategy=cfg.unsupported.strategy,
+                                 unsupported_threshold=cfg.unsupported.threshold,
+                                 min_token_overlap=cfg.unsupported.min_token_overlap)

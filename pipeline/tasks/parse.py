@@ -12,8 +12,9 @@ from typing import Any
 import luigi
 
 from pipeline.naming import temp_label
-from pipeline.parsing import iter_jsonl, prediction_row, predictions_writer
+from pipeline.parsing import combine_results, write_predictions
 from pipeline.plan import PartRef
+from pipeline.progress import Progress
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from pipeline.tasks.build import BuildBatches
 from pipeline.tasks.download import DownloadPart
@@ -104,29 +105,20 @@ class ParsePredictions(TrialTask):
         yield [DownloadPart(trial=r.owner, jkey=r.jkey, **self.common()) for r in refs]
         predictions = self.layout.predictions(self.trial)
         combined_path = self.layout.combined_results(self.trial)
-        seen: set[str] = set()
-        errors = 0
-        # Streamed: the per-part files are already canonical JSON lines, so the combine copies them as they are.
-        with atomic_open(combined_path, "w", newline="") as combined, atomic_open(predictions, "w", newline="") as out:
-            writer = predictions_writer(out)
-            for ref in refs:
-                path = self.layout.part_results(ref.owner, ref.jkey)
-                with open(path, encoding="utf-8") as fh:
-                    combined.write(fh.read())
-                for _, obj in iter_jsonl(path):
-                    row = prediction_row(obj)
-                    if row["custom_id"] in seen:
-                        raise ValueError(f"custom_id {row['custom_id']} appears in two parts of trial {self.trial}")
-                    seen.add(str(row["custom_id"]))
-                    errors += bool(row["error"])
-                    writer.writerow(row)
-        rows = len(seen)
+        sources = [self.layout.part_results(ref.owner, ref.jkey) for ref in refs]
+        # The per-part files are already canonical JSON lines, so the combine copies their bytes as they are.
+        with atomic_open(combined_path, "wb") as combined:
+            combine_results(sources, combined)
+        progress = Progress(self, f"parse {self.trial}", len(sources), unit="parts")
+        with atomic_open(predictions, "w", newline="") as out:
+            parsed = write_predictions(sources, out, progress.update)
+        rows = parsed.rows
         expected = sum(r.lines for r in refs)
         if rows != expected:
             raise ValueError(f"trial {self.trial}: {rows} predictions for {expected} requests; re-run to repair the parts")
         inputs = {"parts": part_results_fingerprints(self, refs)}
         artifacts = {"predictions_csv": self.layout.rel(predictions), "row_count": rows,
-                     "file": artifact_record(self.layout, predictions, rows=rows), "inputs": inputs, "errors": errors}
+                     "file": artifact_record(self.layout, predictions, rows=rows), "inputs": inputs, "errors": parsed.errors}
         self._record(refs, artifacts, combined_path)
         log.info("done parsed trial=%s (%d predictions from %d parts)", self.trial, rows, len(refs))
 

@@ -1,0 +1,221 @@
+"""Result lines → predictions.csv: the streamed writer against a plain reference, line handling, the combine copy."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline import parsing
+from pipeline.naming import parse_custom_id
+from pipeline.parsing import PREDICTION_COLUMNS, ResultsError, combine_results, write_predictions
+
+
+# --- reference: one dict per line through csv.DictWriter, the contract spelled out plainly ---------------------------
+def ref_int(value: object) -> int:
+    try:
+        return int(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def ref_row(obj: dict) -> dict[str, object]:
+    cid = obj.get("custom_id", obj.get("customId"))
+    assert isinstance(cid, str) and cid
+    parts = parse_custom_id(cid)
+    response = obj.get("response")
+    body = response.get("body", response) if isinstance(response, dict) else None
+    body = body if isinstance(body, dict) else None
+    text = None
+    if body:
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            message = choices[0].get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                text = message["content"]
+        if text is None and isinstance(body.get("message"), dict) and isinstance(body["message"].get("content"), str):
+            text = body["message"]["content"]
+        if text is None and isinstance(body.get("content"), str):
+            text = body["content"]
+    usage = (response.get("usage") if isinstance(response, dict) else None) or (body or {}).get("usage") or {}
+    usage = usage if isinstance(usage, dict) else {}
+    finish = ""
+    if body and isinstance(body.get("choices"), list) and body["choices"] and isinstance(body["choices"][0], dict):
+        finish = str(body["choices"][0].get("finish_reason") or "")
+    request_id = ""
+    if isinstance(response, dict):
+        request_id = str(response.get("request_id") or response.get("id") or (body or {}).get("id") or "")
+    prompt, completion = ref_int(usage.get("prompt_tokens")), ref_int(usage.get("completion_tokens"))
+    error = ""
+    if text is None:
+        err = obj.get("error")
+        if isinstance(err, dict):
+            error = str(err.get("message") or err.get("code") or "provider error")[:500]
+        else:
+            error = str(err)[:500] if err else "no usable response in result line"
+    return {"custom_id": cid, "dataset": parts.dataset, "item_id": parts.item_id, "condition": parts.condition,
+            "temp": parts.temp, "sample_index": parts.sample_index, "type": parts.type, "request_id": request_id,
+            "finish_reason": finish, "response_text": (text or "").strip(), "prompt_tokens": prompt,
+            "completion_tokens": completion, "total_tokens": ref_int(usage.get("total_tokens")) or prompt + completion,
+            "error": error}
+
+
+def ref_csv(lines: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    writer.writeheader()
+    for line in lines:
+        if line.strip():
+            writer.writerow(ref_row(json.loads(line)))
+    return out.getvalue()
+
+
+def ours(paths: list[Path]) -> tuple[str, parsing.ParsedResults]:
+    out = io.StringIO()
+    parsed = write_predictions(paths, out)
+    return out.getvalue(), parsed
+
+
+def cid(i: int, item: str = "q") -> str:
+    return f"squad_v2|{item}{i}|{'control' if i % 2 else 'treatment'}|0.7|{i % 3}|open"
+
+
+def line(obj: object) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+SHAPES: list[object] = [
+    {"custom_id": cid(0), "response": {"id": "r0", "choices": [{"message": {"content": " Paris \n"},
+                                                                "finish_reason": "stop"}],
+                                       "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}},
+    {"customId": cid(1), "response": {"body": {"id": "b1", "choices": [{"message": {"content": 'say "hi", then\nbye'},
+                                                                        "finish_reason": "length"}],
+                                               "usage": {"prompt_tokens": "7", "completion_tokens": 2.9}}}},
+    {"custom_id": cid(2), "response": {"request_id": "rq", "id": "x", "message": {"content": "from message"},
+                                       "usage": {"prompt_tokens": None, "completion_tokens": True, "total_tokens": 0}}},
+    {"custom_id": cid(3), "response": {"content": "bare content, with comma", "usage": "not a dict"}},
+    {"custom_id": cid(4), "response": {"choices": [{"message": {"content": None}, "finish_reason": None}]}},
+    {"custom_id": cid(5), "error": {"code": 500, "message": "internal, error"}},
+    {"custom_id": cid(6), "error": "plain error text"},
+    {"custom_id": cid(7), "response": {}},
+    {"custom_id": cid(8), "response": {"choices": [], "body": None}},
+    {"custom_id": cid(9), "response": "a string", "error": {"code": "missing"}},
+    {"custom_id": cid(10), "response": {"choices": [{"message": {"content": "Théâtre «Odéon» – 北京 \r ok"}}],
+                                        "usage": {"prompt_tokens": 1e3, "completion_tokens": "x"}}},
+    {"custom_id": "trivia,qa|it\"em|control|0.0|07|closed", "response": {"choices": [{"message": {"content": "x"}}]}},
+    {"custom_id": cid(12), "response": {"choices": ["not a dict"], "message": {"content": "fallback"}}},
+]
+
+
+def test_rows_match_the_reference_for_every_line_shape(tmp_path: Path) -> None:
+    lines = [line(obj) for obj in SHAPES]
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text, parsed = ours([path])
+    assert text == ref_csv(lines)
+    assert parsed.rows == len(SHAPES)
+    assert parsed.errors == sum(row["error"] != "" for row in map(ref_row, SHAPES))
+
+
+def test_json_that_orjson_refuses_goes_through_json(tmp_path: Path) -> None:
+    lines = ['{"custom_id": "' + cid(0) + '", "response": {"content": "nan", "usage": {"prompt_tokens": NaN}}}',
+             '{"custom_id": "' + cid(1) + '", "response": {"content": "big", "usage": {"prompt_tokens": ' + str(2**70) + "}}}",
+             '{"custom_id": "' + cid(2) + '", "response": {"content": "lone \\ud800 surrogate"}}']
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")  # no final newline
+    assert ours([path])[0] == ref_csv(lines)
+
+
+def test_csv_lines_equal_the_csv_module_on_awkward_fields() -> None:
+    alphabet = ['a', 'Z', '0', ' ', ',', '"', "'", '\n', '\r', '\t', '\\', '|', 'é', '\u2028', '\x00', '\x1c', ';']
+    rnd = random.Random(5)
+    lines = parsing._CsvLines()
+    for _ in range(3000):
+        fields = tuple("".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 6))) if k % 4 else rnd.randint(0, 99)
+                       for k in range(len(PREDICTION_COLUMNS)))
+        out = io.StringIO()
+        csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(fields)
+        assert lines.line(fields) == out.getvalue(), fields
+
+
+def test_blank_lines_crlf_and_block_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [line(obj) for obj in SHAPES]
+    raw = "\n\n".join(lines[:4]) + "\n   \n" + "\r\n".join(lines[4:]) + "\r\n\n"
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(raw.encode())
+    expected = ours([path])[0]
+    assert expected == ref_csv(lines)
+    for block in (1, 7, 64, 333):  # lines split across reads in every possible way
+        monkeypatch.setattr(parsing, "_BLOCK_BYTES", block)
+        assert ours([path])[0] == expected
+
+
+def test_bad_lines_name_their_file_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = line(SHAPES[0])
+    cases = [("{nope", ResultsError, "not valid JSON"), ("[1, 2]", ResultsError, "expected a JSON object"),
+             ('{"response": {}}', ValueError, "no custom_id"), ('{"custom_id": ""}', ValueError, "no custom_id"),
+             ('{"custom_id": "a|b|control|0.0|x|open"}', ValueError, "not numbers"),
+             ('{"custom_id": "a|b|sideways|0.0|1|open"}', ValueError, "condition"),
+             ('{"custom_id": "a|b|c"}', ValueError, "fields"), (good, ValueError, "appears twice")]
+    for number, (bad, error, message) in enumerate(cases):
+        path = tmp_path / f"r{number}.jsonl"
+        path.write_text(f"{good}\n\n{bad}\n", encoding="utf-8")
+        with pytest.raises(error, match=rf"{path}:3: .*{message}"):
+            ours([path])
+    long = tmp_path / "long.jsonl"
+    long.write_text(f"{good}\n", encoding="utf-8")
+    monkeypatch.setattr(parsing, "_BLOCK_BYTES", 5)
+    monkeypatch.setattr(parsing, "MAX_LINE_BYTES", len(good) + 1)  # iter_jsonl's limit counts the newline
+    assert ours([long])[1].rows == 1
+    monkeypatch.setattr(parsing, "MAX_LINE_BYTES", len(good))
+    with pytest.raises(ResultsError, match=rf"{long}:1: line longer than"):
+        ours([long])
+    long.write_text(good, encoding="utf-8")  # a last line without newline may be exactly the limit
+    assert ours([long])[1].rows == 1
+    long.write_text(f"{good}\n{good} ", encoding="utf-8")
+    with pytest.raises(ResultsError, match=rf"{long}:1: line longer than"):
+        ours([long])
+
+
+def test_the_first_bad_line_is_the_one_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = line(SHAPES[0])
+    path = tmp_path / "r.jsonl"
+    path.write_text(f"{good}\n{good}\n{{nope\n" + "x" * 50 + "\n", encoding="utf-8")
+    monkeypatch.setattr(parsing, "MAX_LINE_BYTES", 40)
+    monkeypatch.setattr(parsing, "_BLOCK_BYTES", 1 << 20)  # one piece: lines are still judged in file order
+    with pytest.raises(ResultsError, match=rf"{path}:1: line longer"):
+        ours([path])
+    monkeypatch.setattr(parsing, "MAX_LINE_BYTES", len(good) + 1)
+    with pytest.raises(ValueError, match=rf"{path}:2: custom_id .* appears twice"):
+        ours([path])
+    path.write_text(f"{good}\n{{nope\n" + "x" * (len(good) + 5), encoding="utf-8")
+    monkeypatch.setattr(parsing, "_BLOCK_BYTES", 8)
+    with pytest.raises(ResultsError, match=rf"{path}:2: not valid JSON"):
+        ours([path])
+
+
+def test_duplicates_across_files_and_files_in_order(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(line(SHAPES[0]) + "\n" + line(SHAPES[1]) + "\n", encoding="utf-8")
+    second.write_text(line(SHAPES[2]) + "\n", encoding="utf-8")
+    text, parsed = ours([first, second])
+    assert text == ref_csv([line(SHAPES[0]), line(SHAPES[1]), line(SHAPES[2])]) and parsed.rows == 3
+    with pytest.raises(ValueError, match=rf"{second}:1: custom_id .* appears twice"):
+        ours([first, second, second])
+
+
+def test_combine_copies_the_bytes_as_they_are(tmp_path: Path) -> None:
+    parts = [tmp_path / "p1.jsonl", tmp_path / "p2.jsonl", tmp_path / "p3.jsonl"]
+    parts[0].write_bytes(b'{"a": 1}\r\n{"b": "\xc3\xa9"}')  # no final newline, CRLF, UTF-8
+    parts[1].write_bytes(b"")
+    parts[2].write_bytes(b'\n{"c": 3}\n' * 50_000)
+    target = tmp_path / "combined.jsonl"
+    with open(target, "wb") as out:
+        out.write(b"head:")
+        combine_results(parts, out)
+        out.write(b":tail")
+    assert target.read_bytes() == b"head:" + b"".join(p.read_bytes() for p in parts) + b":tail"
