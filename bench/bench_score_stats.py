@@ -604,7 +604,8 @@ def main(argv: list[str]) -> int:
         work.mkdir(parents=True, exist_ok=True)
         data = data_in(work, args)
         common = [*(["--quick"] if args.quick else []), "--lines", str(args.lines), "--samples", str(args.samples),
-                  "--stats-items", str(args.stats_items), "--resamples", str(args.resamples)]
+                  "--stats-items", str(args.stats_items), "--resamples", str(args.resamples),
+                  *(["--measure-walsh"] if args.measure_walsh else [])]
         ours = run_worker("ours", work, common)
         orig = run_worker("original", work, common)
         s_ours = run_worker("stats-ours", work, common)
