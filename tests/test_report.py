@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from typing import Any
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.report.render import render_aggregate_report, render_trial_report
+from pipeline.stats.significance import compute_significance
 
 NAN = float("nan")
 
@@ -118,8 +120,12 @@ def test_trial_report_sections_and_header() -> None:
                     "### Open-book", "### Significance", "## Cost", "## Provenance"):
         assert heading in text
     assert "T=0.0: 1 · T=0.7: 3" in text
-    assert "`aaaaaaaaaaaa`" in text and "a" * 13 not in text
-    assert "cafebabe" in text and "job-abc" in text and "COMPLETED" in text
+    prompts = _section(text, "## Prompts", "## Data balance")
+    assert "`aaaaaaaaaaaa`" in prompts and "a" * 13 not in prompts
+    provenance = _section(text, "## Provenance")
+    assert f"Control prompt sha256: `{'a' * 64}`" in provenance and f"Treatment prompt sha256: `{'b' * 64}`" in provenance
+    assert "Config hash: `cafebabe`" in provenance and "Model: `accounts/fireworks/models/gpt-oss-20b`" in provenance
+    assert "job-abc" in provenance and "COMPLETED" in provenance
 
 
 def test_results_tables_use_percentages_and_dash_for_inapplicable_metrics() -> None:
@@ -238,9 +244,74 @@ def test_aggregate_report_keeps_a_trial_without_data() -> None:
     assert "Total estimated cost: n/a" in text
 
 
-def test_infinite_odds_ratio_bound_is_shown_as_inf() -> None:
+@pytest.mark.parametrize("upper", [float("inf"), None])
+def test_infinite_odds_ratio_bound_is_shown_as_inf(upper: float | None) -> None:
+    # significance.json stores the infinite upper bound of c = 0 as null
     ctx = context()
     mcnemar = ctx["significance"]["results"]["0.0"]["closed"]["mcnemar"]
-    mcnemar.update(c=0, odds_ratio=15.0, or_ci_95=[1.9, float("inf")])
+    mcnemar.update(c=0, odds_ratio=15.0, or_ci_95=[1.9, upper])
     closed = _section(render_trial_report(ctx), "#### Closed-book", "#### Open-book")
-    assert "odds ratio = 15 (95% CI 1.9–inf;" in closed
+    assert "odds ratio = 15 (95% CI 1.9–inf; method: clopper_pearson)" in closed
+
+
+def test_a_null_bound_with_discordant_pairs_both_ways_stays_missing() -> None:
+    ctx = context()
+    ctx["significance"]["results"]["0.0"]["closed"]["mcnemar"]["or_ci_95"] = [0.5, None]
+    assert "odds ratio = 3 (95% CI n/a;" in render_trial_report(ctx)
+
+
+def test_jobs_are_listed_by_temperature_then_part_number() -> None:
+    ctx = context()
+    ctx["jobs"] = {key: {"job_id": f"id-{key}", "state": "COMPLETED"}
+                   for key in ("t10_control_p1", "t07_control_p10", "t0_treatment_p1", "t07_control_p2", "t0_control_p1")}
+    provenance = _section(render_trial_report(ctx), "## Provenance")
+    order = re.findall(r"^\| (t\d+_\w+) \|", provenance, re.M)
+    assert order == ["t0_control_p1", "t0_treatment_p1", "t07_control_p2", "t07_control_p10", "t10_control_p1"]
+
+
+def test_provenance_names_the_statistical_methods() -> None:
+    ctx = context()
+    ctx["significance"]["stats_config"] = {"bootstrap_samples": 5000, "permutation_samples": 2000, "random_seed": 1337,
+                                           "enable_permutation": True}
+    ctx["significance"]["fdr"] = {"method": "benjamini_hochberg", "n_tests": 12, "scope": "every p in this file"}
+    ctx["significance"]["results"]["0.0"]["closed"]["metrics"]["em"]["ci_method"] = "percentile_bootstrap"
+    ctx["significance"]["results"]["0.0"]["closed"]["mcnemar"]["or_ci_method"] = "exact_cp: long explanation"
+    text = render_trial_report(ctx)
+    provenance = _section(text, "## Provenance")
+    assert "Delta CIs: percentile bootstrap over paired items, B = 5,000 resamples, seed 1337" in provenance
+    assert "Permutation p: sign-flip, R = 2,000" in provenance
+    assert "q-values: Benjamini–Hochberg over 12 tests; scope: every p in this file" in provenance
+    assert "McNemar odds-ratio CI: exact_cp: long explanation" in provenance
+    # the explanation is given once, the McNemar lines name the method only
+    assert text.count("long explanation") == 1 and "method: exact_cp)" in text
+
+
+def test_significance_of_a_real_stats_run_is_printed_for_every_temperature_and_type() -> None:
+    """The original never printed this section: it read significance[T]["mcnemar"]["p_value"], not the
+    schema-2 results[T][type]["mcnemar"]["p_exact"]. Render what pipeline.stats writes, through JSON."""
+    frame = pd.DataFrame([
+        _row(f"{ds}|{type_}{i}", type_, cond, temp, em=float((i + (cond == "treatment")) % 3 > 0),
+             f1=((i * 7) % 10) / 10 + (0.05 if cond == "treatment" else 0.0), abstain=float(i % 5 == 0),
+             false_answer=float(i % 4 == 0) if type_ == "open" else NAN,
+             unsupported=float(i % 6 == 0) if type_ == "open" else NAN)
+        for temp in (0.0, 0.7) for cond in ("control", "treatment") for i in range(12)
+        for type_, ds in (("closed", "triviaqa" if i % 2 else "nq_open"), ("open", "squad_v2"))])
+    doc = compute_significance(frame, temps=[0.0, 0.7], stats_cfg={"bootstrap_samples": 200,
+                                                                    "permutation_samples": 200})
+    ctx = {**context(), "per_item": frame, "significance": json.loads(json.dumps(doc))}
+    text = render_trial_report(ctx)
+    for temp in ("0.0", "0.7"):
+        sig = _section(text, f"## Results @ T={temp}", "## Results @ T=0.7" if temp == "0.0" else "## Cost")
+        sig = _section(sig, "### Significance")
+        for type_ in ("Closed-book", "Open-book"):
+            block = _section(sig, f"#### {type_}", "#### Open-book" if type_ == "Closed-book" else None)
+            assert "- Paired items: 12" in block
+            assert re.search(r"McNemar on EM ≥ 0.5: b = \d+, c = \d+, exact p = [0-9.e<-]+, q = [0-9.e<-]+;", block)
+            for metric in ("EM", "F1", "Abstain"):
+                row = _table_row(block, metric)
+                assert re.fullmatch(r"[+-]\d+\.\d\d pp", row[1]) and row[2].startswith("[") and row[3] != "n/a"
+            assert ("False-Ans" in block) == (type_ == "Open-book")
+            assert "AURC (risk over coverage" in block and "TOST non-inferiority, EM" in block
+    closed = _section(text, "## Results @ T=0.0", "### Open-book")
+    # closed-book F1 is the scored value, neither blank nor 0.0% (the original's report printed 0.0% here)
+    assert _table_row(closed, "Control")[2] == "43.3%" and _table_row(closed, "Treatment")[2] == "48.3%"

@@ -1,14 +1,16 @@
 """Render `report.html` per trial and `aggregate_report.html` for the run: self-contained pages (inline CSS and SVG
-charts, no scripts, no URLs), from the same inputs and display strings as the Markdown reports.
+charts, no scripts, no fonts, no URLs; the only links are in-page anchors and, on the run page, relative links to
+the trials' pages), from the same inputs and display strings as the Markdown reports.
 
-Charts (`pipeline.report.charts`): a forest plot of treatment − control deltas with their bootstrap 95% CIs per
-metric × dataset, one per temperature; selective-risk curves (risk over coverage) per temperature × task type;
-costs per temperature × condition; data balance (items per condition). The run page has a forest plot of ΔEM and
-ΔF1 per trial × temperature × task type and the cost per trial.
+Charts (`pipeline.report.charts`): per temperature, a forest plot of treatment − control deltas with their 95%
+CIs per task type × dataset × metric; selective-risk curves (risk over coverage) per temperature × task type;
+costs per temperature × condition; data balance (scored items per condition). The run page has a forest plot of
+ΔEM and ΔF1 per trial × temperature × task type and the cost per trial.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
 from typing import Any
 
@@ -19,6 +21,7 @@ from pipeline.report.charts import Interval, bar_chart, forest_plot, line_chart
 from pipeline.report.render import (
     _TEMPLATES,
     METRICS,
+    NA,
     TYPE_TITLES,
     _by_temp,
     _get,
@@ -27,6 +30,8 @@ from pipeline.report.render import (
     _sorted_temps,
     _temp_key,
     aggregate_view,
+    fmt_num,
+    fmt_usd,
     trial_view,
 )
 
@@ -43,7 +48,7 @@ def _interval(label: str, block: Any, group: str) -> Interval:
 
 
 def _forest_rows(sig_at_temp: Any) -> list[Interval]:
-    """Rows per task type × (all items, then each dataset) × metric."""
+    """Rows per task type × (all items, then each dataset when there are several) × metric."""
     rows: list[Interval] = []
     for type_ in TYPES:
         block = _get(sig_at_temp, type_)
@@ -59,7 +64,8 @@ def _forest_rows(sig_at_temp: Any) -> list[Interval]:
             metrics = _get(data, "metrics")
             if not isinstance(metrics, dict):
                 continue
-            group = f"{TYPE_TITLES[type_]} · {scope}"
+            n_items = _number(_get(data, "n_items"))
+            group = f"{TYPE_TITLES[type_]} · {scope}" + ("" if n_items is None else f" · {int(n_items)} items")
             rows += [_interval(name, metrics.get(key), group) for key, name in METRICS.items() if key in metrics]
     return rows
 
@@ -75,39 +81,54 @@ def _risk_series(block: Any) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
-def trial_charts(ctx: dict[str, Any]) -> dict[str, Any]:
+def _aurc_note(block: Any) -> str:
+    aurc = _get(block, "selective_risk", "aurc")
+    if not isinstance(aurc, dict):
+        return ""
+    return f"AURC control {fmt_num(aurc.get('control'), '.4f')} · treatment {fmt_num(aurc.get('treatment'), '.4f')}"
+
+
+def trial_charts(ctx: dict[str, Any], balance: list[dict[str, Any]]) -> dict[str, Any]:
+    """The SVG charts of one trial's page (ctx as for `pipeline.report.render.trial_view`; `balance` its rows)."""
     significance = _by_temp(_get(ctx.get("significance"), "results"))
     temps = _sorted_temps(_temp_key(t) for t in ctx.get("temps") or [])
-    forests = [{"temp": t, "svg": forest_plot(_forest_rows(significance.get(t)),
-                                              title=f"Treatment − control at T={t} (95% bootstrap CI)")}
+    forests = [{"temp": t, "svg": forest_plot(_forest_rows(significance.get(t)), title=f"Treatment − control at T={t}",
+                                              subtitle="per task type, dataset and metric; 95% bootstrap CIs")}
                for t in temps]
     risks = [{"temp": t, "type": TYPE_TITLES[ty],
               "svg": line_chart(_risk_series(_get(significance.get(t), ty)), title=f"T={t} · {TYPE_TITLES[ty]}",
-                                x_label="coverage", y_label="risk (1 − accuracy)", y_max=1.0)}
+                                subtitle=_aurc_note(_get(significance.get(t), ty)), x_label="coverage",
+                                y_label="risk (1 − accuracy)", y_max=1.0)}
              for t in temps for ty in TYPES]
     costs = ctx.get("costs") if isinstance(ctx.get("costs"), dict) else {}
     by_condition_temp = _by_temp(costs.get("by_condition_temp"))
     cost_bars = [(f"T={t} · {c}", _number(_get(by_condition_temp.get(t), c, "usd")), c)
                  for t in _sorted_temps(by_condition_temp) for c in CONDITIONS]
-    balance = []
-    for t in temps:
-        for ty in TYPES:
-            counts = _get(significance.get(t), ty, "counts")
-            balance += [(f"T={t} · {TYPE_TITLES[ty]} · {c}", _number(_get(counts, c, "n_items")), c) for c in CONDITIONS]
     return {
         "forests": forests,
         "risks": risks,
-        "costs": bar_chart(cost_bars, title="Cost by temperature and condition (USD)", prefix="$"),
-        "balance": bar_chart(balance, title="Scored items per condition", decimals=0),
+        "costs": bar_chart(cost_bars, title="Cost by temperature and condition (USD)", prefix="$", width=400),
+        "balance": bar_chart([(f"T={b['temp']} · {b['type_key']} · {c}", b["counts"][c], c) for b in balance
+                              for c in CONDITIONS], title="Scored items per condition", decimals=0, width=400),
     }
+
+
+def _job_summary(jobs: list[dict[str, str]]) -> str:
+    """`20 batch jobs: completed 20`, states by frequency (then name)."""
+    counts = Counter(job["state"] for job in jobs)
+    states = ", ".join(f"{state} {n}" for state, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{len(jobs)} batch job{'' if len(jobs) == 1 else 's'}: {states}"
 
 
 def render_trial_html(ctx: dict[str, Any]) -> str:
     """report.html for one trial; ctx as for `pipeline.report.render.trial_view`."""
-    return _env().get_template("report.html.j2").render(**trial_view(ctx), charts=trial_charts(ctx))
+    view = trial_view(ctx)
+    return _env().get_template("report.html.j2").render(**view, charts=trial_charts(ctx, view["balance"]),
+                                                        job_summary=_job_summary(view["jobs"]))
 
 
 def aggregate_charts(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The SVG charts of the run's page (ctx as for `pipeline.report.render.aggregate_view`)."""
     rows: list[Interval] = []
     cost_bars = []
     for trial in (t for t in ctx.get("trials") or [] if isinstance(t, dict)):
@@ -118,11 +139,22 @@ def aggregate_charts(ctx: dict[str, Any]) -> dict[str, Any]:
                 metrics = _get(significance[t], ty, "metrics")
                 rows += [_interval(f"{METRICS[m]} · T={t} · {TYPE_TITLES[ty]}", _get(metrics, m), slug)
                          for m in ("em", "f1") if isinstance(_get(metrics, m), dict)]
-        cost_bars.append((slug, _number(_get(trial.get("costs"), "usd")), "treatment"))
-    return {"forest": forest_plot(rows, title="Treatment − control per trial (95% bootstrap CI)", width=900),
-            "costs": bar_chart(cost_bars, title="Cost per trial (USD)", prefix="$", width=900)}
+        cost_bars.append((slug, _number(_get(trial.get("costs"), "usd")), "trial"))
+    return {"forest": forest_plot(rows, title="Treatment − control per trial",
+                                  subtitle="EM and F1 per temperature and task type; 95% bootstrap CIs"),
+            "costs": bar_chart(cost_bars, title="Cost per trial (USD)", prefix="$", width=1036)}
+
+
+def _trial_rows(ctx: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per trial for the run page: its identity, a relative link to its page (or ""), its cost."""
+    return [{"slug": str(t.get("slug") or NA), "model": str(t.get("model") or NA),
+             "prompt_set": str(t.get("prompt_set") or NA), "href": str(t.get("report_href") or ""),
+             "usd": fmt_usd(_get(t.get("costs"), "usd"))}
+            for t in ctx.get("trials") or [] if isinstance(t, dict)]
 
 
 def render_aggregate_html(ctx: dict[str, Any]) -> str:
-    """aggregate_report.html for the run; ctx as for `pipeline.report.render.aggregate_view`."""
-    return _env().get_template("aggregate_report.html.j2").render(**aggregate_view(ctx), charts=aggregate_charts(ctx))
+    """aggregate_report.html for the run; ctx as for `pipeline.report.render.aggregate_view`, and each trial may
+    carry `report_href`, its report.html relative to the run page."""
+    return _env().get_template("aggregate_report.html.j2").render(**aggregate_view(ctx), charts=aggregate_charts(ctx),
+                                                                  trials=_trial_rows(ctx))

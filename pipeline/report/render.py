@@ -16,6 +16,7 @@ The module turns the inputs into rows of display strings; the templates only lay
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -192,14 +193,16 @@ def _results_rows(items: pd.DataFrame, temp: str, type_: str) -> list[dict[str, 
     return rows
 
 
-def _balance_rows(items: pd.DataFrame, temps: list[str]) -> list[dict[str, str]]:
+def _balance_rows(items: pd.DataFrame, temps: list[str]) -> list[dict[str, Any]]:
+    """Per temperature × type: display strings, and `counts` (scored items per condition) for the chart."""
     rows = []
     for temp in temps:
         for type_ in TYPES:
             block = items[(items["temp_key"] == temp) & (items["type"] == type_)]
             scored = block[block["scored"]]
             keys = {c: set(scored.loc[scored["condition"] == c, "item_key"]) for c in CONDITIONS}
-            rows.append({"temp": temp, "type": TYPE_TITLES[type_],
+            rows.append({"temp": temp, "type": TYPE_TITLES[type_], "type_key": type_,
+                         "counts": {c: len(keys[c]) for c in CONDITIONS},
                          "control": fmt_int(len(keys["control"])), "treatment": fmt_int(len(keys["treatment"])),
                          "paired": fmt_int(len(keys["control"] & keys["treatment"])),
                          "excluded": fmt_int(block["n_excluded"].sum()) if block["n_excluded"].notna().all() else NA})
@@ -218,37 +221,69 @@ def _status_line(summary: Any) -> str:
 # ---------------------------------------------------------------- significance
 
 
-def _metric_rows(metrics: Any) -> list[dict[str, str]]:
+def _metric_names(metrics: Any) -> list[str]:
+    """The keys of a metrics block: the known metrics in table order, then any others sorted."""
     if not isinstance(metrics, dict):
         return []
-    names = [m for m in METRICS if m in metrics] + sorted(m for m in metrics if m not in METRICS)
+    return [m for m in METRICS if m in metrics] + sorted(m for m in metrics if m not in METRICS)
+
+
+def _metric_stats(block: Any) -> dict[str, Any]:
+    """The display strings of one metric's paired tests; `excludes_zero` says whether its 95% CI excludes 0."""
+    block = block if isinstance(block, dict) else {}
+    ci = _pair(block.get("ci_95"))
+    return {
+        "delta": fmt_pp(block.get("delta_mean")),
+        "ci": fmt_ci_pp(block.get("ci_95")),
+        "p": fmt_p(_get(block, "wilcoxon", "p_value")),
+        "q": fmt_p(_get(block, "wilcoxon", "q_value")),
+        "hl": fmt_pp(block.get("hodges_lehmann")),
+        "d": fmt_num(block.get("cohens_d"), ".3f"),
+        "cliff": fmt_num(block.get("cliffs_delta"), ".3f"),
+        "perm": fmt_p(block.get("perm_p_value")),
+        "excludes_zero": ci is not None and (ci[0] > 0 or ci[1] < 0),
+    }
+
+
+def _metric_rows(metrics: Any) -> list[dict[str, Any]]:
+    return [{"metric": METRICS.get(name, name), **_metric_stats(metrics[name])} for name in _metric_names(metrics)]
+
+
+def _metric_table(items: pd.DataFrame, temp: str, type_: str, sig_block: Any) -> list[dict[str, Any]]:
+    """One row per metric that applies to `type_`: control and treatment means beside the paired delta and tests."""
+    metrics = _get(sig_block, "metrics")
+    names = [m for m in METRICS if m not in _UNDEFINED.get(type_, ()) and (m in items.columns or _get(metrics, m))]
+    names += [m for m in _metric_names(metrics) if m not in METRICS]
+    block = items[(items["temp_key"] == temp) & (items["type"] == type_) & items["scored"]]
     rows = []
     for name in names:
-        block = metrics[name] if isinstance(metrics[name], dict) else {}
-        rows.append({
-            "metric": METRICS.get(name, name),
-            "delta": fmt_pp(block.get("delta_mean")),
-            "ci": fmt_ci_pp(block.get("ci_95")),
-            "p": fmt_p(_get(block, "wilcoxon", "p_value")),
-            "q": fmt_p(_get(block, "wilcoxon", "q_value")),
-            "hl": fmt_pp(block.get("hodges_lehmann")),
-            "d": fmt_num(block.get("cohens_d"), ".3f"),
-            "cliff": fmt_num(block.get("cliffs_delta"), ".3f"),
-            "perm": fmt_p(block.get("perm_p_value")),
-        })
+        means = [_metric_cell(block[block["condition"] == c], name, type_, items.columns) for c in CONDITIONS]
+        rows.append({"metric": METRICS.get(name, name), "control": means[0], "treatment": means[1],
+                     **_metric_stats(_get(metrics, name))})
     return rows
+
+
+def _or_ci(mcnemar: dict[str, Any]) -> str:
+    """The odds ratio's CI; significance.json stores an infinite bound as null, which c = 0 makes the upper one."""
+    ci = mcnemar.get("or_ci_95")
+    if isinstance(ci, list | tuple) and len(ci) == 2 and ci[1] is None and _number(mcnemar.get("c")) == 0:
+        ci = [ci[0], math.inf]
+    bounds = _pair(ci, allow_inf=True)
+    return NA if bounds is None else f"{fmt_num(bounds[0])}–{fmt_num(bounds[1])}"
+
+
+def _method_name(method: Any) -> str:
+    """The name part of a method description (`name: explanation`); the explanation is listed once per report."""
+    return (str(method).split(":", 1)[0].strip() or NA) if method else NA
 
 
 def _mcnemar_line(mcnemar: Any) -> str:
     if not isinstance(mcnemar, dict) or not mcnemar:
         return NA
     p_value = mcnemar.get("p_exact", mcnemar.get("p_value"))
-    ci = _pair(mcnemar.get("or_ci_95"), allow_inf=True)
-    ci_text = NA if ci is None else f"{fmt_num(ci[0])}–{fmt_num(ci[1])}"
-    method = mcnemar.get("or_ci_method") or NA
     return (f"b = {fmt_int(mcnemar.get('b'))}, c = {fmt_int(mcnemar.get('c'))}, exact p = {fmt_p(p_value)}, "
             f"q = {fmt_p(mcnemar.get('q_value'))}; odds ratio = {fmt_num(mcnemar.get('odds_ratio'))} "
-            f"(95% CI {ci_text}; method: {method})")
+            f"(95% CI {_or_ci(mcnemar)}; method: {_method_name(mcnemar.get('or_ci_method'))})")
 
 
 def _tost_lines(tost: Any) -> list[str]:
@@ -309,6 +344,40 @@ def _subgroup_rows(subgroups: Any) -> list[dict[str, str]]:
                      "p": fmt_p(_get(em, "wilcoxon", "p_value")), "q": fmt_p(_get(em, "wilcoxon", "q_value")),
                      "mcnemar_p": fmt_p(_get(block, "mcnemar", "p_exact"))})
     return rows
+
+
+def _values_of(data: Any, key: str) -> set[str]:
+    """Every string stored under `key` anywhere in nested dicts and lists."""
+    if isinstance(data, dict):
+        found = {data[key]} if isinstance(data.get(key), str) else set()
+        return found.union(*(_values_of(v, key) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_values_of(v, key) for v in data))
+    return set()
+
+
+def _methods_lines(significance: Any) -> list[str]:
+    """How the statistics were computed, from significance.json's settings and the methods its blocks name."""
+    if not isinstance(significance, dict) or not significance:
+        return []
+    cfg = significance.get("stats_config") if isinstance(significance.get("stats_config"), dict) else {}
+    lines = []
+    ci_methods = sorted(_values_of(significance.get("results"), "ci_method"))
+    if ci_methods or cfg:
+        lines.append(f"Delta CIs: {', '.join(m.replace('_', ' ') for m in ci_methods) or NA} over paired items, "
+                     f"B = {fmt_int(cfg.get('bootstrap_samples'))} resamples, seed {fmt_num(cfg.get('random_seed'), 'g')}")
+    if cfg.get("enable_permutation") is False:
+        lines.append("Permutation test: disabled")
+    elif cfg:
+        lines.append(f"Permutation p: sign-flip, R = {fmt_int(cfg.get('permutation_samples'))}")
+    fdr = significance.get("fdr") if isinstance(significance.get("fdr"), dict) else {}
+    if fdr:
+        method = fdr.get("method")
+        lines.append("q-values: disabled" if not method else
+                     f"q-values: {str(method).replace('_', '–').title()} over {fmt_int(fdr.get('n_tests'))} tests; "
+                     f"scope: {fdr.get('scope') or NA}")
+    lines += [f"McNemar odds-ratio CI: {m}" for m in sorted(_values_of(significance.get("results"), "or_ci_method"))]
+    return lines
 
 
 def _significance_view(block: Any) -> dict[str, Any]:
@@ -409,10 +478,15 @@ def _prompt_rows(prompts: Any) -> list[dict[str, str]]:
 def _job_rows(jobs: Any) -> list[dict[str, str]]:
     jobs = jobs if isinstance(jobs, dict) else {}
     rows = []
-    for key in sorted(jobs, key=str):
+    for key in sorted(jobs, key=_natural):
         info = jobs[key] if isinstance(jobs[key], dict) else {}
         rows.append({"key": str(key), "job_id": info.get("job_id") or NA, "state": info.get("state") or NA})
     return rows
+
+
+def _natural(key: Any) -> list[tuple[int, int | str]]:
+    """Sort key that compares digit runs as numbers: t0_… before t07_… before t10_…, p2 before p10."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", str(key)) if part]
 
 
 def render_trial_report(ctx: dict[str, Any]) -> str:
@@ -437,6 +511,7 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
         sections.append({
             "temp": temp,
             "types": [{"title": TYPE_TITLES[t], "rows": _results_rows(items, temp, t),
+                       "table": _metric_table(items, temp, t, _get(sig_at_temp, t)),
                        "significance": _significance_view(_get(sig_at_temp, t))} for t in TYPES],
         })
     view = {
@@ -450,6 +525,7 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
         "cost": _cost_view(ctx.get("costs")),
         "config_hash": ctx.get("config_hash") or NA,
         "jobs": _job_rows(ctx.get("jobs")),
+        "methods": _methods_lines(ctx.get("significance")),
     }
     return view
 

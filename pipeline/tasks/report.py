@@ -213,9 +213,10 @@ class TrialReport(TrialTask):
         from pipeline.report.html import render_aggregate_html
         from pipeline.report.render import render_aggregate_report
 
-        trials = [{"slug": t.slug, "model": t.model_id, "prompt_set": t.prompt_set, **self._load(t.slug)}
-                  for t in self.run_ctx.trials]
         path, html = self.layout.aggregate_report, self.layout.aggregate_report_html
+        trials = [{"slug": t.slug, "model": t.model_id, "prompt_set": t.prompt_set, **self._load(t.slug),
+                   "report_href": self.layout.report_html(t.slug).relative_to(html.parent).as_posix()}
+                  for t in self.run_ctx.trials]
         write_text(path, render_aggregate_report({"rid": self.rid, "trials": trials}))
         write_text(html, render_aggregate_html({"rid": self.rid, "trials": trials}))
         record = {"file": artifact_record(self.layout, path), "html": artifact_record(self.layout, html), "inputs": inputs}
