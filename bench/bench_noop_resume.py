@@ -2,10 +2,10 @@
 
 Builds (once, cached under --workdir) a finished run of 20 trials × 4 temperatures × 2 conditions × 10 parts
 = 1,600 part tasks against the embedded emulator, then times, in the same session and alternating:
-  A. `luigi --module pipeline TrialReport --rid big --local-scheduler` on the finished run (nothing to do);
+  A. `python -m pipeline run --rid big` (the runner) on the finished run (nothing to do);
   B. bare Luigi: `luigi.build` over a WrapperTask requiring 1,600 complete `LocalTarget` tasks (+ their upper stages),
      in a fresh interpreter, so both sides pay interpreter start-up and Luigi import.
-Prints the median of each and the ratio A / B (target: ≤ 1.5). Ratios, not absolute times: the machine is shared.
+Prints the median of each and the ratio A / B (target: ≤ 1.35). Ratios, not absolute times: the machine is shared.
 
     python bench/bench_noop_resume.py [--workdir DIR] [--repeats 5]
 """
@@ -78,8 +78,7 @@ def write_config(work: Path) -> Path:
 
 
 def luigi_cmd(work: Path, config: Path | None) -> list[str]:
-    cmd = [str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", "TrialReport", "--rid", "big",
-           "--root", str(work / "experiments"), "--local-scheduler"]
+    cmd = [sys.executable, "-m", "pipeline", "run", "TrialReport", "--rid", "big", "--root", str(work / "experiments")]
     return cmd + (["--config", str(config)] if config else [])
 
 
@@ -120,8 +119,8 @@ def main(argv: list[str]) -> int:
     print(f"{'ours: no-op TrialReport --rid big':<44}{a:>10.2f}")
     print(f"{'bare Luigi: 1,600 complete LocalTargets':<44}{b:>10.2f}")
     ratio = a / b
-    print(f"ratio ours / bare: {ratio:.2f}x  (target <= 1.5x)  {'PASS' if ratio <= 1.5 else 'FAIL'}")
-    return 0 if ratio <= 1.5 else 1
+    print(f"ratio ours / bare: {ratio:.2f}x  (target <= 1.35x)  {'PASS' if ratio <= 1.35 else 'NOT REACHED'}")
+    return 0 if ratio <= 1.35 else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""`python -m pipeline <command>`: the views and tools around the Luigi graph.
+"""`python -m pipeline <command>`: run a run, and the views and tools around the Luigi graph.
+
+- `run --rid X [--trial SLUG] [--config PATH] [--root DIR] [--accept-config-drift] [--force] [--no-wait] [Luigi's
+  options: --workers N, --local-scheduler, --scheduler-host H, --no-lock, …]`: run or resume the run (`TrialReport`),
+  with process control: signals become a stop request, cron exit codes (`pipeline.control.runner`).
 
 - `plan --rid X [--config PATH] [--root DIR] [--json]`: read-only; every task of the run as done / to run, with the
   reason, and the run's cost estimate against its budget.
@@ -11,7 +15,8 @@
 - `prepare-data --out DIR [--squad-v2 F] [--triviaqa F] [--nq-open F] [--max-items ...]`: prepared files from the
   published dataset formats.
 
-Running or resuming a run is Luigi's job: `luigi --module pipeline TrialReport --rid X --local-scheduler`.
+`luigi --module pipeline TrialReport --rid X --local-scheduler` runs the same graph as plain Luigi (Luigi's exit codes,
+no signal handling; `--no-wait` and `--accept-config-drift` need `run`).
 """
 
 from __future__ import annotations
@@ -117,6 +122,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        from pipeline.control.runner import run
+
+        return run(argv[1:])
     if argv[:1] == ["emulator"]:  # a server must survive clients that hang up: keep Python's SIGPIPE handling
         return _emulator(argv[1:])
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
@@ -144,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     archive.add_argument("--out", default="", help="where bundles go (default <root>/archives)")
     archive.add_argument("--json", action="store_true", help="print the archive record as JSON")
     archive.set_defaults(func=_archive)
+    sub.add_parser("run", help="run or resume a run (TrialReport) with process control (see `python -m pipeline run "
+                   "--help`)")
     sub.add_parser("status", help="read-only: a run's trials, stages, parts and cost (--rid X [--json])")
     sub.add_parser("list", help="read-only: every run under the root (--json)")
     stop = sub.add_parser("stop", help="ask a running run to stop submitting, save its state and exit")

@@ -6,17 +6,28 @@ at the output rate, with the rates `costs.json` uses (batch pricing when `use_ba
 the estimate is what a submission *commits* until the results are in.
 
 Committed money = the estimate of every generation of every part that was sent (state `submitting` or later,
-plus each earlier generation in its history). A submission is refused, before anything is sent, when the committed
-money plus this part's estimate would pass the budget; the check and the write-ahead `submitting` record happen
-under one run-wide lock, so concurrent workers cannot both squeeze under the limit.
+plus each earlier generation in its history unless the entry says it was never sent). A submission is refused,
+before anything is sent, when the committed money plus this part's estimate would pass the budget; the check and
+the write-ahead `submitting` record happen under one run-wide lock, so concurrent workers cannot both squeeze
+under the limit.
+
+What cannot be recovered is committed, never free (conservative): a trial manifest that is corrupt is read as
+rebuilt from its breadcrumbs (in memory; part records come back from the part mirrors), and a part the rebuild
+knows only from its job's breadcrumbs (`recovered_parts` of the manifest, no record under `parts`) counts one
+generation. A generation whose estimate is not recorded is priced from the part's request file; when that is
+unknown too, at the largest estimate of any part of its trial, else of the run, else at the whole `max_usd`, so
+nothing more is sent until it is known (a run without a budget refuses nothing and has no such bound: there an
+unpriceable part counts 0 and a warning says so).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +43,7 @@ from targets.manifest import PartRecord, TrialManifest
 if TYPE_CHECKING:
     from pipeline.plan import PartRef
 
+log = logging.getLogger("pipeline")
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 SENT = {"submitting", "submitted", "running", "completed", "failed", "expired", "cancelled"}
@@ -81,43 +93,124 @@ def estimate_part(run: Run, ref: PartRef) -> Estimate:
                               rates=part_rates(run, ref.model))
 
 
-def sent_estimate(run: Run, record: PartRecord) -> float:
-    """Committed money of one part: its estimate times the generations that were sent."""
-    generations = len(record.history) + (1 if record.state in SENT else 0)
-    if not generations:
+def _request_file_usd(run: Run, record: PartRecord) -> float | None:
+    """One generation of a recorded part, estimated from its request file; None when the file cannot be read."""
+    try:
+        with open(run.layout.run_dir / record.input_path, encoding="utf-8") as lines:
+            return estimate_lines(lines, max_tokens=int(record.inference_parameters.get("maxTokens", 0)),
+                                  rates=part_rates(run, record.model)).usd
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def sent_estimate(run: Run, record: PartRecord, *, unknown: Callable[[], float] | None = None) -> float:
+    """Committed money of one part: the estimate of each of its generations that was sent.
+
+    The current generation counts when its state is `submitting` or later; each earlier one in `history` counts
+    unless its entry says `"sent": false`, at the entry's own `estimated_usd` when it has one. The part's estimate is
+    `estimated_usd`, else from its request file, else `unknown()` (default: `unknown_part_usd` for the run).
+    """
+    earlier = [entry for entry in record.history if entry.get("sent", True) is not False]
+    if not earlier and record.state not in SENT:
         return 0.0
     per_generation = record.estimated_usd
     if per_generation is None:  # recorded before estimates were kept: estimate from its request file
-        try:
-            with open(run.layout.run_dir / record.input_path, encoding="utf-8") as lines:
-                per_generation = estimate_lines(lines, max_tokens=int(record.inference_parameters.get("maxTokens", 0)),
-                                                rates=part_rates(run, record.model)).usd
-        except (OSError, ValueError, KeyError):
-            per_generation = 0.0
-    return per_generation * generations
+        per_generation = _request_file_usd(run, record)
+    if per_generation is None:
+        per_generation = unknown() if unknown is not None else unknown_part_usd(run, None)
+    total = per_generation if record.state in SENT else 0.0
+    for entry in earlier:
+        usd = entry.get("estimated_usd")
+        total += usd if isinstance(usd, int | float) and not isinstance(usd, bool) and usd >= 0 else per_generation
+    return total
+
+
+def unknown_part_usd(run: Run, slug: str | None) -> float:
+    """What a generation of a part of trial `slug` (None: any trial) counts when its own estimate is unknown: the
+    largest estimate of any part of the trial (built requests, recorded estimates), else of the run, else the whole
+    budget. Never 0 while there is a budget to protect."""
+    built = _readable_built_parts(run)
+    for scope in ([slug] if slug else []) + [None]:
+        estimates = [usd for ref in built if scope in (None, ref.owner) and (usd := _built_usd(run, ref))]
+        for trial in run.trials:
+            manifest = trial_manifest(run, trial.slug) if scope in (None, trial.slug) else None
+            estimates += [r.estimated_usd for r in manifest.parts.values() if r.estimated_usd] if manifest else []
+        if estimates:
+            return max(estimates)
+    if run.cfg.budget.max_usd is not None:
+        return run.cfg.budget.max_usd
+    log.warning("budget: a part of run %s was sent but no estimate of any part is known; it counts $0 (no budget set)",
+                run.rid)
+    return 0.0
+
+
+def _readable_built_parts(run: Run) -> list[PartRef]:
+    """The run's built parts, or none when the build manifest is missing, incomplete or unreadable."""
+    try:
+        return _built_parts(run) or []
+    except (OSError, ValueError):
+        return []
+
+
+def _built_usd(run: Run, ref: PartRef) -> float | None:
+    try:
+        return estimate_part(run, ref).usd
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _unrecorded_usd(run: Run, built: list[PartRef], slug: str, jkey: str, unknown: Callable[[], float]) -> float:
+    """One generation of a part known only from its job's breadcrumbs: from its request file when it is built."""
+    ref = next((r for r in built if r.owner == slug and r.jkey == jkey), None)
+    usd = _built_usd(run, ref) if ref is not None else None
+    return usd if usd is not None else unknown()
 
 
 def committed_usd(run: Run) -> float:
-    """Money committed by every part of the run that was sent."""
+    """Money committed by every part of the run that was sent, recovered parts included (see the module docstring)."""
     total = 0.0
+    built = functools.cache(functools.partial(_readable_built_parts, run))  # read only for unrecorded parts
     for trial in run.trials:
-        manifest = _manifest(run, trial.slug)
-        for record in manifest.parts.values() if manifest else ():
-            total += sent_estimate(run, record)
+        manifest = trial_manifest(run, trial.slug)
+        if manifest is None:
+            continue
+        unknown = functools.cache(functools.partial(unknown_part_usd, run, trial.slug))
+        for record in manifest.parts.values():
+            total += sent_estimate(run, record, unknown=unknown)
+        recovered = manifest.model_extra.get("recovered_parts") if manifest.model_extra else None
+        for jkey in sorted(recovered or {}):
+            if jkey not in manifest.parts:
+                total += _unrecorded_usd(run, built(), trial.slug, jkey, unknown)
     return round(total, 6)
 
 
+def rebuild_context(run: Run, slug: str) -> dict[str, Any]:
+    """The identity a corrupt manifest of trial `slug` is rebuilt with, as `PipelineTask.manifest_context` gives it,
+    for readers that hold a run and no task. Raises ConfigError (a ValueError) when the run has no such trial."""
+    from pipeline.naming import temp_str
+    from pipeline.tasks.base import prompt_records
+
+    trial = run.trial(slug)
+    return {"run_id": run.rid, "trial": trial.as_manifest(), "temps": list(trial.temps),
+            "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
+            "prompts": prompt_records(run, slug), "results_dir": run.layout.results_dir(slug)}
+
+
+def trial_manifest(run: Run, slug: str) -> TrialManifest | None:
+    """The trial's manifest as it stands, read-only: a corrupt one is rebuilt in memory from its breadcrumbs (part
+    records included), so a lost manifest never makes sent parts look free. None when absent or unusable."""
+    try:
+        return store.read(run.layout.trial_manifest(slug), TrialManifest, context=lambda: rebuild_context(run, slug))
+    except (OSError, ValueError):
+        return None
+
+
 def spent_usd(run: Run) -> float | None:
-    """Money priced from downloaded results so far (each trial's costs.json); None when no trial has one."""
-    spent = None
-    for trial in run.trials:
-        path = run.layout.costs(trial.slug)
-        try:
-            usd = float(json.loads(path.read_text(encoding="utf-8"))["usd"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        spent = (spent or 0.0) + usd
-    return None if spent is None else round(spent, 6)
+    """Money priced from downloaded results so far, each distinct part once (`pipeline.costs.run_spent_usd` over the
+    trials' costs.json); None when no trial is priced yet."""
+    from pipeline.costs import read_costs, run_spent_usd
+
+    return run_spent_usd(read_costs(run.layout.costs(trial.slug)) for trial in run.trials)
 
 
 def summary(run: Run) -> dict[str, Any]:
@@ -148,13 +241,6 @@ def reserve(run: Run, ref: PartRef, record: PartRecord, save: Any) -> None:
                 "with --accept-config-drift to continue")
         record.state = "submitting"
         save(record)
-
-
-def _manifest(run: Run, slug: str) -> TrialManifest | None:
-    try:
-        return store.read(run.layout.trial_manifest(slug), TrialManifest)
-    except (OSError, ValueError):
-        return None
 
 
 def plan_estimate(run: Run) -> dict[str, Any]:

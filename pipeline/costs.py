@@ -1,17 +1,26 @@
-"""Token usage and USD cost of one trial (`costs.json`), with the provenance of every rate.
+"""Token usage and USD cost of one trial (`costs.json`), with the provenance of every rate, and the run's spend.
 
 Rates come from `pipeline.pricing` (rules and provenance there).
 usd = prompt_tokens / 1e6 · input_rate + completion_tokens / 1e6 · output_rate, rounded to 6 decimals.
+
+Money is counted once: a part shared by several trials (same request bytes, see `pipeline.plan`) is paid by its
+owner. A trial's `usd` is what its predictions consumed, shared parts included; its `owned_usd` is what it pays
+for. The run's spend (`run_spent_usd`) is the sum of the trials' `owned_usd`, i.e. the sum over distinct parts:
+`budget.spent_usd`, `status`, `list` and the aggregate report all take it from there.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import pandas as pd
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.naming import CONDITIONS, temp_str
 from pipeline.pricing import resolve_rates
+
+if TYPE_CHECKING:  # pandas is imported where frames are priced: `status` and `list` only sum owned_usd
+    import pandas as pd
 
 _TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _USAGE_COLUMNS = ("condition", "temp", *_TOKEN_COLUMNS)
@@ -19,6 +28,8 @@ _USAGE_COLUMNS = ("condition", "temp", *_TOKEN_COLUMNS)
 
 def _tokens(frame: pd.DataFrame) -> pd.DataFrame:
     """Integer token columns (blank/NaN/garbage → 0); a row without total_tokens counts prompt + completion."""
+    import pandas as pd
+
     out = pd.DataFrame(index=frame.index)
     for col in _TOKEN_COLUMNS:
         out[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).clip(lower=0).astype("int64")
@@ -45,6 +56,8 @@ def summarize_costs(
     `by_temp` and `by_condition_temp` (keys `temp_str(temp)`, in increasing temperature). Split usd values are
     priced and rounded per block, so they may differ from the total in the last decimal.
     """
+    import pandas as pd
+
     missing = [c for c in _USAGE_COLUMNS if c not in usage.columns]
     if missing:
         raise ValueError(f"usage lacks required columns {missing}")
@@ -70,3 +83,63 @@ def summarize_costs(
         "by_temp": by_temp,
         "by_condition_temp": by_condition_temp,
     }
+
+
+def trial_costs(
+    usage: pd.DataFrame, *, trial: str, parts: Mapping[str, Mapping[str, Any]], pricing: dict[str, Any], provider: str,
+    model: str, use_batch_api: bool,
+) -> dict[str, Any]:
+    """costs.json for one trial: `summarize_costs` of its usage rows plus what each of its parts cost and who pays.
+
+    `usage` has the columns `summarize_costs` needs plus `custom_id`; `parts` maps each part's key (`owner/jkey`) to
+    `{"owner": slug, "custom_ids": [...]}` (the ids of the part's requests); a part whose owner is not `trial` is
+    shared: another trial owns and pays for it. Adds `parts` ({key: prompt/completion/total tokens, usd, owner,
+    shared}, in key order), `owned_usd` (the usage of the parts `trial` owns, priced) and `shared_usd` (the same for
+    the parts it reads from other trials). Each figure is priced and rounded on its own, so owned_usd + shared_usd
+    and the sum of the parts' usd may differ from `usd` in the last decimal; with no shared part owned_usd == usd.
+    Raises ValueError for a usage row whose custom_id is in no part, or in two.
+    """
+    if "custom_id" not in usage.columns:
+        raise ValueError("usage lacks required column custom_id")
+    costs = summarize_costs(usage, pricing=pricing, provider=provider, model=model, use_batch_api=use_batch_api)
+    part_of: dict[str, str] = {}
+    for key, part in parts.items():
+        for cid in part["custom_ids"]:
+            if part_of.setdefault(cid, key) != key:
+                raise ValueError(f"request {cid!r} is in two parts: {part_of[cid]} and {key}")
+    keys = usage["custom_id"].astype(str).map(part_of)
+    if keys.isna().any():
+        raise ValueError(f"usage row {usage['custom_id'][keys.isna()].iloc[0]!r} belongs to none of the trial's parts")
+    tokens = _tokens(usage)
+    rates = costs["pricing"]
+    owners = {key: str(part["owner"]) for key, part in parts.items()}
+    blocks = {key: {**_block(tokens[keys == key], rates), "owner": owners[key], "shared": owners[key] != trial}
+              for key in sorted(parts)}
+    owned = keys.map(owners) == trial
+    # priced from token totals like `usd`, so a trial that shares nothing has owned_usd == usd exactly
+    return {**costs, "owned_usd": _block(tokens[owned], rates)["usd"], "shared_usd": _block(tokens[~owned], rates)["usd"],
+            "parts": blocks}
+
+
+def read_costs(path: Path) -> Any:
+    """A trial's costs.json as parsed JSON, or None when it is missing or unreadable (that trial is not priced yet)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def owned_usd(costs: Any) -> float | None:
+    """A trial's `owned_usd` from its costs.json (or the costs stage's manifest record); None when it has none."""
+    value = costs.get("owned_usd") if isinstance(costs, Mapping) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def run_spent_usd(trials: Iterable[Any]) -> float | None:
+    """Money the run spent per its priced results: the sum of each trial's `owned_usd`, which is the sum over the
+    run's distinct parts (a shared part is priced in its owner's figure only). `trials` are costs.json dicts or the
+    costs stage records (anything else, or a record without owned_usd, is a trial not priced yet and adds nothing).
+    None when no trial is priced; rounded to 6 decimals.
+    """
+    known = [usd for usd in map(owned_usd, trials) if usd is not None]
+    return round(sum(known), 6) if known else None

@@ -124,6 +124,10 @@ class RunLayout:
     def output_dataset_breadcrumb(self, slug: str, jkey: str) -> Path:
         return self.results_dir(slug) / f"{jkey}_OUTPUT_DATASET_ID.txt"
 
+    def part_breadcrumb(self, slug: str, jkey: str) -> Path:
+        """The part's mirror of its manifest record and download entry (`targets.lifecycle.mirror_parts` writes it)."""
+        return self.results_dir(slug) / f"{jkey}_part.json"
+
     def combined_results(self, slug: str) -> Path:
         return self.results_dir(slug) / "results_combined.jsonl"
 

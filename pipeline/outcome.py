@@ -3,20 +3,19 @@
 Luigi reports every task that raised as failed (30). Some of our tasks raise on purpose: a part whose job is still
 running in non-blocking mode (`WaitingOnProvider`), a submission the budget refuses (`BudgetExceeded`), a stop
 (`StopRequested`). Each failure is recorded as a small file `run_<rid>/.outcomes/<session>.<kind>.<n>` by the
-process that ran the task (with `--workers N` that is a child), and at exit the invocation's root process turns the
-kinds into one code: any other failure keeps Luigi's code; else budget > stopped > waiting. A finished run is 0.
+process that ran the task (with `--workers N` that is a child), and when the graph has run, the runner
+(`pipeline.control.runner`) turns the kinds into one code: any other failure keeps Luigi's code; else budget >
+stopped > waiting. A finished run is 0.
 
-The session is the root process's pid: forked workers inherit it, and two invocations on one run never mix.
+The session is the root process's pid: forked workers inherit it, and two invocations on one run never mix. A process
+not started by the runner (a plain `luigi` command) has no session: it records nothing and exits with Luigi's code.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import exit_codes
@@ -27,7 +26,7 @@ log = logging.getLogger("pipeline")
 
 WAITING, BUDGET, STOPPED, FAILED = "waiting", "budget", "stopped", "failed"
 _CODES = {BUDGET: exit_codes.BUDGET_EXCEEDED, STOPPED: exit_codes.STOPPED, WAITING: exit_codes.WAITING}
-_session: dict[str, int | bool] = {"pid": 0, "no_wait": False}
+_session: dict[str, int | bool] = {"pid": 0, "no_wait": False, "controlled": False}
 
 
 class WaitingOnProvider(RuntimeError):
@@ -73,7 +72,7 @@ def record_failure(layout: RunLayout, exc: BaseException) -> None:
         log.warning("could not record the outcome of a failed task (%s); the exit code may be Luigi's", err)
 
 
-def _collect(layout: RunLayout) -> set[str]:
+def collect(layout: RunLayout) -> set[str]:
     """The kinds recorded by this session; their files are removed (and those of sessions that died)."""
     kinds: set[str] = set()
     folder = _dir(layout)
@@ -89,11 +88,18 @@ def _collect(layout: RunLayout) -> set[str]:
     return kinds
 
 
-def begin(layout: RunLayout, finished: Callable[[], bool], *, wait: bool = True) -> None:
-    """Start this process's session on the run: failures are recorded from now on, and at exit the process
-    exits with the code that says how the run stands (unless it finished, or Luigi's own code says more)."""
+def control_active(active: bool) -> None:
+    """Mark this process as run by `pipeline.control.runner` (which owns signals, stop, sweeps and the exit code)."""
+    _session["controlled"] = active
+
+
+def controlled() -> bool:
+    return bool(_session["controlled"])
+
+
+def begin(layout: RunLayout, *, wait: bool = True) -> None:
+    """Start this process's session on the run: failures are recorded from now on (for the exit code)."""
     _session["pid"], _session["no_wait"] = os.getpid(), not wait
-    atexit.register(_exit, layout, finished)
 
 
 def exit_code(kinds: set[str], stop_requested: bool) -> int | None:
@@ -108,24 +114,7 @@ def exit_code(kinds: set[str], stop_requested: bool) -> int | None:
     return None
 
 
-def _exit(layout: RunLayout, finished: Callable[[], bool]) -> None:
-    kinds = _collect(layout)
-    if os.getpid() != _session["pid"]:
-        return
-    if finished():
-        # Under luigid Luigi exits 10 (run by another worker), 20 or 25 when another worker process ran some of this
-        # invocation's tasks, although every requested report is current: that is a finished run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_codes.OK)
-    code = exit_code(kinds, layout.stop_file.exists())
-    if code is None:
-        return
-    messages = {exit_codes.WAITING: "waiting on the provider: run the same command again later to continue",
-                exit_codes.STOPPED: "stopped; run the same command again to resume",
-                exit_codes.BUDGET_EXCEEDED: "budget reached: nothing more was submitted (raise budget.max_usd and "
-                                            "re-run with --accept-config-drift to continue)"}
-    log.warning("run %s %s (exit %d)", layout.rid, messages[code], code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+MESSAGES = {exit_codes.WAITING: "waiting on the provider: run the same command again later to continue",
+            exit_codes.STOPPED: "stopped; run the same command again to resume",
+            exit_codes.BUDGET_EXCEEDED: "budget reached: nothing more was submitted (raise budget.max_usd and "
+                                        "re-run with --accept-config-drift to continue)"}

@@ -1,9 +1,11 @@
 """Which parts each trial needs, who owns them, and their deterministic remote ids (pure, light).
 
 A part is the unit of remote work: one type-homogeneous slice of a shard, sent as one batch job with the
-trial's model and sampling parameters. Two trials whose part has the same content and the same job
-parameters share it (typically the control condition of trials that differ only in the treatment prompt):
-the first trial in config order owns it, keeps its files under its results dir, and the others read them.
+trial's model and sampling parameters. Its identity is content-addressed: `request_checksum` over the exact request
+bytes, model and parameters decides its remote ids, and results are reused only for the same checksum.
+Two trials whose part has the same requests share it (typically the control condition of trials that differ only
+in the treatment prompt): the first trial in config order owns it, keeps its files under its results dir, and the
+others read them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Trial
-from pipeline.naming import CONDITIONS, job_key, remote_id, short_hash, temp_label, temp_str
+from pipeline.naming import CONDITIONS, job_key, remote_id, temp_label, temp_str
 from pipeline.run import Run
+from targets.fingerprint import request_checksum
 from targets.manifest import BuildManifest
 
 
@@ -37,7 +40,12 @@ class PartRef:
     sha256: str
     model: str
     inference_parameters: dict[str, Any]
-    uid: str
+    request_sha256: str
+
+    @property
+    def uid(self) -> str:
+        """The part's content address, short: the first 16 hex digits of its request checksum."""
+        return self.request_sha256[:16]
 
     @property
     def shared(self) -> bool:
@@ -80,13 +88,13 @@ def _refs_for(run: Run, build: BuildManifest, trial: Trial) -> list[PartRef]:
         for cond in CONDITIONS:
             for part in entry["parts"][cond]:
                 params = inference_parameters(run, trial, temp, part["type"])
-                uid = short_hash(part["sha256"], trial.model_id, json.dumps(params, sort_keys=True), length=16)
                 refs.append(PartRef(
                     trial=trial.slug, owner=trial.slug, jkey=job_key(temp, cond, part["index"]),
                     group=f"t{temp_label(temp)}_{cond}", temp=temp, condition=cond, index=part["index"],
                     type=part["type"], prompt_set=trial.prompt_set, path=run.layout.run_dir / part["path"],
                     lines=part["lines"], sha256=part["sha256"], model=trial.model_id,
-                    inference_parameters=params, uid=uid))
+                    inference_parameters=params,
+                    request_sha256=request_checksum(part["sha256"], trial.model_id, params)))
     return refs
 
 

@@ -9,7 +9,7 @@ from luigi.task import flatten
 
 from pipeline import budget, exit_codes
 from pipeline.config import ConfigError
-from pipeline.run import ConfigDriftError, Run, check_drift, open_run
+from pipeline.run import ConfigDriftError, Run, config_drift, open_run, refuse_drift
 
 
 def _children(task):  # noqa: ANN001, ANN202
@@ -32,7 +32,9 @@ def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO, a
 
     try:
         run = open_run(rid, root or None, config or None)
-        check_drift(run, config or None)
+        diff = config_drift(run, config or None)
+        if diff:
+            raise refuse_drift(run, config, diff)
     except ConfigDriftError as exc:
         print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}", file=stream)
         return exit_codes.CONFIG_DRIFT

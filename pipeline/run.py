@@ -2,7 +2,7 @@
 
 `open_run` is read-only: it uses the run's frozen `effective_config.yaml` when there is one, otherwise the
 config file given (or the default). `freeze` writes the config, the prompt texts and `run_state.json` on the
-first run of a rid; `check_drift` refuses a different config later unless the drift is accepted.
+first run of a rid; `config_drift` (read-only) tells how a config given later differs, `accept_drift` adopts it.
 """
 
 from __future__ import annotations
@@ -149,28 +149,34 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(semantic_dump(cfg), sort_keys=True).encode()).hexdigest()
 
 
-def check_drift(run: Run, config: str | Path | None, *, accept: bool = False) -> list[str]:
-    """Compare an explicitly given config with the run's frozen one; raise ConfigDriftError unless accepted.
-
-    Returns the differing keys (empty when the configs agree or nothing is frozen yet).
-    """
+def config_drift(run: Run, config: str | Path | None) -> list[str]:
+    """Read-only: the keys in which an explicitly given config differs from the run's frozen one (empty when they
+    agree or nothing is frozen yet)."""
     if not config or not run.frozen:
         return []
+    return diff_configs(semantic_dump(run.cfg), semantic_dump(load_config(Path(config).expanduser().resolve())))
+
+
+def refuse_drift(run: Run, config: str | Path, diff: list[str]) -> ConfigDriftError:
+    """The error that refuses a drift, listing the differing keys and the ways on."""
     given_path = Path(config).expanduser().resolve()
-    given = load_config(given_path)
-    diff = diff_configs(semantic_dump(run.cfg), semantic_dump(given))
+    shown = "\n  ".join(diff[:20]) + (f"\n  … and {len(diff) - 20} more" if len(diff) > 20 else "")
+    return ConfigDriftError(
+        f"run {run.rid}: {given_path} differs from the run's frozen config {run.layout.effective_config}:\n  {shown}\n"
+        "Re-run without --config to continue with the frozen config, use a new --rid for a new experiment, "
+        "or pass --accept-config-drift to adopt the new config for this run (recorded in run_state.json).")
+
+
+def accept_drift(run: Run, config: str | Path) -> list[str]:
+    """Adopt the given config for the run (frozen again, the old one backed up, the drift recorded); the keys that
+    differed. Writes: only the runner calls it, under Luigi's process lock."""
+    diff = config_drift(run, config)
     if not diff:
         return []
-    if not accept:
-        shown = "\n  ".join(diff[:20]) + (f"\n  … and {len(diff) - 20} more" if len(diff) > 20 else "")
-        raise ConfigDriftError(
-            f"run {run.rid}: {given_path} differs from the run's frozen config {run.layout.effective_config}:\n  {shown}\n"
-            "Re-run without --config to continue with the frozen config, use a new --rid for a new experiment, "
-            "or pass --accept-config-drift to adopt the new config for this run (recorded in run_state.json)."
-        )
+    given_path = Path(config).expanduser().resolve()
     log.warning("accept config drift run=%s (%d key(s) differ: %s)", run.rid, len(diff), "; ".join(diff[:5]))
     _backup_effective(run.layout)
-    freeze(run.layout, given, given_path, drift=diff)
+    freeze(run.layout, load_config(given_path), given_path, drift=diff)
     return diff
 
 

@@ -1,26 +1,32 @@
-"""Cooperative stop: `python -m pipeline stop --rid X`, SIGINT and SIGTERM.
+"""Cooperative stop: `python -m pipeline stop`, SIGINT and SIGTERM.
 
 A stop writes `run_<rid>/STOP_REQUESTED`; tasks check it before every remote create and while polling, and
 raise instead of sending anything new. State is already persisted (every change is written as it happens),
-so the next run resumes where this one stopped; it removes the sentinel when it starts.
-The process then exits with `exit_codes.STOPPED` (see `pipeline.outcome`).
+so the next run resumes where this one stopped. A request applies to the invocations that were running when it was
+made: one whose file is older than this process's session (`begin_session`, else the import of this module) is
+ignored, so a new invocation never has to delete it — and a refused or read-only one never does.
+The runner removes a request once the run is finished (`pipeline.control.runner`), and a stopped process exits with
+`exit_codes.STOPPED`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
-from types import FrameType
+import time
 
-from pipeline import exit_codes
 from pipeline.layout import RunLayout
 from targets.atomic import write_text
 from targets.manifest import utcnow
 
 log = logging.getLogger("pipeline")
 _stopping: list[RunLayout] = []
+_session = {"started_ns": time.time_ns()}
+
+
+def begin_session() -> None:
+    """From now on, only stop requests made from now on apply to this process (and the workers it forks)."""
+    _session["started_ns"] = time.time_ns()
 
 
 def request_stop(layout: RunLayout, reason: str = "requested") -> None:
@@ -29,34 +35,21 @@ def request_stop(layout: RunLayout, reason: str = "requested") -> None:
 
 
 def stop_requested(layout: RunLayout) -> bool:
-    if layout.stop_file.exists():
-        if layout not in _stopping:
-            _stopping.append(layout)
-            log.warning("stop requested for run %s (%s): no new submissions", layout.rid, layout.stop_file)
-        return True
-    return False
+    """True when a stop was requested for the run since this process's session began."""
+    try:
+        made_ns = os.stat(layout.stop_file).st_mtime_ns
+    except OSError:
+        return False
+    if made_ns < _session["started_ns"]:
+        return False
+    if layout not in _stopping:
+        _stopping.append(layout)
+        log.warning("stop requested for run %s (%s): no new submissions", layout.rid, layout.stop_file)
+    return True
 
 
 def clear_stop(layout: RunLayout) -> None:
-    """A new invocation starts by clearing an old sentinel: a stop applies to the run that was going on."""
+    """Remove the stop request of a run that is finished (only the runner calls this)."""
     if layout.stop_file.exists():
         layout.stop_file.unlink(missing_ok=True)
-        log.info("cleared stop request of run %s (a new invocation resumes it)", layout.rid)
-
-
-def install_signal_handlers(layout: RunLayout) -> None:
-    """SIGINT / SIGTERM write the sentinel instead of killing mid-write; a second signal exits at once.
-
-    The exit code of a stopped run is decided by `pipeline.outcome` at exit.
-    """
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        if layout.stop_file.exists():
-            os._exit(exit_codes.STOPPED)
-        request_stop(layout, signal.Signals(signum).name)
-        log.warning("%s: stopping run %s after the current step (signal again to exit at once)",
-                    signal.Signals(signum).name, layout.rid)
-
-    if sys.platform != "win32":
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        log.info("cleared stop request of run %s (the run is finished)", layout.rid)

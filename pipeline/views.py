@@ -2,12 +2,17 @@
 
 Contract:
 - `run_status(rid, root)` and `list_runs(root)` return plain dicts / lists (JSON-serialisable) built only from what is
-  on disk: trial manifests (`targets.store.read`, which never writes, rebuilds nothing without a context, and raises
-  for a corrupt file, shown here as "manifest unreadable: <reason>"), `run_state.json`, `STOP_REQUESTED` and the
-  aggregate report. Nothing is written, locked or created, so they are safe next to a running pipeline.
+  on disk: trial manifests (`targets.store.read`, which never writes; a corrupt one is rebuilt in memory from its
+  breadcrumbs and part mirrors when the run's frozen config knows the trial, else shown as "manifest unreadable:
+  <reason>"), `run_state.json`, `STOP_REQUESTED` and the aggregate report. Nothing is written, locked or created,
+  so they are safe next to a running pipeline.
 - A run's trials are those of its frozen config plus any trial directory holding a manifest, sorted by slug.
 - Parts are counted under the trial whose manifest owns them: a control part another trial reuses (its
   `control_registry` names the producer) is never counted twice.
+- Money is counted once too. A trial's `usd` is what its predictions consumed (shared parts included), split into
+  `owned_usd` (the parts it pays for) and `shared_usd` (parts another trial owns and pays for), as its costs stage
+  recorded them. The run's `total_usd` (and `list`'s) is `pipeline.costs.run_spent_usd`: the sum of owned_usd,
+  i.e. over distinct parts, the figure `budget.spent_usd` and the aggregate report show.
 - A run is "done" when its aggregate report is recorded current in `run_state.json` and every trial is done;
   otherwise "stopped" (`STOP_REQUESTED` exists), "not started" (no frozen config, no trial manifest) or "in progress".
 - `render_status` / `render_list` turn those into aligned text tables, one line per trial / run.
@@ -26,10 +31,12 @@ from typing import Any, TextIO, get_args
 
 from pipeline import budget, exit_codes
 from pipeline.archive import archive_current
+from pipeline.costs import read_costs, run_spent_usd
 from pipeline.layout import RunLayout, check_rid
 from pipeline.run import open_run
 from targets import store
 from targets.fingerprint import fingerprint
+from targets.lifecycle import open_trial_manifest
 from targets.manifest import PartState, RunState, TrialManifest
 
 VIEW_STAGES = ("downloaded", "parsed", "scored", "stats", "costs", "optional", "report")
@@ -91,8 +98,10 @@ def _part_counts(manifest: TrialManifest, slug: str) -> dict[str, int]:
     return {state: n for state, n in counts.items() if n}
 
 
-def _usd(manifest: TrialManifest) -> float | None:
-    value = manifest.stage("costs").artifacts.get("usd")
+def _usd(costs: Any, key: str) -> float | None:
+    """A money figure (`usd`, `owned_usd`, `shared_usd`) of the trial's costs.json (the file `spent` is summed from,
+    so every figure agrees, whatever state the manifest is in); None when it has none."""
+    value = costs.get(key) if isinstance(costs, dict) else None
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -115,11 +124,13 @@ def _blocking(layout: RunLayout, slug: str, manifest: TrialManifest, parts: dict
 
 
 def trial_status(layout: RunLayout, slug: str) -> dict[str, Any]:
-    """One trial's view: state, stage statuses, part counts, usd and what blocks it (never raises for bad data)."""
+    """One trial's view: state, stage statuses, part counts, usd (consumed / owned / shared) and what blocks it
+    (never raises for bad data)."""
     view: dict[str, Any] = {"trial": slug, "state": "not started", "manifest": "missing", "stages": {}, "parts": {},
-                            "usd": None, "blocking": []}
+                            "usd": None, "owned_usd": None, "shared_usd": None, "blocking": []}
     try:
-        manifest = store.read(layout.trial_manifest(slug), TrialManifest)
+        manifest, how = open_trial_manifest(layout.trial_manifest(slug),
+                                            context=lambda: budget.rebuild_context(open_run(layout.rid, layout.root), slug))
     except (ValueError, OSError) as exc:  # ManifestError is a ValueError; permissions and the like are OSErrors
         reason = f"manifest unreadable: {exc}"
         return {**view, "state": "unreadable", "manifest": reason, "blocking": [reason]}
@@ -129,8 +140,11 @@ def trial_status(layout: RunLayout, slug: str) -> dict[str, Any]:
               for stage in VIEW_STAGES}
     parts = _part_counts(manifest, slug)
     blocking = _blocking(layout, slug, manifest, parts, stages)
-    return {**view, "state": "in progress" if blocking else "done", "manifest": "ok", "stages": stages, "parts": parts,
-            "usd": _usd(manifest), "blocking": blocking}
+    costs = read_costs(layout.costs(slug))
+    shown = "ok" if how == "v2 manifest" else how  # an old or corrupt file is read as upgraded / rebuilt in memory
+    return {**view, "state": "in progress" if blocking else "done", "manifest": shown, "stages": stages, "parts": parts,
+            "usd": _usd(costs, "usd"), "owned_usd": _usd(costs, "owned_usd"),
+            "shared_usd": _usd(costs, "shared_usd"), "blocking": blocking}
 
 
 def _run_state(layout: RunLayout) -> tuple[RunState | None, str | None]:
@@ -166,7 +180,6 @@ def run_status(rid: str, root: str | Path | None) -> dict[str, Any]:
     state, state_error = _run_state(layout)
     aggregate = {"present": layout.aggregate_report.exists(),
                  "current": bool(state) and _file_current(layout, state.aggregate_report.get("file"))}
-    priced = [t["usd"] for t in trials if t["usd"] is not None]
     if aggregate["current"] and all(t["state"] == "done" for t in trials):
         status = "done"
     elif stop is not None:
@@ -177,7 +190,7 @@ def run_status(rid: str, root: str | Path | None) -> dict[str, Any]:
         status = "in progress"
     return {"rid": rid, "run_dir": str(layout.run_dir), "status": status, "config": config,
             "stop_requested": stop is not None, "stop_reason": stop, "run_state_error": state_error,
-            "aggregate_report": aggregate, "total_usd": round(sum(priced), 6) if priced else None,
+            "aggregate_report": aggregate, "total_usd": run_spent_usd(trials),
             "budget": _budget(rid, root, config), "archive": _archive(layout, slugs), "trials": trials}
 
 
@@ -205,7 +218,8 @@ def _archive(layout: RunLayout, slugs: list[str]) -> dict[str, Any] | None:
 
 
 def list_runs(root: str | Path | None, *, now: float | None = None) -> list[dict[str, Any]]:
-    """Every `run_*` directory under the root, sorted by rid: age (of effective_config.yaml), trials, status, usd."""
+    """Every `run_*` directory under the root, sorted by rid: age (of effective_config.yaml), trials, status, total_usd
+    (the run's `total_usd`: distinct parts, shared parts counted once)."""
     base = _root(root)
     now = time.time() if now is None else now
     runs = []
@@ -258,14 +272,15 @@ def render_status(view: dict[str, Any]) -> str:
     lines = [f"run {view['rid']} at {view['run_dir']}: {view['status']}",
              f"config: {source}",
              f"stop requested: {'yes (' + view['stop_reason'] + ')' if view['stop_requested'] else 'no'}; "
-             f"aggregate report: {report}; total usd: {_money(view['total_usd'])}"]
+             f"aggregate report: {report}; total usd (distinct parts, shared parts counted once): "
+             f"{_money(view['total_usd'])}"]
     if view["run_state_error"]:
         lines.append(f"run_state.json unreadable: {view['run_state_error']}")
     money = view.get("budget")
     if money and "error" not in money:
         limit = "none set" if money["max_usd"] is None else _money(money["max_usd"])
         lines.append(f"budget: {limit}; committed (estimate of every part sent): {_money(money['committed_usd'])}; "
-                     f"spent (priced results): {_money(money['spent_usd'])}")
+                     f"spent (priced results, each part once): {_money(money['spent_usd'])}")
     if view.get("archive"):
         archive = view["archive"]
         lines.append(f"archive: {archive['path']} ({'current' if archive['current'] else archive['reason']})")
@@ -273,9 +288,14 @@ def render_status(view: dict[str, Any]) -> str:
     for trial in view["trials"]:
         stages = [_STAGE_SHOWN.get(trial["stages"].get(s, ""), "-") for s in VIEW_STAGES]
         parts = ", ".join(f"{n} {state}" for state, n in trial["parts"].items()) or "-"
-        rows.append([trial["trial"], trial["state"], *stages, parts, _money(trial["usd"]),
-                     "; ".join(trial["blocking"]) or "-"])
-    lines += _table(["trial", "state", *VIEW_STAGES, "parts", "usd", "blocking"], rows) if rows else ["no trials"]
+        rows.append([trial["trial"], trial["state"], *stages, parts, _money(trial["owned_usd"]),
+                     _money(trial["shared_usd"]), "; ".join(trial["blocking"]) or "-"])
+    # A trial's consumption is split into what it pays for and what it reads from parts other trials own, so the
+    # owned column adds up to the run's total and no shared part is counted twice.
+    headers = ["trial", "state", *VIEW_STAGES, "parts", "usd owned", "usd shared (paid by owner)", "blocking"]
+    lines += _table(headers, rows) if rows else ["no trials"]
+    lines += [f"{trial['trial']}: {trial['manifest']}" for trial in view["trials"]
+              if trial["manifest"] not in ("ok", "missing") and trial["state"] != "unreadable"]
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +303,7 @@ def render_list(runs: list[dict[str, Any]], root: Path) -> str:
     if not runs:
         return f"no runs under {root}\n"
     rows = [[r["rid"], _age(r["age_s"]), str(r["trials"]), r["status"], _money(r["total_usd"])] for r in runs]
-    return "\n".join(_table(["rid", "age", "trials", "status", "usd"], rows)) + "\n"
+    return "\n".join(_table(["rid", "age", "trials", "status", "usd (distinct parts)"], rows)) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

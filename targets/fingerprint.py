@@ -7,9 +7,11 @@ recomputed (ARCHITECTURE §2), so a no-op resume costs one `stat()` per artifact
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -59,3 +61,13 @@ def fingerprint(path: Path, known: dict | None = None) -> Fingerprint | None:
 def current_sha(path: Path, known: dict | None = None) -> str | None:
     fp = fingerprint(path, known)
     return fp.sha256 if fp else None
+
+
+def request_checksum(input_sha256: str, model: str, inference_parameters: dict[str, Any]) -> str:
+    """sha256 of everything a part's requests send: the request lines' bytes (every message, the system prompt and
+    task instructions included, and the custom_ids), the model, and every inference parameter (stop, n included).
+
+    Equal checksums mean byte-identical requests: the only case in which results or remote jobs are reused.
+    """
+    text = "\x1f".join([input_sha256, model, json.dumps(inference_parameters, sort_keys=True)])
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -9,9 +9,16 @@ Contract:
   original's keys and under `recovered_parts`, so the pipeline can re-attach to known jobs instead of
   resubmitting, and keeps every key (or dict entry) of a wrong-typed corrupt file that is valid on its own.
   Both infer `stage_status` from artifacts for information only: paths and row counts, never the checksums
-  and input fingerprints that make a stage count as done, so tasks still verify everything.
+  and input fingerprints that make a stage count as done, so tasks still verify everything. (A rebuild's
+  `downloaded` entries per part are not inferred: they come back from the part mirrors the pipeline wrote.)
 - Breadcrumbs are untrusted input: bounded size, regular files only, ids checked; a bad one is skipped with a
   logged reason and never stops the rebuild.
+- Part mirrors: `<jkey>_part.json` holds everything the manifest knows about one part, its full `PartRecord`
+  (`parts[jkey]`, every field, later ones included) and its entry in `stage_status.downloaded.artifacts.parts`.
+  `mirror_parts` rewrites it atomically, under the manifest's lock, right after every manifest write that changed
+  either (`store.update` and the writes here call it, so no writer has to remember it); a mirror missing on disk is
+  written too. A rebuild takes each part's record and download entry back from it (see `_rebuild` for the rule
+  between a part mirror and the job's own breadcrumbs), so nothing about a part is lost with the manifest.
 - `open_trial_manifest` does it in memory and writes nothing (done predicates, the read-only `plan`).
   `persist_lifecycle` does it for real under the store's lock: the original bytes are copied aside first
   (`<name>.backup.<ts>.json` / `<name>.corrupt.<ts>`, never overwriting another copy), then the v2 manifest
@@ -31,14 +38,14 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, cast
 
 from pydantic import ValidationError
 
 from targets.atomic import dumps_json, write_text
 from targets.crashpoints import crashpoint
-from targets.manifest import STAGES, StageRecord, TrialManifest, utcnow
+from targets.manifest import STAGES, PartRecord, StageRecord, TrialManifest, utcnow
 from targets.store import Context, ManifestError, lock_for
 
 log = logging.getLogger("pipeline")
@@ -54,6 +61,11 @@ _STATE = re.compile(r"[A-Za-z_]{1,64}")
 _JKEY = re.compile(r"(?P<group>t[0-9]+_(?:control|treatment))_p(?P<index>[0-9]{2,})")
 _JOB_SUFFIX = "_job.json"
 _OUTPUT_SUFFIX = "_OUTPUT_DATASET_ID.txt"
+_PART_SUFFIX = "_part.json"  # pipeline.layout.RunLayout.part_breadcrumb names the same file
+PART_MIRROR_SCHEMA = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Part states before the job exists: a job.json for the record's own job id proves the part got further.
+_BEFORE_JOB = ("planned", "uploading", "uploaded", "submitting")
 
 
 def _now() -> datetime:
@@ -247,9 +259,15 @@ class _Skip(ValueError):
 
 @dataclass
 class Recovered:
-    """What the breadcrumbs of a results dir tell: `parts[jkey]`, files used, files skipped with the reason."""
+    """What the breadcrumbs of a results dir tell, files used, files skipped with the reason.
+
+    `parts[jkey]`: the job's own breadcrumbs (job.json, OUTPUT_DATASET_ID.txt); `records[jkey]` (a `PartRecord` as
+    JSON) and `downloads[jkey]` (its `downloaded` stage entry): the part mirrors (`<jkey>_part.json`).
+    """
 
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    downloads: dict[str, dict[str, Any]] = field(default_factory=dict)
     used: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
 
@@ -297,7 +315,7 @@ def _from_job_json(data: bytes) -> dict[str, Any]:
     optional = {key: _bare_id(obj[wire], "datasets", wire) if obj.get(wire) is not None else None
                 for key, wire in (("output_dataset_id", "outputDatasetId"), ("input_dataset_id", "inputDatasetId"))}
     return {"job_name": obj["name"], "job_id": job_id,
-            "state": state.upper().removeprefix("JOB_STATE_").lower() if state else None,
+            "state": state.upper().removeprefix("JOB_STATE_").lower() if state else None, "provider_state": state,
             **optional, "source": "job.json"}
 
 
@@ -311,14 +329,69 @@ def _from_output_txt(data: bytes) -> str:
     return _bare_id(text, "datasets", "output dataset id")
 
 
+def _check_ids(record: PartRecord) -> None:
+    """The remote ids a record would send requests to are bare provider ids, never paths."""
+    for what in ("dataset_id", "job_id", "output_dataset_id"):
+        value = getattr(record, what)
+        if not _ID.fullmatch(value):
+            raise _Skip(f"record {what} {value[:120]!r} is not a valid id")
+
+
+def _check_download(jkey: str, entry: object) -> dict[str, Any]:
+    """A `downloaded` stage entry of part `jkey`: its results.jsonl path and, when recorded, its fingerprint."""
+    if not isinstance(entry, dict):
+        raise _Skip(f"download entry is {type(entry).__name__}, not an object")
+    if entry.get("job_key") != jkey:
+        raise _Skip(f"download entry is for {str(entry.get('job_key'))[:120]!r}, not {jkey}")
+    path = entry.get("path")
+    where = PurePosixPath(path) if isinstance(path, str) else None
+    if where is None or where.is_absolute() or ".." in where.parts or where.parts[-2:] != (jkey, "results.jsonl"):
+        raise _Skip(f"download entry path {str(path)[:120]!r} is not <trial>/results/{jkey}/results.jsonl")
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+        raise _Skip(f"download entry sha256 {str(sha)[:120]!r} is not a checksum")
+    for key in ("size", "mtime_ns", "rows"):
+        if key in entry and not (type(entry[key]) is int and entry[key] >= 0):
+            raise _Skip(f"download entry {key} {str(entry[key])[:40]!r} is not a count")
+    return entry
+
+
+def _from_part_json(jkey: str, group: str, index: int, data: bytes) -> tuple[dict[str, Any] | None,
+                                                                             dict[str, Any] | None]:
+    """(the part's record as validated JSON, its download entry) from a part mirror; either may be None."""
+    obj, why = _decode(data)
+    if why:
+        raise _Skip(why)
+    if not isinstance(obj, dict):
+        raise _Skip("not a JSON object")
+    if obj.get("schema_version") != PART_MIRROR_SCHEMA:
+        raise _Skip(f"unsupported schema_version {str(obj.get('schema_version'))[:40]!r}")
+    if obj.get("job_key") != jkey:
+        raise _Skip(f"job_key {str(obj.get('job_key'))[:120]!r} does not match the file name")
+    record, download = obj.get("record"), obj.get("download")
+    if record is None and download is None:
+        raise _Skip("holds neither a record nor a download entry")
+    if record is not None:
+        try:
+            model = PartRecord.model_validate(record)
+        except ValidationError as exc:
+            raise _Skip(f"record with {_first_error(exc)}") from None
+        if (model.group, model.index) != (group, index):
+            raise _Skip(f"record is for part {model.group} #{model.index}, not {jkey}")
+        _check_ids(model)
+        record = model.model_dump(mode="json")
+    return record, None if download is None else _check_download(jkey, download)
+
+
 def read_breadcrumbs(results_dir: Path) -> Recovered:
-    """Parts known from `<jkey>_job.json` and `<jkey>_OUTPUT_DATASET_ID.txt`; bad files are skipped and logged."""
+    """Parts known from `<jkey>_job.json`, `<jkey>_OUTPUT_DATASET_ID.txt` and `<jkey>_part.json`; bad files are skipped
+    and logged."""
     found = Recovered()
     if not Path(results_dir).is_dir():
         return found
     names = sorted(p.name for p in Path(results_dir).iterdir())
     outputs: dict[str, str] = {}
-    for suffix in (_JOB_SUFFIX, _OUTPUT_SUFFIX):
+    for suffix in (_JOB_SUFFIX, _OUTPUT_SUFFIX, _PART_SUFFIX):
         for name in (n for n in names if n.endswith(suffix)):
             jkey = name[: -len(suffix)]
             try:
@@ -328,8 +401,14 @@ def read_breadcrumbs(results_dir: Path) -> Recovered:
                 data = _read_bounded(Path(results_dir) / name)
                 if suffix == _JOB_SUFFIX:
                     found.parts[jkey] = _from_job_json(data)
-                else:
+                elif suffix == _OUTPUT_SUFFIX:
                     outputs[jkey] = _from_output_txt(data)
+                else:
+                    record, download = _from_part_json(jkey, match["group"], int(match["index"]), data)
+                    if record is not None:
+                        found.records[jkey] = record
+                    if download is not None:
+                        found.downloads[jkey] = download
             except (_Skip, OSError) as exc:
                 log.warning("skip breadcrumb %s: %s", name, exc)
                 found.skipped.append({"file": name, "reason": str(exc)})
@@ -339,7 +418,7 @@ def read_breadcrumbs(results_dir: Path) -> Recovered:
         part = found.parts.get(jkey)
         if part is None:
             found.parts[jkey] = {"job_name": None, "job_id": None, "output_dataset_id": output, "state": None,
-                                 "input_dataset_id": None, "source": "OUTPUT_DATASET_ID.txt"}
+                                 "provider_state": None, "input_dataset_id": None, "source": "OUTPUT_DATASET_ID.txt"}
         elif part["output_dataset_id"] is None:
             part["output_dataset_id"] = output
         elif part["output_dataset_id"] != output:
@@ -389,14 +468,52 @@ def _place(table: dict[str, list[Any]], group: str, index: int, value: str) -> N
     table[group] = column
 
 
+def _with_job(record: dict[str, Any], crumb: dict[str, Any] | None) -> dict[str, Any]:
+    """A part's record, moved on by its job.json where that is newer (see `_rebuild`)."""
+    if crumb is None or crumb["job_id"] != record["job_id"] or record["state"] not in _BEFORE_JOB:
+        return record
+    return {**record, "state": "submitted", "provider_state": crumb["provider_state"]}
+
+
+def _downloaded(stage: dict[str, Any], salvaged: bool, mirrored: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The `downloaded` stage with each part's entry taken from its mirror, unless the corrupt file's own stage
+    survived (it is the newest record of them)."""
+    if salvaged or not mirrored:
+        return stage
+    artifacts = dict(stage.get("artifacts") or {})
+    entries = {e["job_key"]: e for e in artifacts.get("parts", []) if isinstance(e, dict) and "job_key" in e}
+    entries.update(mirrored)
+    artifacts["parts"] = [entries[jkey] for jkey in sorted(entries)]
+    status = stage.get("status") if stage.get("status") != "pending" else "in_progress"
+    return {**stage, "status": status, "updated_at": stage.get("updated_at") or utcnow(), "artifacts": artifacts}
+
+
 def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reason: str
              ) -> tuple[TrialManifest, Recovered]:
+    """The manifest rebuilt from the context, the corrupt file's valid keys, the artifacts and the breadcrumbs.
+
+    Each part's record and `downloaded` entry come back from its part mirror, unless the corrupt file still holds a
+    valid one (the mirror is written after the manifest, so it is never newer than the manifest itself). The record
+    then wins over the job's own breadcrumbs: it is rewritten after every change, job.json only when the job is
+    created and at each provider state change, just *before* the record that follows is saved, so job.json can be
+    ahead only by one crash window, and only by what the next poll (a GET, never a create) learns again. The one
+    fact job.json adds without interpreting provider states is that the job exists: a record still `planned` ..
+    `submitting` whose job id is the job.json's becomes `submitted` with that provider state, so it is re-attached
+    and counted as sent. A job.json of another job id (an earlier generation, or a job the provider renamed before
+    the record caught up) never changes a record. Parts without any record are kept under `recovered_parts`.
+    """
     base = {key: identity[key] for key in CONTEXT_KEYS}
     kept, dropped = _salvage(salvage, base) if isinstance(salvage, dict) else ({}, [])
     inferred = {name: record.model_dump(mode="json") for name, record in infer_stage_status(results_dir).items()}
-    data: dict[str, Any] = {**kept, **base, "schema_version": 2,
-                            "stage_status": {**inferred, **kept.get("stage_status", {})}}
+    salvaged_stages = kept.get("stage_status", {})
     recovered = read_breadcrumbs(results_dir)
+    stages = {**inferred, **salvaged_stages}
+    stages["downloaded"] = _downloaded(stages["downloaded"], "downloaded" in salvaged_stages, recovered.downloads)
+    data: dict[str, Any] = {**kept, **base, "schema_version": 2, "stage_status": stages}
+    salvaged = {jkey: PartRecord.model_validate(part).model_dump(mode="json")
+                for jkey, part in kept.get("parts", {}).items()}
+    records = {**recovered.records, **salvaged}
+    parts = {jkey: _with_job(record, recovered.parts.get(jkey)) for jkey, record in sorted(records.items())}
     jobs = {k: list(v) for k, v in data.get("jobs", {}).items()}
     datasets = {k: list(v) for k, v in data.get("datasets", {}).items()}
     job_status = dict(data.get("job_status", {}))
@@ -410,12 +527,18 @@ def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reaso
             _place(datasets, group, index, part["input_dataset_id"])
         if part["state"]:
             job_status[jkey] = part["state"]
+    for jkey, record in parts.items():  # as `TrialManifest.set_part` mirrors them
+        _place(jobs, record["group"], record["index"], record["job_id"])
+        _place(datasets, record["group"], record["index"], record["dataset_id"])
+        job_status[jkey] = record["state"]
     previous = kept.get("recovered_parts") if isinstance(kept.get("recovered_parts"), dict) else {}
-    data.update(jobs=jobs, datasets=datasets, job_status=job_status,
+    data.update(parts=parts, jobs=jobs, datasets=datasets, job_status=job_status,
                 recovered_parts={**previous, **recovered.parts})
     data[HISTORY_KEY] = [*_history(kept), _event(
         "rebuilt", source="corrupt", reason=reason, breadcrumbs_used=recovered.used,
-        breadcrumbs_skipped=recovered.skipped, dropped_keys=dropped)]
+        breadcrumbs_skipped=recovered.skipped, dropped_keys=dropped,
+        part_records_recovered=sorted(set(recovered.records) - set(salvaged)),
+        downloads_recovered=sorted(recovered.downloads) if "downloaded" not in salvaged_stages else [])]
     return TrialManifest.model_validate(data), recovered
 
 
@@ -424,14 +547,68 @@ def rebuild_from_disk(results_dir: Path, *, run_id: str, trial: dict[str, Any], 
                       reason: str = "corrupt manifest") -> TrialManifest:
     """A v2 manifest from the context, artifacts and breadcrumbs of `results_dir`.
 
-    `jobs[group][i]` / `datasets[group][i]` / `job_status[jkey]` get what each part's breadcrumbs tell, and
-    `recovered_parts[jkey]` = `{job_name, job_id, output_dataset_id, state, input_dataset_id, source}` lets the
-    pipeline re-attach to known jobs. `salvage` (the corrupt file's parsed value, if any) contributes every key
-    or dict entry that is valid on its own; breadcrumbs override it for the parts they cover.
+    `parts[jkey]` and the part's `downloaded` entry come back from its part mirror; `jobs[group][i]` /
+    `datasets[group][i]` / `job_status[jkey]` get what each part's record (else its breadcrumbs) tells, and
+    `recovered_parts[jkey]` = `{job_name, job_id, output_dataset_id, state, provider_state, input_dataset_id,
+    source}` lets the pipeline re-attach to known jobs. `salvage` (the corrupt file's parsed value, if any)
+    contributes every key or dict entry that is valid on its own; breadcrumbs override its tables for the parts they
+    cover, its own part records and `downloaded` stage win over the mirrors (see `_rebuild` for the whole rule).
     """
     identity = {"run_id": run_id, "trial": trial, "temps": temps, "samples_per_item": samples_per_item,
                 "prompts": prompts}
     return _rebuild(Path(results_dir), identity, salvage, reason)[0]
+
+
+# ------------------------------------------------------------------------------------------------ part mirrors
+
+def mirror_basis(manifest: TrialManifest | None) -> dict[str, Any] | None:
+    """The part of a manifest its part mirrors are made of (JSON): take it before a change, for `mirror_parts`."""
+    if manifest is None:
+        return None
+    return manifest.model_dump(mode="json", include={"parts": True, "stage_status": {"downloaded"}})
+
+
+def part_mirrors(manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """`{jkey: what <jkey>_part.json holds}` for a manifest's JSON form (or its `mirror_basis`): every part with a
+    record or a `downloaded` entry, as `{schema_version, job_key, record, download}` (either may be None)."""
+    if not manifest:
+        return {}
+    records = manifest.get("parts") or {}
+    stage = (manifest.get("stage_status") or {}).get("downloaded") or {}
+    entries = (stage.get("artifacts") or {}).get("parts") or []
+    downloads = {e["job_key"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("job_key"), str)}
+    # Only part job keys name files: a key read from a manifest never becomes a path outside the results dir.
+    return {jkey: {"schema_version": PART_MIRROR_SCHEMA, "job_key": jkey, "record": records.get(jkey),
+                   "download": downloads.get(jkey)}
+            for jkey in sorted(set(records) | set(downloads)) if _JKEY.fullmatch(jkey)}
+
+
+def mirror_parts(path: Path, before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
+    """Write `<jkey>_part.json` next to the manifest at `path` for every part whose mirror changed from `before`
+    (`mirror_basis` of the manifest as it was; None: a new, upgraded or rebuilt file) to `after` (the manifest as
+    just written, as JSON), and for every part whose mirror is missing on disk. The job keys written, sorted.
+
+    The caller holds the manifest's lock and has just replaced the manifest: the mirrors follow it, so a crash in
+    between leaves a mirror one change behind at most (`_rebuild` says how that is read). Unchanged parts cost a
+    dict comparison; one directory listing per call finds the missing ones. Mirrors of parts the manifest no longer
+    has are left as they are: what they tell is still true of the remote side.
+    """
+    new = part_mirrors(after)
+    if not new:
+        return []
+    old = part_mirrors(before)
+    results_dir = Path(path).parent
+    try:
+        present = {e.name for e in os.scandir(results_dir) if e.name.endswith(_PART_SUFFIX)}
+    except OSError:
+        present = set()
+    written = []
+    for jkey, mirror in new.items():
+        if old.get(jkey) == mirror and jkey + _PART_SUFFIX in present:
+            continue
+        write_text(results_dir / f"{jkey}{_PART_SUFFIX}", dumps_json(mirror))
+        written.append(jkey)
+    return written
 
 
 # ------------------------------------------------------------------------------------------ backups and hook
@@ -514,10 +691,13 @@ def open_trial_manifest(path: Path, *, context: Context | None = None) -> tuple[
 
 
 def _write(path: Path, model: TrialManifest, copy: Path) -> TrialManifest:
+    """Replace the manifest with an upgraded / rebuilt one, then (re)write every part mirror from it."""
     model.model_extra[HISTORY_KEY][-1]["copy"] = copy.name  # type: ignore[index]
     model.timestamps.updated_at = utcnow()
     validated = TrialManifest.model_validate(model.model_dump(mode="json"))
-    write_text(path, dumps_json(validated.model_dump(mode="json")))
+    data = validated.model_dump(mode="json")
+    write_text(path, dumps_json(data))
+    mirror_parts(path, None, data)
     return validated
 
 

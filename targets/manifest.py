@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from targets.fingerprint import request_checksum
+
 STAGES = ("downloaded", "parsed", "scored", "stats", "costs", "report", "archived")
 StageState = Literal["pending", "in_progress", "completed", "failed", "stale"]
 PartState = Literal[
@@ -62,6 +64,12 @@ class PartRecord(_Open):
     resubmissions: int = Field(default=0, ge=0)
     history: list[dict[str, Any]] = Field(default_factory=list)
     updated_at: str = Field(default_factory=utcnow)
+
+    @property
+    def request_sha256(self) -> str:
+        """The checksum of the requests this record sends (`targets.fingerprint.request_checksum`), from its own
+        fields, so records written before the checksum was stored are compared exactly too."""
+        return request_checksum(self.input_sha256, self.model, self.inference_parameters)
 
 
 class TrialManifest(_Open):

@@ -6,7 +6,8 @@ the result with the model, and replaces the file atomically, so concurrent write
 
 A `TrialManifest` goes through `targets.lifecycle`: `read` upgrades a v1 file (or rebuilds a corrupt one, given
 `context`) in memory and writes nothing; `update` first upgrades / repairs the file on disk under the same lock
-(copy aside, then rewrite), then applies the change. Without `context`, a corrupt trial manifest raises.
+(copy aside, then rewrite), then applies the change and keeps the per-part mirrors (`<jkey>_part.json`, the
+breadcrumbs a repair recovers part records from) in step. Without `context`, a corrupt trial manifest raises.
 """
 
 from __future__ import annotations
@@ -96,10 +97,17 @@ def update(path: Path, model: type[M], change: Callable[[M | None], M | None], *
     """Apply `change` to the current manifest under the lock; a returned model is validated and written.
 
     A v1 or corrupt trial manifest is upgraded / repaired on disk first (`lifecycle.persist_lifecycle_locked`).
+    After a trial manifest is written, still under the lock, the part mirrors of the parts whose record or download
+    entry changed are rewritten (`lifecycle.mirror_parts`), so every writer keeps them current.
     """
+    from targets import lifecycle  # lifecycle imports this module
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    trial = issubclass(model, TrialManifest)
     with lock_for(path):
         current = _current(path, model, context) if path.exists() else None
+        # Taken before `change`, which edits `current` in place.
+        before = lifecycle.mirror_basis(cast("TrialManifest | None", current)) if trial else None
         new = change(current)
         if new is None:
             return current
@@ -107,5 +115,8 @@ def update(path: Path, model: type[M], change: Callable[[M | None], M | None], *
         stamps = getattr(validated, "timestamps", None)
         if stamps is not None:
             stamps.updated_at = utcnow()
-        write_text(path, dumps_json(validated.model_dump(mode="json")))
+        data = validated.model_dump(mode="json")
+        write_text(path, dumps_json(data))
+        if trial:
+            lifecycle.mirror_parts(path, before, data)
         return validated

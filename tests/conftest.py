@@ -16,6 +16,7 @@ import yaml
 from pipeline.emulator.server import EmulatorServer, make_server
 
 REPO = Path(__file__).resolve().parent.parent
+PIPELINE_RUN = (sys.executable, "-m", "pipeline", "run")  # the runner; the task name and Luigi's options follow
 
 
 @pytest.fixture
@@ -94,10 +95,10 @@ def stop_emulator_server(server: EmulatorServer) -> None:
 
 def run_luigi(root: Path, config: Path | None, rid: str, *extra: str, task: str = "TrialReport",
               timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`luigi --module pipeline <task> --rid RID --root ROOT [--config CONFIG] --local-scheduler ...` in a subprocess
+    """`python -m pipeline run <task> --rid RID --root ROOT [--config CONFIG] --local-scheduler ...` in a subprocess
     (with the project's luigi.cfg, whatever LUIGI_CONFIG_PATH the caller has)."""
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    cmd = [str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", task, "--rid", rid, "--root", str(root),
+    cmd = [*PIPELINE_RUN, task, "--rid", rid, "--root", str(root),
            *(["--config", str(config)] if config else []), "--local-scheduler", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 

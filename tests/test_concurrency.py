@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
 from targets.manifest import TrialManifest
-from tests.conftest import small_experiment
+from tests.conftest import PIPELINE_RUN, small_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +20,8 @@ def test_two_processes_on_one_rid(tmp_path: Path) -> None:
     config = small_experiment(tmp_path, latency_s=0.3)
     root = tmp_path / "exp"
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    luigi = Path(sys.executable).with_name("luigi")
     # --no-lock: Luigi's own pid lock would make the second process exit at once; here both really run.
-    args = [str(luigi), "--module", "pipeline", "TrialReport", "--rid", "two", "--root", str(root), "--config",
+    args = [*PIPELINE_RUN, "TrialReport", "--rid", "two", "--root", str(root), "--config",
             str(config), "--local-scheduler", "--no-lock"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
              for _ in range(2)]

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from pipeline import exit_codes
-from tests.conftest import Clock, small_experiment, start_emulator, stop_emulator_server
+from tests.conftest import PIPELINE_RUN, Clock, small_experiment, start_emulator, stop_emulator_server
 
 pytestmark = pytest.mark.e2e
 
@@ -47,8 +47,7 @@ def provider(tmp_path: Path) -> Iterator[Provider]:
 
 
 def luigi_cmd(tmp_path: Path, config: Path, *extra: str) -> list[str]:
-    luigi = Path(sys.executable).with_name("luigi")
-    return [str(luigi), "--module", "pipeline", "TrialReport", "--rid", "cron", "--root", str(tmp_path / "exp"),
+    return [*PIPELINE_RUN, "TrialReport", "--rid", "cron", "--root", str(tmp_path / "exp"),
             "--config", str(config), "--local-scheduler", *extra]
 
 

@@ -105,34 +105,34 @@ def part_of(finished: dict) -> DownloadPart:
     return DownloadPart(trial=ref.owner, jkey=ref.jkey, **finished["common"])
 
 
-def test_download_predicate_done_missing_truncated(finished: dict) -> None:
+def test_download_predicate_accepts_only_the_recorded_results(finished: dict) -> None:
+    """Results are done only as recorded for the current requests: any change to the file (truncated, a foreign
+    line, broken JSON) or its absence makes the part not done; restoring the recorded bytes makes it done again."""
     part = part_of(finished)
     results = finished["run_dir"] / part.trial / "results" / part.jkey / "results.jsonl"
     assert part.output().exists()
     with restore(results):
         lines = results.read_text().splitlines()
-        results.write_text("\n".join(lines[:-1]) + "\n")
-        target = part.output()
-        assert not target.exists() and "no result" in target.reason
-        results.write_text(results.read_text() + '{"custom_id": "x|y|control|0.0|0|open", "response": {}}\n')
-        target = part.output()
-        assert not target.exists() and "not in this part's input" in target.reason
-        results.write_text('{"custom_id": ')
-        target = part.output()
-        assert not target.exists() and "not valid JSON" in target.reason
+        for damaged in ("\n".join(lines[:-1]) + "\n",
+                        results.read_text() + '{"custom_id": "x|y|control|0.0|0|open", "response": {}}\n',
+                        '{"custom_id": '):
+            results.write_text(damaged)
+            target = part.output()
+            assert not target.exists() and "changed since it was downloaded" in target.reason
         results.unlink()
-        assert not part.output().exists()
+        target = part.output()
+        assert not target.exists() and "missing" in target.reason
     assert part.output().exists()
 
 
-def test_edited_part_is_still_downloaded_but_parse_is_stale(finished: dict) -> None:
+def test_edited_part_is_not_downloaded_and_parse_is_stale(finished: dict) -> None:
     part = part_of(finished)
     results = finished["run_dir"] / part.trial / "results" / part.jkey / "results.jsonl"
     with restore(results):
         rows = [json.loads(line) for line in results.read_text().splitlines()]
         rows[0]["response"]["choices"][0]["message"]["content"] = "edited"
         results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert part.output().exists()
+        assert not part.output().exists()
         parse = ParsePredictions(trial=finished["trial"], **finished["common"]).output()
         assert not parse.exists() and "changed since parsing" in parse.reason
 

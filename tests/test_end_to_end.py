@@ -12,15 +12,14 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import PIPELINE_RUN, REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RID = "e2e"
 
 
 def luigi_cmd(root: Path, *extra: str, rid: str = RID, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    luigi = Path(sys.executable).with_name("luigi")
-    args = [str(luigi), "--module", "pipeline", "TrialReport", "--rid", rid, "--root", str(root),
+    args = [*PIPELINE_RUN, "TrialReport", "--rid", rid, "--root", str(root),
             "--local-scheduler", *extra]
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd or root, env=env)
@@ -130,21 +129,28 @@ def test_deleted_predictions_rerun_only_that_trial(experiment: dict) -> None:
     assert other_report.stat().st_mtime_ns == stamp
 
 
-def test_edited_results_line_reruns_that_parts_downstream(experiment: dict) -> None:
+def test_edited_results_are_downloaded_again_never_resent(experiment: dict) -> None:
+    """A hand-edited results.jsonl is not what the provider answered: the part is downloaded again (no job is
+    created), and the trial's downstream stages are current again with the provider's answers."""
     run_dir = experiment["run_dir"]
     owner = trial_dirs(run_dir)[0]
     part = sorted((owner / "results").glob("t07_treatment_p*/results.jsonl"))[0]
+    original = part.read_bytes()
+    predictions = (owner / "results" / "predictions.csv").read_bytes()
     lines = part.read_text().splitlines()
     row = json.loads(lines[0])
     row["response"]["choices"][0]["message"]["content"] = "an edited answer"
     lines[0] = json.dumps(row, sort_keys=True)
     part.write_text("\n".join(lines) + "\n")
+    creates = emulator_calls(run_dir)
     again = luigi_cmd(experiment["root"], cwd=experiment["base"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "results of some parts changed since parsing" in again.stderr
-    for stage in ("parsed", "scored", "stats", "costs", "report"):
-        assert f"done {stage} trial={owner.name}" in again.stderr, stage
-    assert "an edited answer" in (owner / "results" / "predictions.csv").read_text()
+    assert "results.jsonl changed since it was downloaded" in again.stderr
+    assert f"done downloaded trial={owner.name} part={part.parent.name}" in again.stderr
+    assert part.read_bytes() == original
+    assert (owner / "results" / "predictions.csv").read_bytes() == predictions
+    after = emulator_calls(run_dir)
+    assert (after["job_creates"], after["dataset_creates"]) == (creates["job_creates"], creates["dataset_creates"])
     assert "submit job" not in again.stderr
 
 

@@ -275,16 +275,23 @@ def test_corrupt_manifest_is_quarantined_by_copy_and_rebuilt(results_dir: Path, 
     assert (rebuilt.run_id, rebuilt.temps) == ("r1", [0.0])
     assert rebuilt.model_extra["recovered_parts"] == {
         "t0_control_p01": {"job_name": f"{ACCT}/batchInferenceJobs/job-c1", "job_id": "job-c1", "state": "completed",
-                           "output_dataset_id": "job-c1-out", "input_dataset_id": "job-c1-in", "source": "job.json"},
+                           "provider_state": "JOB_STATE_COMPLETED", "output_dataset_id": "job-c1-out",
+                           "input_dataset_id": "job-c1-in", "source": "job.json"},
         "t0_control_p02": {"job_name": f"{ACCT}/batchInferenceJobs/job-c2", "job_id": "job-c2", "state": "running",
-                           "output_dataset_id": "job-c2-out", "input_dataset_id": "job-c2-in", "source": "job.json"},
-        "t0_treatment_p01": {"job_name": None, "job_id": None, "state": None, "output_dataset_id": "job-t1-out",
-                             "input_dataset_id": None, "source": "OUTPUT_DATASET_ID.txt"},
+                           "provider_state": "JOB_STATE_RUNNING", "output_dataset_id": "job-c2-out",
+                           "input_dataset_id": "job-c2-in", "source": "job.json"},
+        "t0_treatment_p01": {"job_name": None, "job_id": None, "state": None, "provider_state": None,
+                             "output_dataset_id": "job-t1-out", "input_dataset_id": None,
+                             "source": "OUTPUT_DATASET_ID.txt"},
     }
-    assert rebuilt.jobs["t0_control"] == [f"{ACCT}/batchInferenceJobs/job-c1", f"{ACCT}/batchInferenceJobs/job-c2"]
+    # A part record the corrupt file still holds (wrong_types: p02, for another job than job.json's) keeps its ids in
+    # the tables, as in `parts`; breadcrumbs fill them for parts without a record.
+    c2_job, c2_state, c2_dataset = (("old-job-c2", "submitting", "ds-c2") if variant == "wrong_types"
+                                    else (f"{ACCT}/batchInferenceJobs/job-c2", "running", "job-c2-in"))
+    assert rebuilt.jobs["t0_control"] == [f"{ACCT}/batchInferenceJobs/job-c1", c2_job]
     assert rebuilt.job_status["t0_control_p01"] == "completed"
-    assert rebuilt.job_status["t0_control_p02"] == "running"
-    assert rebuilt.datasets["t0_control"] == ["job-c1-in", "job-c2-in"]
+    assert rebuilt.job_status["t0_control_p02"] == c2_state
+    assert rebuilt.datasets["t0_control"] == ["job-c1-in", c2_dataset]
     assert rebuilt.model_extra["lifecycle_history"][-1]["copy"] == copy.name
     [line] = [r.message for r in caplog.records if r.message.startswith("repair manifest")]
     assert line.endswith(f"rebuilt from 4 breadcrumbs (copy at {copy.name})")

@@ -70,6 +70,7 @@ def costs() -> dict[str, Any]:
     block = {"prompt_tokens": 5000, "completion_tokens": 100, "total_tokens": 5100, "usd": 0.0123}
     return {
         "prompt_tokens": 10000, "completion_tokens": 200, "total_tokens": 10200, "usd": 0.0246,
+        "owned_usd": 0.0246, "shared_usd": 0.0,
         "batch_discount_applied": True, "usage_records": 16,
         "pricing": {"provider": "fireworks", "model_key": "accounts/fireworks/models/gpt-oss-20b",
                     "input_rate_per_mtok": 0.035, "output_rate_per_mtok": 0.15, "rate_type": "batch_discount",
@@ -225,7 +226,7 @@ def test_aggregate_report_rows_per_trial_and_temperature() -> None:
     first = _table_row(text, "a")
     assert first[3:] == ["0.0", "50.0% → 100.0%", "75.0% → 87.5%", "50.0% → 100.0%", "60.0% → 100.0%", "n/a",
                          "$0.0123"]
-    assert "Total estimated cost: $0.0246 across 2 trials (1 without costs.json data)." in text
+    assert "Total cost: $0.0246 over the run's distinct parts, across 2 trials (1 without costs.json data)." in text
     assert render_aggregate_report({"rid": "run-1", "trials": [_trial("a")]}) == render_aggregate_report(
         {"rid": "run-1", "trials": [_trial("a")]})
 
@@ -241,7 +242,7 @@ def test_aggregate_report_keeps_a_trial_without_data() -> None:
     text = render_aggregate_report({"rid": "r", "trials": [_trial("empty", per_item=pd.DataFrame(), costs={},
                                                                   significance={})]})
     assert _table_row(text, "empty")[3:] == ["n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a", "n/a"]
-    assert "Total estimated cost: n/a" in text
+    assert "Total cost: n/a" in text
 
 
 @pytest.mark.parametrize("upper", [float("inf"), None])

@@ -14,15 +14,14 @@ import pytest
 import requests
 
 from pipeline import exit_codes
-from tests.conftest import small_experiment
+from tests.conftest import PIPELINE_RUN, small_experiment
 
 pytestmark = pytest.mark.slow
 
 
 def start(root: Path, config: Path, rid: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    luigi = Path(sys.executable).with_name("luigi")
-    return subprocess.Popen([str(luigi), "--module", "pipeline", "TrialReport", "--rid", rid, "--root", str(root),
+    return subprocess.Popen([*PIPELINE_RUN, "TrialReport", "--rid", rid, "--root", str(root),
                              "--config", str(config), "--local-scheduler"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=root.parent)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from pipeline import (
     SummarizeCosts,
     UploadPart,
 )
+from tests.conftest import PIPELINE_RUN
 
 COMMON = {"rid": "pk", "root": "/nonexistent-root", "config": ""}
 
@@ -42,8 +42,7 @@ def test_tasks_survive_pickling_and_never_raise_in_complete(task) -> None:  # no
 
 def luigi_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
-    luigi = Path(sys.executable).with_name("luigi")
-    return subprocess.run([str(luigi), "--module", "pipeline", "TrialReport", "--root", str(tmp_path / "exp"),
+    return subprocess.run([*PIPELINE_RUN, "TrialReport", "--root", str(tmp_path / "exp"),
                            "--local-scheduler", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
 
 
@@ -69,3 +68,13 @@ def test_invalid_config_exits_2_with_the_key(tmp_path: Path, config_dir: Path) -
 def test_unknown_trial_is_a_clear_error(tmp_path: Path, config_dir: Path) -> None:
     out = luigi_run(tmp_path, "--rid", "x", "--trial", "nope", "--config", str(config_dir / "experiment.yaml"))
     assert out.returncode == 2 and "has no trial 'nope'" in out.stderr
+
+
+def test_root_is_part_of_every_tasks_identity(tmp_path: Path) -> None:
+    """Two roots served by one luigid are two runs: no task id is shared between them."""
+    from pipeline.tasks.prepare import PrepareData
+    from pipeline.tasks.remote import PollJob
+
+    for make in (lambda root: PrepareData(rid="same", root=root),
+                 lambda root: PollJob(rid="same", root=root, trial="t", jkey="t0_control_p01")):
+        assert make(str(tmp_path / "a")).task_id != make(str(tmp_path / "b")).task_id

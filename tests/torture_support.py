@@ -33,6 +33,7 @@ import yaml
 
 from targets.atomic import TMP_MARK
 from targets.manifest import BuildManifest, PreparedManifest, RunState, TrialManifest
+from tests.conftest import PIPELINE_RUN
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER_KEY = REPO / "data" / "sample"
@@ -206,7 +207,7 @@ class Runner:
                    PIPELINE_CRASH_LOG=str(points))
         if crash_at:
             env["PIPELINE_CRASH_AT"] = str(crash_at)
-        cmd = [str(Path(sys.executable).with_name("luigi")), "--module", "pipeline", "TrialReport", "--rid", self.rid,
+        cmd = [*PIPELINE_RUN, "TrialReport", "--rid", self.rid,
                "--root", str(self.root), "--config", str(self.config), "--local-scheduler", *extra]
         started = time.monotonic()
         with open(log, "wb") as out:

@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from pipeline.costs import owned_usd, run_spent_usd
 from pipeline.naming import CONDITIONS, TYPES, temp_str
 
 NA = "n/a"
@@ -573,13 +574,16 @@ def aggregate_view(ctx: dict[str, Any]) -> dict[str, Any]:
     """The display strings of the run's report: one row per trial × temperature, then the run's total cost.
 
     ctx: `rid`, `trials` [{slug, model, prompt_set, per_item (DataFrame), significance, costs}]. Trials keep
-    the given order; temperatures within a trial are increasing.
+    the given order; temperatures within a trial are increasing. A row's usd is what that trial consumed at that
+    temperature, shared parts included; `total_usd` is the run's spend over distinct parts
+    (`pipeline.costs.run_spent_usd`, each shared part counted once, in its owner's `owned_usd`), `shared_usd` the
+    money in the rows that another trial's figure already counts, and `unpriced` the trials without an owned_usd.
     """
     trials = [t for t in ctx.get("trials") or [] if isinstance(t, dict)]
     rows = [row for trial in trials for row in _aggregate_rows(trial)]
-    usds = [_number(_get(t.get("costs"), "usd")) for t in trials]
-    known = [u for u in usds if u is not None]
-    total = fmt_usd(sum(known)) if known else NA
-    unpriced = len(usds) - len(known)
-    return {"rid": ctx.get("rid") or NA, "rows": rows, "total_usd": total, "n_trials": len(trials),
-            "unpriced": unpriced}
+    costs = [t.get("costs") for t in trials]
+    total = run_spent_usd(costs)
+    shared = [_number(_get(c, "shared_usd")) for c in costs]
+    return {"rid": ctx.get("rid") or NA, "rows": rows, "total_usd": fmt_usd(total), "n_trials": len(trials),
+            "unpriced": sum(owned_usd(c) is None for c in costs),
+            "shared_usd": fmt_usd(sum(u for u in shared if u is not None)) if total is not None else NA}

@@ -7,10 +7,11 @@ import json
 import logging
 from typing import Any
 
+from pipeline.plan import PartRef
 from pipeline.progress import Progress
-from pipeline.tasks.base import artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.base import artifact_current, artifact_record, inputs_changed, unchanged_after_upstream
 from pipeline.tasks.parse import ParsePredictions, TrialTask
-from pipeline.tasks.prepare import PrepareData
+from pipeline.tasks.prepare import PrepareData, prepared_checksums
 from targets.atomic import atomic_open, dumps_json, write_text
 
 log = logging.getLogger("pipeline")
@@ -76,12 +77,15 @@ class ScorePredictions(TrialTask):
         return {"unsupported": cfg.unsupported.model_dump(), "markers": cfg.scoring.abstain_markers}
 
     def current_inputs(self) -> dict[str, Any]:
-        return {"predictions": self.input_sha("parsed"), "settings": settings_hash(self.settings())}
+        return {"predictions": self.input_sha("parsed"), "prepared": prepared_checksums(self),
+                "settings": settings_hash(self.settings())}
 
     def done(self) -> tuple[bool, str]:
         return self.stage_done("scored", self.current_inputs())
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):  # predictions parsed again, byte for byte the same
+            return
         import numpy as np
 
         from pipeline.scoring.abstention import DEFAULT_MARKERS
@@ -140,6 +144,8 @@ class ComputeStats(TrialTask):
         return ok, why
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):
+            return
         import pandas as pd
 
         from pipeline.stats.significance import compute_significance
@@ -158,7 +164,11 @@ class ComputeStats(TrialTask):
 
 
 class SummarizeCosts(TrialTask):
-    """Done when costs.json was priced from the current predictions with the current pricing table."""
+    """Done when costs.json was priced from the current predictions with the current pricing table and part ownership.
+
+    costs.json prices what the trial's predictions consumed, and part by part who pays (`pipeline.costs.trial_costs`):
+    a part shared with another trial is paid by its owner, so the run's spend sums `owned_usd` over the trials.
+    """
 
     stage = "costs"
 
@@ -172,26 +182,49 @@ class SummarizeCosts(TrialTask):
         return {"pricing": cfg.pricing.model_dump(), "provider": provider,
                 "model": cfg.provider.pricing_key or trial.model_id, "use_batch_api": cfg.use_batch_api}
 
+    def part_refs(self) -> list[PartRef]:
+        from pipeline.tasks.remote import run_parts
+
+        return run_parts(self)[self.trial]
+
+    def ownership(self) -> str | None:
+        """Fingerprint of which parts the trial reads (their request bytes) and who owns each; None before the batch
+        inputs are built (then nothing was priced either). Ownership decides owned_usd, so a change re-prices."""
+        try:
+            refs = self.part_refs()
+        except (FileNotFoundError, KeyError):  # no build manifest yet / some builds missing
+            return None
+        return settings_hash({f"{ref.owner}/{ref.jkey}": ref.request_sha256 for ref in refs})
+
     def current_inputs(self) -> dict[str, Any]:
-        return {"predictions": self.input_sha("parsed"), "pricing": settings_hash(self.pricing_args())}
+        return {"predictions": self.input_sha("parsed"), "pricing": settings_hash(self.pricing_args()),
+                "parts": self.ownership()}
 
     def done(self) -> tuple[bool, str]:
         return self.stage_done("costs", self.current_inputs())
 
     def run(self) -> None:
-        from pipeline.costs import summarize_costs
+        if unchanged_after_upstream(self):
+            return
+        from pipeline.costs import trial_costs
+        from pipeline.parsing import input_custom_ids
 
         inputs = self.current_inputs()
         args = self.pricing_args()
         usage = read_predictions(self.layout.predictions(self.trial))[
-            ["condition", "temp", "prompt_tokens", "completion_tokens", "total_tokens"]]
-        result = summarize_costs(usage, **args)
+            ["custom_id", "condition", "temp", "prompt_tokens", "completion_tokens", "total_tokens"]]
+        # Rows are matched to parts by the custom_ids of each part's request file: predictions.csv does not say
+        # which part a row came from.
+        parts = {f"{ref.owner}/{ref.jkey}": {"owner": ref.owner, "custom_ids": input_custom_ids(ref.path)}
+                 for ref in self.part_refs()}
+        result = trial_costs(usage, trial=self.trial, parts=parts, **args)
         path = self.layout.costs(self.trial)
         write_text(path, dumps_json(result))
         self.record_stage("costs", {"costs_json": self.layout.rel(path), "provider": args["provider"],
                                     "pricing_key": args["model"], "usd": result["usd"],
+                                    "owned_usd": result["owned_usd"], "shared_usd": result["shared_usd"],
                                     "file": artifact_record(self.layout, path), "inputs": inputs})
-        log.info("done costs trial=%s ($%.4f)", self.trial, result["usd"])
+        log.info("done costs trial=%s ($%.4f consumed, $%.4f owned)", self.trial, result["usd"], result["owned_usd"])
 
 
 class OptionalAnalyses(TrialTask):
@@ -209,8 +242,16 @@ class OptionalAnalyses(TrialTask):
                 "unsupported_threshold": cfg.unsupported.threshold}
 
     def current_inputs(self) -> dict[str, Any]:
-        return {"per_item": self.input_sha("scored"), "costs": self.input_sha("costs"),
+        return {"per_item": self.input_sha("scored"), "scored_rows": self.scored_rows_sha(), "costs": self.input_sha("costs"),
+                "predictions": self.input_sha("parsed"), "prepared": prepared_checksums(self),
                 "settings": settings_hash(self.settings())}
+
+    def scored_rows_sha(self) -> str | None:
+        """The per-prediction scores the analyses read (scored_rows.npz, as ScorePredictions recorded it), if current."""
+        manifest = self.manifest(self.trial)
+        record = manifest.stage("scored").artifacts.get("scored_rows") if manifest else None
+        ok, _ = artifact_current(self.layout, record)
+        return record["sha256"] if ok else None
 
     def done(self) -> tuple[bool, str]:
         manifest = self.manifest(self.trial)
@@ -227,6 +268,8 @@ class OptionalAnalyses(TrialTask):
         return (False, changed) if changed else (True, f"{len(record.artifacts.get('files', []))} files, inputs unchanged")
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):
+            return
         import pandas as pd
 
         from pipeline.stats.optional.analyses import OUTPUT_FILES, optional_analyses

@@ -46,7 +46,8 @@ class PipelineTask(luigi.Task):
     """A phase of one run. Subclasses define `stage`, `describe()` and `done() -> (bool, reason)`."""
 
     rid: str = luigi.Parameter(description="Run id: the run lives in <root>/run_<rid>/")
-    root: str = luigi.Parameter(default="", significant=False,
+    # Part of the task's identity: two roots served by one luigid are two runs, never shared task ids.
+    root: str = luigi.Parameter(default="",
                                 description="Experiments root (default: $PIPELINE_EXPERIMENTS_DIR or ./experiments)")
     config: str = luigi.Parameter(default="", significant=False,
                                   description="Experiment config; used until the run's config is frozen")
@@ -141,19 +142,37 @@ def _remember_failure(task: PipelineTask, exc: BaseException) -> None:
     outcome.record_failure(layout, exc)
 
 
+def prompt_records(run: Run, slug: str) -> dict[str, dict[str, Any]]:
+    """`{condition: {path, sha256, tokens}}` of the trial's system prompts as the run's config has them now."""
+    prompts = {}
+    for cond in ("control", "treatment"):
+        path = run.prompt_path(run.trial(slug).prompt_set, cond)
+        fp = fingerprint(path)
+        prompts[cond] = {"path": str(path), "sha256": fp.sha256 if fp else None,
+                         "tokens": len(path.read_text(encoding="utf-8").split()) if fp else 0}
+    return prompts
+
+
 def new_trial_manifest(task: PipelineTask, slug: str) -> TrialManifest:
     """A fresh v2 manifest for a trial of the task's run."""
     run = task.run_ctx
     trial = run.trial(slug)
-    prompts = {}
-    for cond in ("control", "treatment"):
-        path = run.prompt_path(trial.prompt_set, cond)
-        fp = fingerprint(path)
-        prompts[cond] = {"path": str(path), "sha256": fp.sha256 if fp else None,
-                         "tokens": len(path.read_text(encoding="utf-8").split()) if fp else 0}
     return TrialManifest(run_id=run.rid, trial=trial.as_manifest(), temps=list(trial.temps),
                          samples_per_item={temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
-                         prompts=prompts)
+                         prompts=prompt_records(run, slug))
+
+
+def unchanged_after_upstream(task: PipelineTask) -> bool:
+    """Is the stage done after all, now that its upstream ran? (then one `skip` line, and its run() writes nothing)
+
+    Luigi decides what runs before anything runs: a stage whose upstream is not done is scheduled although the
+    upstream may rebuild exactly what it had (a prompt set's build re-run for its treatment prompt leaves the control
+    parts other trials read as they were). Re-checked when it is its turn, with the upstream current, the stage's own
+    predicate decides: a stage runs again only when something it reads changed."""
+    ok, why = task.done()
+    if ok:
+        log.info("skip %s %s (%s; checked again after its upstream ran)", task.stage, task.describe(), why)
+    return ok
 
 
 def artifact_record(layout: RunLayout, path: Path, **extra: Any) -> dict[str, Any]:

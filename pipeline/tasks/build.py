@@ -13,12 +13,19 @@ from pipeline.adopt import original_parts
 from pipeline.batches import build_lines, render, split_parts
 from pipeline.naming import CONDITIONS, temp_label, temp_str
 from pipeline.plan import build_key, prompt_set_suffix
-from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, decision, inputs_changed
-from pipeline.tasks.prepare import PrepareData, load_prepared_rows
+from pipeline.tasks.base import (
+    PipelineTask,
+    artifact_current,
+    artifact_record,
+    decision,
+    inputs_changed,
+    unchanged_after_upstream,
+)
+from pipeline.tasks.prepare import PrepareData, load_prepared_rows, prepared_checksums
 from targets import store
 from targets.atomic import write_bytes
 from targets.fingerprint import current_sha
-from targets.manifest import BuildManifest, PreparedManifest
+from targets.manifest import BuildManifest
 
 log = logging.getLogger("pipeline")
 FORMAT_VERSION = 2
@@ -39,10 +46,9 @@ class BuildBatches(PipelineTask):
 
     def current_inputs(self) -> dict[str, Any]:
         run = self.run_ctx
-        prepared = store.read(self.layout.prepared_manifest, PreparedManifest)
         return {
             "format_version": FORMAT_VERSION,
-            "prepared": {k: v.get("sha256") for k, v in sorted(prepared.datasets.items())} if prepared else None,
+            "prepared": prepared_checksums(self),
             "control_prompt": current_sha(run.prompt_path(self.prompt_set, "control")),
             "treatment_prompt": current_sha(run.prompt_path(self.prompt_set, "treatment")),
             "instructions": {k: current_sha(run.instructions_path(k)) for k in ("open_book", "closed_book")},
@@ -67,6 +73,8 @@ class BuildBatches(PipelineTask):
         return True, f"{len(entry['files'])} files, {n} parts, inputs unchanged"
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):
+            return
         if self.run_ctx.adopted and self._adopt():
             return
         run = self.run_ctx

@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
+from pipeline.plan import build_key
 from pipeline.progress import Progress
 from pipeline.provider import make_client
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
 from pipeline.tasks.remote import OutputGone, PartTask, PollJob
+from targets import store
 from targets.atomic import write_text, writer_tag
 from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint
-from targets.manifest import PartRecord, TrialManifest
+from targets.manifest import BuildManifest, PartRecord, TrialManifest
 
 log = logging.getLogger("pipeline")
 SCRATCH = ".download"
@@ -43,29 +45,43 @@ class DownloadPart(PartTask):
         return PollJob(trial=self.trial, jkey=self.jkey, **self.common())
 
     def status(self) -> tuple[str, str]:
-        # Valid results are enough: the remote chain above is history once the part is downloaded.
+        # Results recorded for the current requests are enough: the remote chain above is history once downloaded.
         target = self.output()
         return ("skip" if target.exists() else "run"), target.reason
 
     def done(self) -> tuple[bool, str]:
         results = self.layout.part_results(self.trial, self.jkey)
-        manifest = self.manifest(self.trial)
-        known = None
-        if manifest:
-            for entry in manifest.stage("downloaded").artifacts.get("parts", []):
-                if entry.get("job_key") == self.jkey:
-                    known = entry
+        known = download_entry(self.manifest(self.trial), self.jkey)
+        if known is not None and "sha256" not in known:
+            known = None  # inferred from the files on disk by a manifest upgrade: paths and counts, not a record
         fp = fingerprint(results, known)
         if fp is None:
             return False, "results.jsonl missing"
         ref = self.ref()
-        if known and known.get("sha256") == fp.sha256 and known.get("input_sha256") == ref.sha256:
-            return True, f"results.jsonl {known.get('rows')} rows, unchanged"
+        if known is not None:
+            if known.get("request_sha256") != ref.request_sha256:
+                return False, ("results.jsonl holds the answers to other requests (prompt, instructions, data, model or "
+                               "parameters changed since it was downloaded)")
+            if known.get("sha256") != fp.sha256:
+                return False, "results.jsonl changed since it was downloaded"
+            return True, f"results.jsonl {known.get('rows')} rows for the current requests, unchanged"
+        if not self.written_by_original():
+            return False, "results.jsonl is not recorded as downloaded for the current requests"
         check = check_part_results(results, input_custom_ids(ref.path))
         if not check.valid:
             detail = check.problems[0] if check.problems else f"{len(check.missing)} input ids have no result"
             return False, f"results.jsonl invalid: {detail}"
-        return True, f"results.jsonl {check.rows} rows, all input ids accounted for"
+        return True, f"results.jsonl {check.rows} rows, written by the original system for these request files"
+
+    def written_by_original(self) -> bool:
+        """Results and request files both come from a run of the original system (adopted as they are), so the
+        results answer exactly these requests: the only case where custom_ids are accepted as the evidence."""
+        if not self.run_ctx.adopted:
+            return False
+        build = store.read(self.layout.build_manifest, BuildManifest)
+        task = self.upstream_build()
+        entry = build.builds.get(build_key(task.prompt_set, task.temp)) if build else None
+        return bool(entry and entry.get("adopted"))
 
     def run(self) -> None:
         record = self.record()
@@ -83,7 +99,8 @@ class DownloadPart(PartTask):
             record = self.resubmit(ref, record, str(gone))
             found, problems = self.fetch(record, expected)
         progress.update(1, f"checking {len(found):,} lines against {len(expected):,} requests")
-        missing = [c for c in expected if c not in {line_custom_id(o) for o in found}]
+        answered = {line_custom_id(o) for o in found}
+        missing = [c for c in expected if c not in answered]
         if missing:
             reason = f"no result in output dataset {record.output_dataset_id} (job {record.provider_state})"
             log.warning("part %s: %d of %d requests have no result; recorded as provider errors (%s)",
@@ -95,6 +112,7 @@ class DownloadPart(PartTask):
         write_text(results, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
         shutil.rmtree(self.scratch, ignore_errors=True)
         entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256,
+                                request_sha256=ref.request_sha256,
                                 missing=len(missing), errors=sum(1 for o in found if not has_answer(o)))
         record_download(self, self.trial, entry)
         progress.update(3, "done")
@@ -172,6 +190,14 @@ def unpack(files: dict[str, Path], out_dir: Path, max_bytes: int) -> list[Path]:
             if member.suffix in (".jsonl", ".json", "") or member.name in ("BIJOutputSet.jsonl", "error-data"):
                 sources.append(member)
     return sources
+
+
+def download_entry(manifest: TrialManifest | None, jkey: str) -> dict[str, Any] | None:
+    """The part's record in the trial's `downloaded` stage (fingerprint of results.jsonl and the requests it answers)."""
+    for entry in manifest.stage("downloaded").artifacts.get("parts", []) if manifest else []:
+        if entry.get("job_key") == jkey:
+            return entry
+    return None
 
 
 def record_download(task: PipelineTask, slug: str, entry: dict[str, Any]) -> None:

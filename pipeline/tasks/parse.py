@@ -15,7 +15,14 @@ from pipeline.naming import temp_label
 from pipeline.parsing import combine_results, write_predictions
 from pipeline.plan import PartRef
 from pipeline.progress import Progress
-from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
+from pipeline.tasks.base import (
+    PipelineTask,
+    artifact_current,
+    artifact_record,
+    inputs_changed,
+    prompt_records,
+    unchanged_after_upstream,
+)
 from pipeline.tasks.build import BuildBatches
 from pipeline.tasks.download import DownloadPart
 from pipeline.tasks.prepare import PrepareData
@@ -94,13 +101,23 @@ class ParsePredictions(TrialTask):
     def refs(self) -> list[PartRef]:
         return run_parts(self)[self.trial]
 
+    def current_inputs(self) -> dict[str, Any]:
+        """Each part's results checksum and the checksum of the requests they must answer."""
+        refs = self.refs()
+        return {"parts": part_results_fingerprints(self, refs),
+                "requests": {f"{r.owner}/{r.jkey}": r.request_sha256 for r in refs}}
+
     def done(self) -> tuple[bool, str]:
-        ok, why = self.stage_done("parsed", {"parts": part_results_fingerprints(self, self.refs())})
+        ok, why = self.stage_done("parsed", self.current_inputs())
         if not ok and why.startswith("parts changed"):
             why = "results of some parts changed since parsing"
+        elif not ok and why.startswith("requests changed"):
+            why = "the requests of some parts changed since parsing (prompt, instructions, data, model or parameters)"
         return ok, why
 
     def run(self):  # type: ignore[override]  # a generator: Luigi resumes it after the yielded parts are done
+        if unchanged_after_upstream(self):  # e.g. another prompt set's build ran again: it requires every build
+            return
         refs = self.refs()
         yield [DownloadPart(trial=r.owner, jkey=r.jkey, **self.common()) for r in refs]
         predictions = self.layout.predictions(self.trial)
@@ -116,7 +133,7 @@ class ParsePredictions(TrialTask):
         expected = sum(r.lines for r in refs)
         if rows != expected:
             raise ValueError(f"trial {self.trial}: {rows} predictions for {expected} requests; re-run to repair the parts")
-        inputs = {"parts": part_results_fingerprints(self, refs)}
+        inputs = self.current_inputs()
         artifacts = {"predictions_csv": self.layout.rel(predictions), "row_count": rows,
                      "file": artifact_record(self.layout, predictions, rows=rows), "inputs": inputs, "errors": parsed.errors}
         self._record(refs, artifacts, combined_path)
@@ -127,6 +144,8 @@ class ParsePredictions(TrialTask):
                                               "condition": r.condition}
                   for r in refs if r.shared}
 
+        prompts = prompt_records(self.run_ctx, self.trial)
+
         def change(manifest: TrialManifest) -> None:
             downloaded = manifest.stage("downloaded").artifacts
             parts = [{"job_key": r.jkey, "owner": r.owner, "path": self.layout.rel(self.layout.part_results(r.owner, r.jkey))}
@@ -135,5 +154,6 @@ class ParsePredictions(TrialTask):
                                                            "n_results": artifacts["row_count"], "trial_parts": parts})
             manifest.set_stage("parsed", "completed", artifacts)
             manifest.control_registry.update(shared)
+            manifest.prompts = prompts  # the prompts of the requests these predictions answer
 
         self.update_manifest(self.trial, change)

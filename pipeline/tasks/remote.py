@@ -25,7 +25,7 @@ from pipeline.providers import job_states
 from pipeline.providers.errors import ProviderError
 from pipeline.providers.fireworks import FireworksClient
 from pipeline.stop import stop_requested
-from pipeline.tasks.base import PipelineTask, decision
+from pipeline.tasks.base import PipelineTask, decision, unchanged_after_upstream
 from pipeline.tasks.build import BuildBatches
 from targets import store
 from targets.atomic import write_json, write_text
@@ -41,6 +41,7 @@ POLL_BACKOFF = 1.5  # each quiet poll waits longer, up to POLL_BACKOFF_MAX times
 POLL_BACKOFF_MAX = 4.0
 UPLOADED_OR_LATER = {"uploaded", "submitting", "submitted", "running", "completed", "failed", "expired", "cancelled"}
 SUBMITTED_OR_LATER = {"submitted", "running", "completed", "failed", "expired", "cancelled"}
+MAX_GENERATIONS = 2  # generation 0 and the one automatic resubmission
 
 
 def run_parts(task: PipelineTask) -> dict[str, list[PartRef]]:
@@ -97,8 +98,8 @@ class PartTask(PipelineTask):
         if record is None:
             return False, "not started"
         ref = self.ref()
-        if record.input_sha256 != ref.sha256:
-            return False, "the part's input changed since it was sent"
+        if record.request_sha256 != ref.request_sha256:
+            return False, "its requests changed since it was sent (prompt, instructions, data, model or parameters)"
         if record.state not in states:
             return False, f"part is {record.state}"
         return True, f"part is {record.state} as {record.job_id}"
@@ -110,8 +111,7 @@ class PartTask(PipelineTask):
             raise RuntimeError(f"part {self.jkey}: {reason}, and it was already resubmitted once "
                                f"({record.history[-1] if record.history else ''}); not paying a third time automatically")
         check_stop(self)
-        record.history.append({"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
-                               "output_dataset_id": record.output_dataset_id, "reason": reason, "at": utcnow()})
+        record.history.append(history_entry(record, reason))
         record.generation += 1
         record.resubmissions += 1
         ids = remote_ids(self.run_ctx, ref, record.generation)
@@ -288,9 +288,11 @@ class UploadPart(PartTask):
         return self.current_record(UPLOADED_OR_LATER)
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):  # its build ran again and wrote this part's requests as they were
+            return
         ref = self.ref()
         prior = self.record()
-        if prior is not None and prior.input_sha256 == ref.sha256:
+        if prior is not None and prior.request_sha256 == ref.request_sha256:
             record = prior
         elif prior is None and (known := self.known_remote(ref)) is not None:
             self.save(known)
@@ -298,31 +300,56 @@ class UploadPart(PartTask):
                      "(breadcrumb); not uploading or submitting it again")
             return
         else:
-            ids = remote_ids(self.run_ctx, ref, 0)
-            record = PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
-                                input_sha256=ref.sha256, lines=ref.lines, model=ref.model,
-                                inference_parameters=ref.inference_parameters, dataset_id=ids["dataset_id"],
-                                job_id=ids["job_id"], output_dataset_id=ids["output_dataset_id"])
+            record = self.new_record(ref, prior)
+            if prior is not None:
+                decision("new generation", f"part {self.jkey}", f"its requests changed (request checksum "
+                         f"{prior.request_sha256[:12]} -> {ref.request_sha256[:12]}); sending the new requests under "
+                         f"job {record.job_id}")
         check_stop(self)
         record.state = "uploading"
         self.save(record)  # intent first: a crash from here on re-attaches to these ids
         upload(self, ref, record)
 
 
+    def new_record(self, ref: PartRef, prior: PartRecord | None) -> PartRecord:
+        """A record for the part's current requests, with content-derived ids; a record for other requests is kept
+        in its history (what it sent stays counted)."""
+        ids = remote_ids(self.run_ctx, ref, 0)
+        history = [*prior.history, history_entry(prior, "requests changed")] if prior is not None else []
+        return PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
+                          input_sha256=ref.sha256, lines=ref.lines, model=ref.model,
+                          inference_parameters=ref.inference_parameters, dataset_id=ids["dataset_id"],
+                          job_id=ids["job_id"], output_dataset_id=ids["output_dataset_id"], history=history)
+
     def known_remote(self, ref: PartRef) -> PartRecord | None:
-        """A job this part already has remotely, per the breadcrumbs of an earlier run (or of a lost manifest)."""
+        """A job this part's current requests already have remotely, per the breadcrumbs of an earlier run (or of a
+        lost manifest). A job is this part's only when its id is the content address of these requests (ids derive
+        from the request checksum), or, in a run adopted from the original system, when it is the original's job."""
         crumb = read_breadcrumbs(self.layout.results_dir(self.trial)).parts.get(self.jkey)
         if not crumb or not crumb.get("job_id"):
             return None
-        ids = remote_ids(self.run_ctx, ref, 0)
+        generation = next((g for g in range(MAX_GENERATIONS)
+                           if remote_ids(self.run_ctx, ref, g)["job_id"] == crumb["job_id"]), None)
+        if generation is None and not self.run_ctx.adopted:
+            decision("ignore", f"breadcrumb {self.jkey}_job.json", f"job {crumb['job_id']} was not sent for the "
+                     "part's current requests")
+            return None
+        ids = remote_ids(self.run_ctx, ref, generation or 0)
         state = job_states.classify(crumb.get("state") or "")
         return PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(ref.path),
                           input_sha256=ref.sha256, lines=ref.lines, model=ref.model,
-                          inference_parameters=ref.inference_parameters,
+                          inference_parameters=ref.inference_parameters, generation=generation or 0,
                           dataset_id=crumb.get("input_dataset_id") or ids["dataset_id"], job_id=crumb["job_id"],
                           output_dataset_id=crumb.get("output_dataset_id") or ids["output_dataset_id"],
                           state="submitted" if state == job_states.IN_PROGRESS else "running",
                           provider_state=crumb.get("state"))
+
+
+def history_entry(record: PartRecord, reason: str) -> dict[str, Any]:
+    """What a part's history keeps of a generation it leaves behind: its ids, requests, estimate and whether it was sent."""
+    return {"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
+            "output_dataset_id": record.output_dataset_id, "request_sha256": record.request_sha256,
+            "estimated_usd": record.estimated_usd, "sent": record.state in budget.SENT, "reason": reason, "at": utcnow()}
 
 
 class SubmitPart(PartTask):
@@ -338,6 +365,8 @@ class SubmitPart(PartTask):
         return self.current_record(SUBMITTED_OR_LATER)
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):
+            return
         record = self.record()
         assert record is not None, "UploadPart records the part before SubmitPart runs"
         submit(self, self.ref(), record)
@@ -357,6 +386,8 @@ class PollJob(PartTask):
         return self.current_record({"completed"})
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):
+            return
         record = self.record()
         assert record is not None
         try:

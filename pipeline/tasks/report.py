@@ -1,8 +1,8 @@
 """TrialReport: `reports/report.md` per trial and, for the whole run, `aggregate_report.md`.
 
-`TrialReport --rid X` (no trial) is the command users type: it covers every trial of the run. Creating it
-checks the config: an explicit `--config` that differs from the run's frozen config is refused (exit 3)
-unless `--accept-config-drift`; an invalid config exits 2 with the problems listed.
+`TrialReport --rid X` (no trial) is the task users run (`python -m pipeline run --rid X`): it covers every trial of
+the run. Creating it checks the config, read-only: an explicit `--config` that differs from the run's frozen config
+is refused (exit 3) unless `--accept-config-drift`; an invalid config exits 2 with the problems listed.
 """
 
 from __future__ import annotations
@@ -10,39 +10,41 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 from typing import Any
 
 import luigi
 
 from pipeline import exit_codes, noop_index, outcome
 from pipeline.config import ConfigError
-from pipeline.layout import RunLayout
-from pipeline.run import ConfigDriftError, check_drift, config_fingerprint, open_run
-from pipeline.stop import clear_stop, install_signal_handlers
+from pipeline.run import ConfigDriftError, accept_drift, config_drift, config_fingerprint, open_run, refuse_drift
 from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts
-from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, decision, inputs_changed
+from pipeline.tasks.base import (
+    PipelineTask,
+    artifact_current,
+    artifact_record,
+    decision,
+    inputs_changed,
+    unchanged_after_upstream,
+)
 from pipeline.tasks.download import SCRATCH
 from pipeline.tasks.parse import TrialTask
 from targets import store
-from targets.atomic import sweep_temp_files, write_text
+from targets.atomic import write_text
 from targets.lifecycle import read_raw
 from targets.manifest import RunState
 
 log = logging.getLogger("pipeline")
 _forced: set[str] = set()
 _checked: set[tuple[Any, ...]] = set()
-_checked_roots: list[str] = []
-
-
-def sweep_leftovers(layout: RunLayout) -> None:
-    """Remove what writers killed mid-write left behind (their temp files, download scratch); live writers' are kept."""
-    for leftover in sweep_temp_files(layout.run_dir, scratch=(SCRATCH,), exclude=(layout.emulator_dir.name,)):
-        log.info("removed leftover %s (from an interrupted write)", layout.rel(leftover))
 
 
 class TrialReport(TrialTask):
-    """Done when the report was rendered from the current scores, statistics and costs (or `--force`)."""
+    """Done when the report was rendered from the current scores, statistics and costs (or `--force`).
+
+    Constructing it checks the config, read-only: invalid → exit 2, a drift not accepted → exit 3. Process control
+    (signals, stop, sweeps, the exit code, the no-op index) is the runner's (`pipeline.control.runner`), never this
+    task's: `complete()` only reads.
+    """
 
     trial: str = luigi.Parameter(default="", description="Trial slug; empty = every trial plus the aggregate report")
     accept_config_drift: bool = luigi.BoolParameter(significant=False, description="Adopt a changed --config")
@@ -50,7 +52,6 @@ class TrialReport(TrialTask):
     no_wait: bool = luigi.BoolParameter(significant=False, description="Cron mode: check running jobs once, record "
                                         "their progress and exit (code 5 while waiting) instead of waiting for them")
     stage = "report"
-    _seen_done = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -58,37 +59,19 @@ class TrialReport(TrialTask):
         if key not in _checked:
             _checked.add(key)
             self._check_config()
-            if threading.current_thread() is threading.main_thread() and not _checked_roots:
-                # The first TrialReport of a process is the one the user asked for: it owns stop handling.
-                _checked_roots.append(self.task_id)
-                install_signal_handlers(self.layout)
-                outcome.begin(self.layout, self._finished, wait=not self.no_wait)
 
     def complete(self) -> bool:
-        if _checked_roots == [self.task_id]:
-            # First look at the root, after Luigi's process lock was taken (construction comes before it, so a
-            # refused overlapping invocation must not clear the running one's stop request).
-            _checked_roots.append("started")
-            clear_stop(self.layout)
-            if self._unchanged_since_verified():
-                self._seen_done = True
-                return True
-            sweep_leftovers(self.layout)
-        done = self._seen_done = super().complete()
-        if done and _checked_roots[:1] == [self.task_id] and self._indexable():
-            noop_index.record(self.layout, self.task_id, (SCRATCH,))
-        return done
+        if self._unchanged_since_verified():
+            return True
+        return super().complete()
 
-    def _finished(self) -> bool:
-        """At exit: was the run seen complete (nothing runs after that), else is it now?"""
-        return self._seen_done or self.complete()
-
-    def _indexable(self) -> bool:
+    def indexable(self) -> bool:
+        """Whether a verified-complete state of this task may short-cut later checks (`pipeline.noop_index`)."""
         return not self.trial and not self.force and not self.run_ctx.adopted
 
     def _unchanged_since_verified(self) -> bool:
         """The no-op short-cut (`pipeline.noop_index`): one directory walk instead of the graph's predicates."""
-        if not self._indexable():
+        if not self.indexable():
             return False
         files = noop_index.unchanged(self.layout, self.task_id, (SCRATCH,))
         if files is None:
@@ -100,7 +83,13 @@ class TrialReport(TrialTask):
     def _check_config(self) -> None:
         try:
             run = open_run(self.rid, self.root or None, self.config or None)
-            check_drift(run, self.config or None, accept=self.accept_config_drift)
+            diff = config_drift(run, self.config or None)
+            if diff and not self.accept_config_drift:
+                raise refuse_drift(run, self.config, diff)
+            if not outcome.controlled() and (diff or self.no_wait):
+                what = "--accept-config-drift (it writes the run's frozen config)" if diff else "--no-wait"
+                raise ConfigError(f"{what} needs the runner, which owns process control: "
+                                  f"`python -m pipeline run --rid {self.rid} …` takes the same options")
             if self.trial:
                 run.trial(self.trial)
         except ConfigDriftError as exc:
@@ -109,6 +98,11 @@ class TrialReport(TrialTask):
         except (ConfigError, ValueError) as exc:
             log.error("%s", exc)
             sys.exit(exit_codes.CONFIG_INVALID)
+
+    def accept_pending_drift(self) -> None:
+        """Adopt an accepted `--config` (the runner calls this once Luigi's process lock is held)."""
+        if self.accept_config_drift and self.config:
+            accept_drift(open_run(self.rid, self.root or None, self.config or None), self.config)
 
     def describe(self) -> str:
         return f"trial={self.trial}" if self.trial else f"run={self.rid} (aggregate)"
@@ -124,7 +118,26 @@ class TrialReport(TrialTask):
     def current_inputs(self) -> dict[str, Any]:
         if not self.trial:
             return {t.slug: TrialReport(trial=t.slug, **self.common()).input_sha("report") for t in self.run_ctx.trials}
-        return {stage: self.input_sha(stage) for stage in ("scored", "stats", "costs")}
+        provenance = self.provenance()
+        return {**{stage: self.input_sha(stage) for stage in ("scored", "stats", "costs")},
+                "prompts": {cond: record.get("sha256") for cond, record in sorted(provenance["prompts"].items())},
+                "jobs": {key: job["job_id"] for key, job in provenance["jobs"].items()},
+                "config_hash": provenance["config_hash"]}
+
+    def provenance(self) -> dict[str, Any]:
+        """What the trial's report names as its provenance: the prompts its predictions answer (recorded when they
+        were parsed), every part's job id and state, and the run's config hash."""
+        from pipeline.tasks.remote import run_parts
+
+        manifest = self.manifest(self.trial)
+        jobs = {}
+        for ref in run_parts(self)[self.trial]:
+            owner = manifest if ref.owner == self.trial else self.manifest(ref.owner)
+            record = owner.parts.get(ref.jkey) if owner else None
+            jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {
+                "job_id": record.job_id if record else None, "state": record.state if record else None}
+        return {"prompts": dict(manifest.prompts) if manifest else {}, "jobs": jobs,
+                "config_hash": config_fingerprint(self.run_ctx.cfg)}
 
     def done(self) -> tuple[bool, str]:
         if self.force and self.task_id not in _forced:
@@ -153,6 +166,8 @@ class TrialReport(TrialTask):
         return (False, changed) if changed else (True, f"{why}, trial reports unchanged")
 
     def run(self) -> None:
+        if unchanged_after_upstream(self):  # --force makes done() false until the report was written once
+            return
         inputs = self.current_inputs()
         if self.trial:
             self._trial_report(inputs)
@@ -178,19 +193,12 @@ class TrialReport(TrialTask):
         trial = run.trial(self.trial)
         manifest = self.manifest(self.trial)
         assert manifest is not None
-        from pipeline.tasks.remote import run_parts
-
-        jobs = {}
-        for ref in run_parts(self)[self.trial]:
-            owner = manifest if ref.owner == self.trial else self.manifest(ref.owner)
-            record = owner.parts.get(ref.jkey) if owner else None
-            jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {
-                "job_id": record.job_id if record else None, "state": record.state if record else None}
+        provenance = self.provenance()
         prompts = {}
         for cond in ("control", "treatment"):
             path = run.prompt_path(trial.prompt_set, cond)
             shown = self.layout.rel(path) if path.is_relative_to(self.layout.run_dir) else str(path)
-            prompts[cond] = {**manifest.prompts.get(cond, {}), "path": shown}
+            prompts[cond] = {**provenance["prompts"].get(cond, {}), "path": shown}
         from pipeline.naming import temp_str
 
         ctx = {"rid": self.rid,
@@ -200,7 +208,7 @@ class TrialReport(TrialTask):
                "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
                "prompts": prompts, **self._load(self.trial),
                "score_summary": manifest.stage("scored").artifacts.get("summary", {}),
-               "jobs": jobs, "config_hash": config_fingerprint(run.cfg)}
+               "jobs": provenance["jobs"], "config_hash": provenance["config_hash"]}
         path, html = self.layout.report_md(self.trial), self.layout.report_html(self.trial)
         write_text(path, render_trial_report(ctx))
         write_text(html, render_trial_html(ctx))
@@ -227,5 +235,4 @@ class TrialReport(TrialTask):
             return state
 
         store.update(self.layout.run_state, RunState, change)
-        sweep_leftovers(self.layout)
         log.info("done aggregate report run=%s (%s)", self.rid, path)
