@@ -90,7 +90,8 @@ def test_an_overlapping_identical_invocation_is_refused_with_the_locked_code(tmp
     config = small_experiment(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
     env["TMPDIR"] = str(tmp_path)  # Luigi's pid-lock directory: private to this test
-    blocking = subprocess.Popen(luigi_cmd(tmp_path, config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    log = (tmp_path / "blocking.log").open("w")  # a file, not a pipe: nobody reads the log while it runs
+    blocking = subprocess.Popen(luigi_cmd(tmp_path, config), stdout=subprocess.DEVNULL, stderr=log, text=True,
                                 env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
@@ -106,9 +107,10 @@ def test_an_overlapping_identical_invocation_is_refused_with_the_locked_code(tmp
             provider.clock.advance(120)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 blocking.wait(timeout=0.5)
-        _, err = blocking.communicate(timeout=5)
-        assert blocking.returncode == exit_codes.OK, err[-3000:]
+        blocking.wait(timeout=5)
+        assert blocking.returncode == exit_codes.OK, (tmp_path / "blocking.log").read_text()[-3000:]
     finally:
         if blocking.poll() is None:
             blocking.kill()
             blocking.wait()
+        log.close()
