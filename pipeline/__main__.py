@@ -26,11 +26,11 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline import exit_codes
+from pipeline.control import exit_codes
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from pipeline.planview import render_plan
+    from pipeline.views.plan import render_plan
 
     return render_plan(args.rid, root=args.root, config=args.config, stream=sys.stdout, as_json=args.json)
 
@@ -38,7 +38,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.compare import compare_runs, render_comparison
+    from pipeline.views.compare import compare_runs, render_comparison
 
     if len(args.rid) != 2:
         print("error: compare takes exactly two runs: --rid A --rid B", file=sys.stderr)
@@ -57,7 +57,7 @@ def _archive(args: argparse.Namespace) -> int:
 
     import luigi
 
-    from pipeline.run import resolve_root
+    from pipeline.control.run import resolve_root
     from pipeline.tasks.archive import ArchiveRun
     from pipeline.tasks.report import TrialReport
 
@@ -89,9 +89,9 @@ def _archive(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from pipeline.layout import RunLayout, check_rid
-    from pipeline.run import resolve_root
-    from pipeline.stop import request_stop
+    from pipeline.control.layout import RunLayout, check_rid
+    from pipeline.control.run import resolve_root
+    from pipeline.control.stop import request_stop
 
     layout = RunLayout(resolve_root(args.root or None), check_rid(args.rid))
     if not layout.run_dir.exists():
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return _emulator(argv[1:])
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
     if argv[:1] in (["status"], ["list"]):
-        from pipeline.views import list_command, status_command
+        from pipeline.views.status import list_command, status_command
 
         return (status_command if argv[0] == "status" else list_command)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])

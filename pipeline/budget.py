@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from pipeline.outcome import BudgetExceeded
+from pipeline.control.outcome import BudgetExceeded
+from pipeline.control.run import Run
 from pipeline.pricing import pricing_args, resolve_rates
-from pipeline.run import Run
 from targets import store
 from targets.manifest import PartRecord, TrialManifest
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Trial
+from pipeline.control.config import Trial
+from pipeline.control.run import Run
 from pipeline.naming import CONDITIONS, job_key, remote_id, temp_label, temp_str
-from pipeline.run import Run
 from targets.fingerprint import request_checksum
 from targets.manifest import BuildManifest
 

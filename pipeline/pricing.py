@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# Same defaults as pipeline.config.Pricing, for plain dicts that omit a key.
+# Same defaults as pipeline.control.config.Pricing, for plain dicts that omit a key.
 DEFAULT_INPUT_PER_MILLION = 0.15
 DEFAULT_OUTPUT_PER_MILLION = 0.60
 DEFAULT_BATCH_DISCOUNT = 0.5

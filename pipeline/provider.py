@@ -6,8 +6,8 @@ state under the run (`.emulator/`), so a re-run after a crash finds the same dat
 
 from __future__ import annotations
 
+from pipeline.control.run import Run
 from pipeline.providers.fireworks import FireworksClient
-from pipeline.run import Run
 
 EMULATOR_POLL_S = 0.1
 FIREWORKS_POLL_S = 30.0

@@ -61,7 +61,7 @@ _STATE = re.compile(r"[A-Za-z_]{1,64}")
 _JKEY = re.compile(r"(?P<group>t[0-9]+_(?:control|treatment))_p(?P<index>[0-9]{2,})")
 _JOB_SUFFIX = "_job.json"
 _OUTPUT_SUFFIX = "_OUTPUT_DATASET_ID.txt"
-_PART_SUFFIX = "_part.json"  # pipeline.layout.RunLayout.part_breadcrumb names the same file
+_PART_SUFFIX = "_part.json"  # pipeline.control.layout.RunLayout.part_breadcrumb names the same file
 PART_MIRROR_SCHEMA = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Part states before the job exists: a job.json for the record's own job id proves the part got further.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import exit_codes
+from pipeline.control import exit_codes
 from tests.conftest import finished_run, small_experiment
 
 pytestmark = pytest.mark.e2e

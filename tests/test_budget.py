@@ -11,8 +11,9 @@ import pytest
 import requests
 import yaml
 
-from pipeline import budget, exit_codes
-from pipeline.run import open_run
+from pipeline import budget
+from pipeline.control import exit_codes
+from pipeline.control.run import open_run
 from tests.conftest import run_luigi, small_experiment
 
 RATES = {"input_rate_per_mtok": 2.0, "output_rate_per_mtok": 10.0}

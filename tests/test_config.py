@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, expand_trials, load_config
+from pipeline.control.config import ConfigError, expand_trials, load_config
 from tests.conftest import write_config
 
 

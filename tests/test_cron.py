@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline import exit_codes
+from pipeline.control import exit_codes
 from tests.conftest import PIPELINE_RUN, Clock, small_experiment, start_emulator, stop_emulator_server
 
 pytestmark = pytest.mark.e2e

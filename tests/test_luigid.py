@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline import exit_codes
+from pipeline.control import exit_codes
+from pipeline.control.layout import RunLayout
 from pipeline.emulator.process import stop_emulator
-from pipeline.layout import RunLayout
 from pipeline.tasks.download import DownloadPart
 from pipeline.tasks.remote import PollJob, SubmitPart, UploadPart
 from tests.conftest import PIPELINE_RUN, small_experiment

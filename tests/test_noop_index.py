@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline import noop_index
-from pipeline.layout import RunLayout
+from pipeline.control import noop_index
+from pipeline.control.layout import RunLayout
 
 
 def finished_run(tmp_path: Path) -> RunLayout:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import exit_codes
+from pipeline.control import exit_codes
 from tests.conftest import PIPELINE_RUN, finished_run, small_experiment
 from tests.test_cron import Provider
 

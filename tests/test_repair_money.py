@@ -18,8 +18,9 @@ import pytest
 import requests
 import yaml
 
-from pipeline import budget, exit_codes
-from pipeline.run import open_run
+from pipeline import budget
+from pipeline.control import exit_codes
+from pipeline.control.run import open_run
 from targets import store
 from targets.lifecycle import BREADCRUMB_MAX_BYTES, persist_lifecycle, read_breadcrumbs
 from targets.manifest import PartRecord, TrialManifest

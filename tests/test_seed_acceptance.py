@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline import TrialReport
-from pipeline.run import accept_drift, open_run
+from pipeline.control.run import accept_drift, open_run
 from targets import store
 from targets.manifest import TrialManifest
 from tests.conftest import small_experiment

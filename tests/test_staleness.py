@@ -29,10 +29,10 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.control.run import open_run
 from pipeline.emulator.process import stop_emulator
 from pipeline.naming import CONDITIONS, temp_str
 from pipeline.plan import all_parts
-from pipeline.run import open_run
 from targets import store
 from targets.manifest import BuildManifest
 from tests.conftest import run_luigi, small_experiment
@@ -460,5 +460,35 @@ def test_a_change_reruns_exactly_what_depends_on_it(finished: dict[str, Any], ca
         assert twice.returncode == 0, twice.stderr[-3000:]
         assert stage_lines(twice.stderr) == set(), twice.stderr[-3000:]
         assert json.loads((run_dir / ".emulator" / "calls.json").read_text())["job_creates"] == after.creates
+    finally:
+        stop_emulator(run_dir / ".emulator")
+
+
+def test_a_later_change_sends_only_its_own_parts(finished: dict[str, Any], tmp_path: Path) -> None:
+    """Two accepted changes in a row: the second sends only the requests it changes. Nothing the first change made
+    stale is left for it to send (the old fallback skipped the treatment parts of a prompt edit, and the next change
+    sent them)."""
+    cases = {c.id: c for c in CASES}
+    copy_case(finished["base"], tmp_path / "case")
+    root, config_dir, data_dir = tmp_path / "case" / "exp", tmp_path / "case" / "config", tmp_path / "case" / "data"
+    raw = yaml.safe_load((config_dir / "experiment.yaml").read_text())
+    raw["paths"]["prepared_dir"] = str(data_dir)
+    ctx = Ctx(config=raw, config_dir=config_dir, data_dir=data_dir, requests=copy.deepcopy(finished["requests"]))
+    run_dir = root / f"run_{RID}"
+    try:
+        sent_by_step = []
+        for case_id in ("prompt-treatment-excellence", "max_new_tokens-closed"):
+            known = snapshot(root).jobs
+            cases[case_id].change(ctx)
+            (config_dir / "experiment.yaml").write_text(yaml.safe_dump(ctx.config, sort_keys=False))
+            again = run_luigi(root, config_dir / "experiment.yaml", RID, "--accept-config-drift")
+            assert again.returncode == 0, again.stderr[-4000:]
+            after = snapshot(root)
+            assert after.views == modeled_views(after, ctx.requests)
+            sent = {after.jobs[job] for job, n in after.creates.items() if job not in known}
+            assert sent == set(ctx.requests.parts().values()) - set(known.values()), case_id
+            sent_by_step.append(sent)
+        closed = {key for key in sent_by_step[1] if json.loads(key[2])["maxTokens"] == 128}
+        assert sent_by_step[1] == closed, "the second change sent requests it did not change"
     finally:
         stop_emulator(run_dir / ".emulator")

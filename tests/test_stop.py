@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline import exit_codes
+from pipeline.control import exit_codes
 from tests.conftest import PIPELINE_RUN, small_experiment
 
 pytestmark = pytest.mark.slow

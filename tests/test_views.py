@@ -12,9 +12,9 @@ import luigi
 import pytest
 
 from pipeline import TrialReport
-from pipeline.layout import RunLayout
-from pipeline.stop import request_stop
-from pipeline.views import list_command, list_runs, run_status, status_command
+from pipeline.control.layout import RunLayout
+from pipeline.control.stop import request_stop
+from pipeline.views.status import list_command, list_runs, run_status, status_command
 from targets import store
 from targets.manifest import TrialManifest
 from tests.conftest import small_experiment

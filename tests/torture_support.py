@@ -371,7 +371,9 @@ def torture(runner: Runner, reference_points: list[str], plan: KillPlan,
         elif left == 0 and not any(k.phase == "parse" for k in result.kills):
             inv = runner.run(crash_at=redo + 1)  # every part is on disk: the next new point is a trial's parse
         elif left <= 1:  # the last part's download is followed at once by its trial's parse
-            inv = runner.run(crash_at=redo + rng.randint(1, plan.tail_max_step))
+            # Short steps while a tail phase has no kill yet: a phase of a few points (costs) is easily jumped over.
+            uncovered = TAIL - {k.phase for k in result.kills}
+            inv = runner.run(crash_at=redo + rng.randint(1, 2 if uncovered else plan.tail_max_step))
         else:
             # Spread the kills still wanted over the points still to pass, and do not jump over the last parts
             # into the tail: the tail phases get their own, shorter steps.

@@ -30,8 +30,8 @@ import luigi.interface
 import luigi.retcodes
 from luigi.cmdline_parser import CmdlineParser
 
-from pipeline import exit_codes, noop_index, outcome, stop
-from pipeline.layout import RunLayout
+from pipeline.control import exit_codes, noop_index, outcome, stop
+from pipeline.control.layout import RunLayout
 from pipeline.tasks.download import SCRATCH as DOWNLOAD_SCRATCH
 from targets.atomic import sweep_temp_files
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import luigi
 
-from pipeline.archive import archive_current, write_archive
 from pipeline.tasks.base import PipelineTask, decision
 from pipeline.tasks.report import TrialReport
+from pipeline.views.archive import archive_current, write_archive
 
 log = logging.getLogger("pipeline")
 

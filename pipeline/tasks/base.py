@@ -15,10 +15,10 @@ from typing import Any
 import luigi
 from luigi.task import flatten
 
-from pipeline import outcome
-from pipeline.layout import RunLayout
+from pipeline.control import outcome
+from pipeline.control.layout import RunLayout
+from pipeline.control.run import Run, open_run, resolve_root
 from pipeline.naming import temp_str
-from pipeline.run import Run, open_run, resolve_root
 from targets import store
 from targets.fingerprint import fingerprint
 from targets.manifest import TrialManifest

@@ -9,8 +9,8 @@ from typing import Any
 
 import luigi
 
-from pipeline.adopt import original_parts
 from pipeline.batches import build_lines, render, split_parts
+from pipeline.control.adopt import original_parts
 from pipeline.naming import CONDITIONS, temp_label, temp_str
 from pipeline.plan import build_key, prompt_set_suffix
 from pipeline.tasks.base import (

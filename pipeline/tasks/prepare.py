@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.control.run import freeze
 from pipeline.data.prepared import read_prepared
-from pipeline.run import freeze
 from pipeline.tasks.base import PipelineTask, artifact_current, artifact_record, inputs_changed
 from targets import store
 from targets.atomic import write_text

@@ -17,14 +17,14 @@ from typing import Any
 import luigi
 
 from pipeline import budget
-from pipeline.outcome import StopRequested, WaitingOnProvider, no_wait
+from pipeline.control.outcome import StopRequested, WaitingOnProvider, no_wait
+from pipeline.control.stop import stop_requested
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.progress import Progress
 from pipeline.provider import make_client, poll_interval
 from pipeline.providers import job_states
 from pipeline.providers.errors import ProviderError
 from pipeline.providers.fireworks import FireworksClient
-from pipeline.stop import stop_requested
 from pipeline.tasks.base import PipelineTask, decision, unchanged_after_upstream
 from pipeline.tasks.build import BuildBatches
 from targets import store

@@ -14,9 +14,9 @@ from typing import Any
 
 import luigi
 
-from pipeline import exit_codes, noop_index, outcome
-from pipeline.config import ConfigError
-from pipeline.run import ConfigDriftError, accept_drift, config_drift, config_fingerprint, open_run, refuse_drift
+from pipeline.control import exit_codes, noop_index, outcome
+from pipeline.control.config import ConfigError
+from pipeline.control.run import ConfigDriftError, accept_drift, config_drift, config_fingerprint, open_run, refuse_drift
 from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import (
     PipelineTask,
@@ -66,11 +66,11 @@ class TrialReport(TrialTask):
         return super().complete()
 
     def indexable(self) -> bool:
-        """Whether a verified-complete state of this task may short-cut later checks (`pipeline.noop_index`)."""
+        """Whether a verified-complete state of this task may short-cut later checks (`pipeline.control.noop_index`)."""
         return not self.trial and not self.force and not self.run_ctx.adopted
 
     def _unchanged_since_verified(self) -> bool:
-        """The no-op short-cut (`pipeline.noop_index`): one directory walk instead of the graph's predicates."""
+        """The no-op short-cut (`pipeline.control.noop_index`): one directory walk instead of the graph's predicates."""
         if not self.indexable():
             return False
         files = noop_index.unchanged(self.layout, self.task_id, (SCRATCH,))

@@ -18,8 +18,8 @@ import os
 import uuid
 from pathlib import Path
 
-from pipeline import exit_codes
-from pipeline.layout import RunLayout
+from pipeline.control import exit_codes
+from pipeline.control.layout import RunLayout
 from targets.atomic import pid_alive
 
 log = logging.getLogger("pipeline")

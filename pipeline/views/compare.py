@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.control.run import open_run
 from pipeline.naming import TYPES, temp_str
-from pipeline.run import open_run
-from pipeline.views import trial_status
+from pipeline.views.status import trial_status
 
 METRIC_ORDER = ("em", "f1", "abstain_rate", "false_answer_rate", "unsupported_rate")
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.layout import RunLayout
-from pipeline.noop_index import INDEX_NAME
+from pipeline.control.layout import RunLayout
+from pipeline.control.noop_index import INDEX_NAME
 from targets.atomic import atomic_open, is_leftover, write_text
 from targets.fingerprint import fingerprint, sha256_file
 

@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO, get_args
 
-from pipeline import budget, exit_codes
-from pipeline.archive import archive_current
+from pipeline import budget
+from pipeline.control import exit_codes
+from pipeline.control.layout import RunLayout, check_rid
+from pipeline.control.run import open_run
 from pipeline.costs import read_costs, run_spent_usd
-from pipeline.layout import RunLayout, check_rid
-from pipeline.run import open_run
+from pipeline.views.archive import archive_current
 from targets import store
 from targets.fingerprint import fingerprint
 from targets.lifecycle import open_trial_manifest
@@ -53,7 +54,7 @@ class UnknownRunError(LookupError):
 
 
 def _root(root: str | Path | None) -> Path:
-    from pipeline.run import resolve_root
+    from pipeline.control.run import resolve_root
 
     return resolve_root(root)
 
@@ -70,8 +71,8 @@ def _config_trials(layout: RunLayout) -> tuple[list[str], dict[str, Any]]:
     """Trial slugs of the frozen config and a description of the config source (never the default config)."""
     if not layout.effective_config.exists():
         return [], {"frozen": False, "source": None, "error": None}
-    from pipeline.config import ConfigError
-    from pipeline.run import open_run
+    from pipeline.control.config import ConfigError
+    from pipeline.control.run import open_run
 
     try:
         run = open_run(layout.rid, layout.root)

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.adopt import looks_original, translate_original_config
-from pipeline.config import (
+from pipeline.control.adopt import looks_original, translate_original_config
+from pipeline.control.config import (
     DEFAULT_CONFIG,
     ConfigError,
     ExperimentConfig,
@@ -29,7 +29,7 @@ from pipeline.config import (
     load_config,
     parse_config,
 )
-from pipeline.layout import RunLayout, check_rid, default_root
+from pipeline.control.layout import RunLayout, check_rid, default_root
 from targets import store
 from targets.atomic import write_text
 from targets.fingerprint import current_sha

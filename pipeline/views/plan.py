@@ -7,9 +7,10 @@ from typing import Any, TextIO
 
 from luigi.task import flatten
 
-from pipeline import budget, exit_codes
-from pipeline.config import ConfigError
-from pipeline.run import ConfigDriftError, Run, config_drift, open_run, refuse_drift
+from pipeline import budget
+from pipeline.control import exit_codes
+from pipeline.control.config import ConfigError
+from pipeline.control.run import ConfigDriftError, Run, config_drift, open_run, refuse_drift
 
 
 def _children(task):  # noqa: ANN001, ANN202

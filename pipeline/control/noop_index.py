@@ -15,13 +15,13 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.layout import RunLayout
+from pipeline.control.layout import RunLayout
 from targets.atomic import is_leftover, write_text
 
 INDEX_NAME = ".complete_index.json"
 SKIPPED_DIRS = {".emulator", ".outcomes"}
 SKIPPED_NAMES = {INDEX_NAME, "STOP_REQUESTED"}
-_CODE_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "targets")
+_CODE_DIRS = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2] / "targets")
 
 
 def code_stamp() -> list[list[object]]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.naming import fmt_param, is_safe_component, short_hash, temp_label, temp_str
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository: pipeline/control/config.py
 DEFAULT_CONFIG = PACKAGE_ROOT / "config" / "experiment.yaml"
 
 

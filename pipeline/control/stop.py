@@ -15,7 +15,7 @@ import logging
 import os
 import time
 
-from pipeline.layout import RunLayout
+from pipeline.control.layout import RunLayout
 from targets.atomic import write_text
 from targets.manifest import utcnow
 
