@@ -93,6 +93,24 @@ def stop_emulator_server(server: EmulatorServer) -> None:
     server.server_close()
 
 
+class Provider:
+    """An in-process emulator for one run on a settable clock (jobs stay running until the test advances it),
+    registered where the pipeline looks for it (`run_<rid>/.emulator/server.json`)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.clock = Clock()
+        state = run_dir / ".emulator"
+        state.mkdir(parents=True)
+        self.server = start_emulator(state, latency_s=60.0, clock=self.clock)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        (state / "server.json").write_text(json.dumps({"base_url": self.base_url, "pid": os.getpid()}))
+
+    def job_creates(self) -> dict[str, int]:
+        import requests
+
+        return requests.get(self.base_url + "/emulator/calls", timeout=5).json()["job_creates"]
+
+
 def run_luigi(root: Path, config: Path | None, rid: str, *extra: str, task: str = "TrialReport",
               timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`python -m pipeline run <task> --rid RID --root ROOT [--config CONFIG] --local-scheduler ...` in a subprocess

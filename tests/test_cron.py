@@ -16,27 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from pipeline.control import exit_codes
-from tests.conftest import PIPELINE_RUN, Clock, small_experiment, start_emulator, stop_emulator_server
+from tests.conftest import PIPELINE_RUN, Provider, small_experiment, stop_emulator_server
 
 pytestmark = pytest.mark.e2e
-
-
-class Provider:
-    """An emulator for one run, registered where the pipeline looks for it (`run_<rid>/.emulator/server.json`)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.clock = Clock()
-        state = run_dir / ".emulator"
-        state.mkdir(parents=True)
-        self.server = start_emulator(state, latency_s=60.0, clock=self.clock)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        (state / "server.json").write_text(json.dumps({"base_url": self.base_url, "pid": os.getpid()}))
-
-    def job_creates(self) -> dict[str, int]:
-        return requests.get(self.base_url + "/emulator/calls", timeout=5).json()["job_creates"]
 
 
 @pytest.fixture

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.control import exit_codes
-from tests.conftest import PIPELINE_RUN, finished_run, small_experiment
-from tests.test_cron import Provider
+from tests.conftest import PIPELINE_RUN, Provider, finished_run, small_experiment, stop_emulator_server
 
 pytestmark = pytest.mark.e2e
-RID = "cron"  # the run the `Provider` of tests/test_cron.py serves
+RID = "ro"
 
 
 def tree(root: Path) -> dict[str, tuple[int, int, str]]:
@@ -51,8 +50,6 @@ def command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def provider(tmp_path: Path):  # noqa: ANN201
-    from tests.conftest import stop_emulator_server
-
     emulator = Provider(tmp_path / "exp" / f"run_{RID}")
     yield emulator
     stop_emulator_server(emulator.server)

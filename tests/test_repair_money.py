@@ -24,7 +24,7 @@ from pipeline.control.run import open_run
 from targets import store
 from targets.lifecycle import BREADCRUMB_MAX_BYTES, persist_lifecycle, read_breadcrumbs
 from targets.manifest import PartRecord, TrialManifest
-from tests.conftest import Clock, run_luigi, small_experiment, start_emulator, stop_emulator_server
+from tests.conftest import Provider, run_luigi, small_experiment, stop_emulator_server
 
 ACCT = "accounts/acme"
 GARBAGE = b"\x00\xffnot a manifest\x9c" * 64
@@ -278,18 +278,6 @@ def test_a_part_known_only_from_its_job_json_counts_as_committed(finished: dict[
     (run.layout.run_dir / record["input_path"]).unlink()  # its request file is gone too: the trial's largest estimate
     fallback = budget.committed_usd(open_run("fin", tmp_path))
     assert fallback >= committed - 1e-6 and fallback > 0
-
-
-class Provider:
-    """An in-process emulator on a settable clock, registered where the run looks for its provider."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.clock = Clock()
-        state = run_dir / ".emulator"
-        state.mkdir(parents=True)
-        self.server = start_emulator(state, latency_s=60.0, clock=self.clock)
-        base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        (state / "server.json").write_text(json.dumps({"base_url": base_url, "pid": os.getpid()}))
 
 
 @pytest.fixture
