@@ -64,8 +64,24 @@ def scan(layout: RunLayout, scratch: tuple[str, ...] = ()) -> tuple[dict[str, li
     return dict(sorted(files.items())), leftovers
 
 
+_confirmed: set[tuple[str, str]] = set()
+_counted: dict[tuple[str, str], int] = {}
+
+
+def confirmed(layout: RunLayout, key: str) -> bool:
+    """Did `unchanged` find the run as verified for `key` earlier in this process? (then the graph had nothing to do,
+    and the index needs neither a second walk nor a rewrite)"""
+    return (str(layout.run_dir), key) in _confirmed
+
+
 def unchanged(layout: RunLayout, key: str, scratch: tuple[str, ...] = ()) -> int | None:
-    """The number of files checked when the run is exactly as it was when verified complete for `key`, else None."""
+    """The number of files checked when the run is exactly as it was when verified complete for `key`, else None.
+
+    Once confirmed in a process, the answer stands for it (the runner asks before the graph, the root task when Luigi
+    checks it; nothing runs in between).
+    """
+    if (str(layout.run_dir), key) in _counted:
+        return _counted[(str(layout.run_dir), key)]
     try:
         index = json.loads((layout.run_dir / INDEX_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -75,6 +91,8 @@ def unchanged(layout: RunLayout, key: str, scratch: tuple[str, ...] = ()) -> int
     files, leftovers = scan(layout, scratch)
     if leftovers or files != index.get("files") or code_stamp() != index.get("code"):
         return None
+    _confirmed.add((str(layout.run_dir), key))
+    _counted[(str(layout.run_dir), key)] = len(files)
     return len(files)
 
 

@@ -108,7 +108,8 @@ def run(argv: list[str]) -> int:
             install_signal_handlers(layout)
             stop.begin_session()
             outcome.begin(layout, wait=not getattr(task, "no_wait", False))
-            sweep_leftovers(layout)
+            if not (getattr(task, "indexable", lambda: False)() and noop_index.unchanged(layout, task.task_id, SCRATCH)):
+                sweep_leftovers(layout)  # (a run found unchanged since verified has no leftovers: the walk looked)
 
         try:
             result = luigi.interface._schedule_and_run([task], _Factory(locked))
@@ -122,6 +123,9 @@ def run(argv: list[str]) -> int:
 def finish(task: luigi.Task, layout: RunLayout, luigi_code: int) -> int:
     """The invocation's exit code; a finished run is indexed for the no-op short-cut and its stop request removed."""
     kinds = outcome.collect(layout)
+    if noop_index.confirmed(layout, task.task_id):  # complete before the graph, per the index: nothing ran
+        stop.clear_stop(layout)
+        return exit_codes.OK
     if task.complete():
         if getattr(task, "indexable", lambda: False)():
             noop_index.record(layout, task.task_id, SCRATCH)
