@@ -45,8 +45,8 @@ from pydantic import ValidationError
 
 from targets.atomic import dumps_json, write_text
 from targets.crashpoints import crashpoint
+from targets.locking import Context, ManifestError, lock_for
 from targets.manifest import STAGES, PartRecord, StageRecord, TrialManifest, utcnow
-from targets.store import Context, ManifestError, lock_for
 
 log = logging.getLogger("pipeline")
 
@@ -702,7 +702,7 @@ def _write(path: Path, model: TrialManifest, copy: Path) -> TrialManifest:
 
 
 def persist_lifecycle_locked(path: Path, *, context: Context | None = None) -> TrialManifest | None:
-    """`persist_lifecycle` for a caller that already holds `store.lock_for(path)` (i.e. `store.update`)."""
+    """`persist_lifecycle` for a caller that already holds `lock_for(path)` (i.e. `store.update`)."""
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -17,28 +17,21 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
-from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
+from targets import lifecycle
 from targets.atomic import dumps_json, write_text
+from targets.locking import LOCK_TIMEOUT_S, Context, ManifestError, lock_for
 from targets.manifest import TrialManifest, utcnow
 
 log = logging.getLogger("pipeline")
 M = TypeVar("M", bound=BaseModel)
-Context = Callable[[], dict[str, Any]]
-LOCK_TIMEOUT_S = 120
+# Re-exported: callers catch `store.ManifestError` and take `store.lock_for` (defined in `targets.locking`).
+__all__ = ["LOCK_TIMEOUT_S", "Context", "ManifestError", "lock_for", "read", "update"]
 
 _cache: dict[tuple[str, type], tuple[tuple[int, int, int], BaseModel]] = {}
-
-
-class ManifestError(ValueError):
-    """A manifest that exists but cannot be used; the message names the file and what to do."""
-
-
-def lock_for(path: Path) -> FileLock:
-    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
 
 
 def _parse(path: Path, model: type[M]) -> M:
@@ -71,8 +64,6 @@ def read(path: Path, model: type[M], *, context: Context | None = None) -> M | N
     if hit and hit[0] == stamp:
         return hit[1]  # type: ignore[return-value]
     if issubclass(model, TrialManifest):
-        from targets import lifecycle  # lifecycle imports this module
-
         # Cached by the file's stat like any manifest: an in-memory upgrade's inferred stage_status is informational.
         opened, _ = lifecycle.open_trial_manifest(path, context=context)
         if opened is None:
@@ -86,8 +77,6 @@ def read(path: Path, model: type[M], *, context: Context | None = None) -> M | N
 
 def _current(path: Path, model: type[M], context: Context | None) -> M | None:
     if issubclass(model, TrialManifest):
-        from targets import lifecycle  # lifecycle imports this module
-
         return cast("M | None", lifecycle.persist_lifecycle_locked(path, context=context))
     return _parse(path, model)
 
@@ -100,8 +89,6 @@ def update(path: Path, model: type[M], change: Callable[[M | None], M | None], *
     After a trial manifest is written, still under the lock, the part mirrors of the parts whose record or download
     entry changed are rewritten (`lifecycle.mirror_parts`), so every writer keeps them current.
     """
-    from targets import lifecycle  # lifecycle imports this module
-
     path.parent.mkdir(parents=True, exist_ok=True)
     trial = issubclass(model, TrialManifest)
     with lock_for(path):
