@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
+from pipeline.control.layout import TRIAL_FILES
 from pipeline.control.outcome import BudgetExceeded
 from pipeline.control.run import Run
 from pipeline.pricing import pricing_args, resolve_rates
@@ -193,14 +194,15 @@ def rebuild_context(run: Run, slug: str) -> dict[str, Any]:
     trial = run.trial(slug)
     return {"run_id": run.rid, "trial": trial.as_manifest(), "temps": list(trial.temps),
             "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
-            "prompts": prompt_records(run, slug), "results_dir": run.layout.results_dir(slug)}
+            "prompts": prompt_records(run, slug), "results_dir": run.layout.results_dir(slug), "names": TRIAL_FILES}
 
 
 def trial_manifest(run: Run, slug: str) -> TrialManifest | None:
     """The trial's manifest as it stands, read-only: a corrupt one is rebuilt in memory from its breadcrumbs (part
     records included), so a lost manifest never makes sent parts look free. None when absent or unusable."""
     try:
-        return store.read(run.layout.trial_manifest(slug), TrialManifest, context=lambda: rebuild_context(run, slug))
+        return store.read(run.layout.trial_manifest(slug), TrialManifest, context=lambda: rebuild_context(run, slug),
+                          names=TRIAL_FILES)
     except (OSError, ValueError):
         return None
 

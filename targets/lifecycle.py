@@ -13,7 +13,7 @@ Contract:
   `downloaded` entries per part are not inferred: they come back from the part mirrors the pipeline wrote.)
 - Breadcrumbs are untrusted input: bounded size, regular files only, ids checked; a bad one is skipped with a
   logged reason and never stops the rebuild.
-- Part mirrors: `<jkey>_part.json` holds everything the manifest knows about one part, its full `PartRecord`
+- Part mirrors: `<jkey><part_suffix>` holds everything the manifest knows about one part, its full `PartRecord`
   (`parts[jkey]`, every field, later ones included) and its entry in `stage_status.downloaded.artifacts.parts`.
   `mirror_parts` rewrites it atomically, under the manifest's lock, right after every manifest write that changed
   either (`store.update` and the writes here call it, so no writer has to remember it); a mirror missing on disk is
@@ -24,6 +24,11 @@ Contract:
   (`<name>.backup.<ts>.json` / `<name>.corrupt.<ts>`, never overwriting another copy), then the v2 manifest
   replaces the file atomically. Under the lock, a second process finds v2 and does nothing.
 - Every change is appended to the manifest's `lifecycle_history` list.
+- The pipeline's file names and id shapes are not this module's: part job keys, breadcrumb suffixes and parsers,
+  provider ids and the artifacts stage inference looks for come in a `TrialNames` (the pipeline's is
+  `pipeline.control.layout.TRIAL_FILES`), from the rebuild context's `"names"` key or a `names` argument. Without
+  names: a v1 upgrade infers no stages, `read_breadcrumbs` finds nothing, no part mirror is written, and a corrupt
+  manifest is not rebuilt (ManifestError, as without a context).
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 from pydantic import ValidationError
 
 from targets.atomic import dumps_json, write_text
 from targets.crashpoints import crashpoint
+from targets.locking import Context, ManifestError, lock_for
 from targets.manifest import STAGES, PartRecord, StageRecord, TrialManifest, utcnow
-from targets.store import Context, ManifestError, lock_for
 
 log = logging.getLogger("pipeline")
 
@@ -55,13 +60,6 @@ BREADCRUMB_MAX_BYTES = 1 << 20
 HISTORY_KEY = "lifecycle_history"
 V1_KEYS = ("created_utc", "run_id", "trial", "temps", "samples_per_item")
 CONTEXT_KEYS = ("run_id", "trial", "temps", "samples_per_item", "prompts")
-_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_RESOURCE = re.compile(r"accounts/([^/]+)/([^/]+)/([^/]+)")
-_STATE = re.compile(r"[A-Za-z_]{1,64}")
-_JKEY = re.compile(r"(?P<group>t[0-9]+_(?:control|treatment))_p(?P<index>[0-9]{2,})")
-_JOB_SUFFIX = "_job.json"
-_OUTPUT_SUFFIX = "_OUTPUT_DATASET_ID.txt"
-_PART_SUFFIX = "_part.json"  # pipeline.control.layout.RunLayout.part_breadcrumb names the same file
 PART_MIRROR_SCHEMA = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Part states before the job exists: a job.json for the record's own job id proves the part got further.
@@ -72,9 +70,50 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class TrialNames(Protocol):
+    """The names of a trial's results dir that this module reads and writes, given by the pipeline.
+
+    Parsers take a breadcrumb's bytes and raise ValueError (the message says why) for one that cannot be used.
+    """
+
+    @property
+    def job_key(self) -> re.Pattern[str]:
+        """A part's job key (`fullmatch`), with groups `group` and `index` (an integer, 1 for the first part)."""
+
+    @property
+    def job_suffix(self) -> str:
+        """`<jkey><job_suffix>`: the job's own breadcrumb, read with `parse_job`."""
+
+    @property
+    def output_suffix(self) -> str:
+        """`<jkey><output_suffix>`: the job's output dataset id, read with `parse_output`."""
+
+    @property
+    def part_suffix(self) -> str:
+        """`<jkey><part_suffix>`: the part mirror this module writes (see `mirror_parts`)."""
+
+    @property
+    def part_results(self) -> str:
+        """`<jkey>/<part_results>`: a part's downloaded results (JSON lines)."""
+
+    @property
+    def stage_files(self) -> dict[str, str]:
+        """Paths relative to the results dir, by role: `combined`, `predictions`, `scores` (CSVs), `significance`,
+        `costs` (JSON objects), `report` (may start with `../`)."""
+
+    def parse_job(self, data: bytes) -> dict[str, Any]:
+        """`{job_name, job_id, state, provider_state, output_dataset_id, input_dataset_id}` from a job breadcrumb."""
+
+    def parse_output(self, data: bytes) -> str:
+        """The bare output dataset id from an output dataset breadcrumb."""
+
+    def valid_id(self, value: str) -> bool:
+        """Whether `value` is a bare provider id (never a path), as records send requests to."""
+
+
 # ---------------------------------------------------------------------------------------------- classification
 
-def _decode(data: bytes) -> tuple[object | None, str]:
+def decode_json(data: bytes) -> tuple[object | None, str]:
     """The parsed JSON value and "", or None and why the bytes are not JSON."""
     if not data.strip():
         return None, "empty file"
@@ -139,7 +178,7 @@ def classify(raw: object) -> Kind:
 
 
 def _inspect(data: bytes) -> tuple[Kind, object | None, str, TrialManifest | None]:
-    raw, why = _decode(data)
+    raw, why = decode_json(data)
     if why:
         return "corrupt", None, why, None
     kind, why, model = _classify(raw)
@@ -169,18 +208,19 @@ def _count_csv_rows(path: Path) -> int | None:
 
 def _load_json_object(path: Path) -> dict[str, Any] | None:
     try:
-        value, why = _decode(path.read_bytes())
+        value, why = decode_json(path.read_bytes())
     except OSError:
         return None
     return value if not why and isinstance(value, dict) else None
 
 
-def infer_stage_status(results_dir: Path) -> dict[str, StageRecord]:
+def infer_stage_status(results_dir: Path, names: TrialNames | None = None) -> dict[str, StageRecord]:
     """Every stage's status as the original's `compute_stage_statuses` would see it, with paths and row counts only.
 
-    downloaded: completed iff there are `t*_p*` part dirs and each has a non-empty results.jsonl (in progress
-    when only some do); parsed / scored: the CSV exists; stats: significance.json has schema_version >= 2;
-    costs: costs.json has the four token/usd keys; report: `../reports/report.md` exists; archived: pending.
+    With the pipeline's `names`: downloaded: completed iff there are part dirs (named as job keys) and each has a
+    non-empty results file (in progress when only some do); parsed / scored: the CSV exists; stats: the significance
+    JSON has schema_version >= 2; costs: the costs JSON has the four token/usd keys; report: the report exists;
+    archived: pending. Without `names`, every stage is pending (nothing is inferred).
     """
     results_dir = Path(results_dir).absolute()
     run_dir = results_dir.parent.parent
@@ -189,39 +229,41 @@ def infer_stage_status(results_dir: Path) -> dict[str, StageRecord]:
         return path.relative_to(run_dir).as_posix()
 
     stages = {name: StageRecord() for name in STAGES}
+    if names is None:
+        return stages
+    files = {role: Path(os.path.normpath(results_dir / name)) for role, name in names.stage_files.items()}
 
     def done(name: str, artifacts: dict[str, Any]) -> None:
         stages[name] = StageRecord(status="completed", updated_at=utcnow(), artifacts=artifacts)
 
     entries = list(results_dir.iterdir()) if results_dir.is_dir() else []
-    part_dirs = sorted(p for p in entries if _JKEY.fullmatch(p.name) and p.is_dir())
+    part_dirs = sorted(p for p in entries if names.job_key.fullmatch(p.name) and p.is_dir())
     parts = []
     for part_dir in part_dirs:
-        results = part_dir / "results.jsonl"
+        results = part_dir / names.part_results
         size = results.stat().st_size if results.is_file() else 0
         if size:
             parts.append({"job_key": part_dir.name, "path": rel(results), "size": size, "rows": _count_lines(results)})
     if part_dirs:
         artifacts: dict[str, Any] = {"parts": parts}
-        combined = results_dir / "results_combined.jsonl"
+        combined = files["combined"]
         if combined.is_file():
             artifacts["combined_path"] = rel(combined)
         status = "completed" if len(parts) == len(part_dirs) else "in_progress"
         stages["downloaded"] = StageRecord(status=status, updated_at=utcnow(), artifacts=artifacts)
-    for name, file_name, key in (("parsed", "predictions.csv", "predictions_csv"),
-                                 ("scored", "per_item_scores.csv", "per_item_scores_csv")):
-        path = results_dir / file_name
+    for name, role, key in (("parsed", "predictions", "predictions_csv"), ("scored", "scores", "per_item_scores_csv")):
+        path = files[role]
         if path.is_file():
             rows = _count_csv_rows(path)
             done(name, {key: rel(path), **({"row_count": rows} if rows is not None else {})})
-    significance = _load_json_object(results_dir / "significance.json") or {}
+    significance = _load_json_object(files["significance"]) or {}
     version = significance.get("schema_version")
     if type(version) is int and version >= 2:
-        done("stats", {"significance_json": rel(results_dir / "significance.json")})
-    costs = _load_json_object(results_dir / "costs.json") or {}
+        done("stats", {"significance_json": rel(files["significance"])})
+    costs = _load_json_object(files["costs"]) or {}
     if {"prompt_tokens", "completion_tokens", "total_tokens", "usd"} <= costs.keys():
-        done("costs", {"costs_json": rel(results_dir / "costs.json")})
-    report = results_dir.parent / "reports" / "report.md"
+        done("costs", {"costs_json": rel(files["costs"])})
+    report = files["report"]
     if report.is_file():
         done("report", {"report_md": rel(report)})
     return stages
@@ -237,13 +279,14 @@ def _history(raw: dict[str, Any]) -> list[Any]:
     return list(previous) if isinstance(previous, list) else []
 
 
-def upgrade_v1(raw: dict[str, Any], *, results_dir: Path) -> TrialManifest:
-    """The v2 manifest for a v1 dict: every key kept, `created_at` from `created_utc`, stage_status inferred.
+def upgrade_v1(raw: dict[str, Any], *, results_dir: Path, names: TrialNames | None = None) -> TrialManifest:
+    """The v2 manifest for a v1 dict: every key kept, `created_at` from `created_utc`, stage_status inferred (given
+    the pipeline's `names`; without them every stage the v1 dict does not state is pending).
 
     Raises pydantic's ValidationError (a ValueError) when `raw` is not a usable v1 manifest (`classify` says so).
     """
     data = _v1_fields(raw)
-    inferred = {name: record.model_dump(mode="json") for name, record in infer_stage_status(results_dir).items()}
+    inferred = {name: record.model_dump(mode="json") for name, record in infer_stage_status(results_dir, names).items()}
     explicit = raw.get("stage_status") if isinstance(raw.get("stage_status"), dict) else {}
     data["stage_status"] = {**inferred, **explicit}
     variant = "890c944 (string jobs)" if any(isinstance(v, str) for v in (raw.get("jobs") or {}).values()) else "v1"
@@ -261,8 +304,8 @@ class _Skip(ValueError):
 class Recovered:
     """What the breadcrumbs of a results dir tell, files used, files skipped with the reason.
 
-    `parts[jkey]`: the job's own breadcrumbs (job.json, OUTPUT_DATASET_ID.txt); `records[jkey]` (a `PartRecord` as
-    JSON) and `downloads[jkey]` (its `downloaded` stage entry): the part mirrors (`<jkey>_part.json`).
+    `parts[jkey]`: the job's own breadcrumbs (job and output dataset); `records[jkey]` (a `PartRecord` as JSON) and
+    `downloads[jkey]` (its `downloaded` stage entry): the part mirrors.
     """
 
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -287,66 +330,24 @@ def _read_bounded(path: Path) -> bytes:
     return data
 
 
-def _bare_id(value: object, kind: str, what: str) -> str:
-    """`accounts/<acct>/<kind>/<id>` or a bare id -> the checked bare id."""
-    if not isinstance(value, str):
-        raise _Skip(f"{what} is {type(value).__name__}, not a string")
-    ident = value
-    resource = _RESOURCE.fullmatch(value)
-    if resource:
-        account, found_kind, ident = resource.groups()
-        if found_kind != kind or not _ID.fullmatch(account):
-            raise _Skip(f"{what} {value[:120]!r} is not accounts/<account>/{kind}/<id>")
-    if not _ID.fullmatch(ident):
-        raise _Skip(f"{what} {value[:120]!r} is not a valid id")
-    return ident
-
-
-def _from_job_json(data: bytes) -> dict[str, Any]:
-    obj, why = _decode(data)
-    if why:
-        raise _Skip(why)
-    if not isinstance(obj, dict):
-        raise _Skip("not a JSON object")
-    job_id = _bare_id(obj.get("name"), "batchInferenceJobs", "name")
-    state = obj.get("state")
-    if state is not None and not (isinstance(state, str) and _STATE.fullmatch(state)):
-        raise _Skip(f"state {str(state)[:120]!r} is not a job state")
-    optional = {key: _bare_id(obj[wire], "datasets", wire) if obj.get(wire) is not None else None
-                for key, wire in (("output_dataset_id", "outputDatasetId"), ("input_dataset_id", "inputDatasetId"))}
-    return {"job_name": obj["name"], "job_id": job_id,
-            "state": state.upper().removeprefix("JOB_STATE_").lower() if state else None, "provider_state": state,
-            **optional, "source": "job.json"}
-
-
-def _from_output_txt(data: bytes) -> str:
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise _Skip("not UTF-8") from None
-    if not text or "\n" in text:
-        raise _Skip("not a single line")
-    return _bare_id(text, "datasets", "output dataset id")
-
-
-def _check_ids(record: PartRecord) -> None:
+def _check_ids(record: PartRecord, names: TrialNames) -> None:
     """The remote ids a record would send requests to are bare provider ids, never paths."""
     for what in ("dataset_id", "job_id", "output_dataset_id"):
         value = getattr(record, what)
-        if not _ID.fullmatch(value):
+        if not names.valid_id(value):
             raise _Skip(f"record {what} {value[:120]!r} is not a valid id")
 
 
-def _check_download(jkey: str, entry: object) -> dict[str, Any]:
-    """A `downloaded` stage entry of part `jkey`: its results.jsonl path and, when recorded, its fingerprint."""
+def _check_download(jkey: str, entry: object, results_name: str) -> dict[str, Any]:
+    """A `downloaded` stage entry of part `jkey`: its results file's path and, when recorded, its fingerprint."""
     if not isinstance(entry, dict):
         raise _Skip(f"download entry is {type(entry).__name__}, not an object")
     if entry.get("job_key") != jkey:
         raise _Skip(f"download entry is for {str(entry.get('job_key'))[:120]!r}, not {jkey}")
     path = entry.get("path")
     where = PurePosixPath(path) if isinstance(path, str) else None
-    if where is None or where.is_absolute() or ".." in where.parts or where.parts[-2:] != (jkey, "results.jsonl"):
-        raise _Skip(f"download entry path {str(path)[:120]!r} is not <trial>/results/{jkey}/results.jsonl")
+    if where is None or where.is_absolute() or ".." in where.parts or where.parts[-2:] != (jkey, results_name):
+        raise _Skip(f"download entry path {str(path)[:120]!r} is not <trial>/results/{jkey}/{results_name}")
     sha = entry.get("sha256")
     if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
         raise _Skip(f"download entry sha256 {str(sha)[:120]!r} is not a checksum")
@@ -356,10 +357,10 @@ def _check_download(jkey: str, entry: object) -> dict[str, Any]:
     return entry
 
 
-def _from_part_json(jkey: str, group: str, index: int, data: bytes) -> tuple[dict[str, Any] | None,
-                                                                             dict[str, Any] | None]:
+def _from_part_json(jkey: str, group: str, index: int, data: bytes, names: TrialNames
+                    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(the part's record as validated JSON, its download entry) from a part mirror; either may be None."""
-    obj, why = _decode(data)
+    obj, why = decode_json(data)
     if why:
         raise _Skip(why)
     if not isinstance(obj, dict):
@@ -378,38 +379,38 @@ def _from_part_json(jkey: str, group: str, index: int, data: bytes) -> tuple[dic
             raise _Skip(f"record with {_first_error(exc)}") from None
         if (model.group, model.index) != (group, index):
             raise _Skip(f"record is for part {model.group} #{model.index}, not {jkey}")
-        _check_ids(model)
+        _check_ids(model, names)
         record = model.model_dump(mode="json")
-    return record, None if download is None else _check_download(jkey, download)
+    return record, None if download is None else _check_download(jkey, download, names.part_results)
 
 
-def read_breadcrumbs(results_dir: Path) -> Recovered:
-    """Parts known from `<jkey>_job.json`, `<jkey>_OUTPUT_DATASET_ID.txt` and `<jkey>_part.json`; bad files are skipped
-    and logged."""
+def read_breadcrumbs(results_dir: Path, names: TrialNames | None = None) -> Recovered:
+    """Parts known from their job breadcrumb, output dataset breadcrumb and part mirror (file names and parsers from
+    `names`); bad files are skipped and logged. Nothing without `names`."""
     found = Recovered()
-    if not Path(results_dir).is_dir():
+    if names is None or not Path(results_dir).is_dir():
         return found
-    names = sorted(p.name for p in Path(results_dir).iterdir())
+    files = sorted(p.name for p in Path(results_dir).iterdir())
     outputs: dict[str, str] = {}
-    for suffix in (_JOB_SUFFIX, _OUTPUT_SUFFIX, _PART_SUFFIX):
-        for name in (n for n in names if n.endswith(suffix)):
+    for suffix in (names.job_suffix, names.output_suffix, names.part_suffix):
+        for name in (n for n in files if n.endswith(suffix)):
             jkey = name[: -len(suffix)]
             try:
-                match = _JKEY.fullmatch(jkey)
+                match = names.job_key.fullmatch(jkey)
                 if not match or int(match["index"]) < 1:
-                    raise _Skip(f"{jkey!r} is not a part job key t<T>_<control|treatment>_p<NN>")
+                    raise _Skip(f"{jkey!r} is not a part job key ({names.job_key.pattern})")
                 data = _read_bounded(Path(results_dir) / name)
-                if suffix == _JOB_SUFFIX:
-                    found.parts[jkey] = _from_job_json(data)
-                elif suffix == _OUTPUT_SUFFIX:
-                    outputs[jkey] = _from_output_txt(data)
+                if suffix == names.job_suffix:
+                    found.parts[jkey] = {**names.parse_job(data), "source": names.job_suffix.lstrip("_")}
+                elif suffix == names.output_suffix:
+                    outputs[jkey] = names.parse_output(data)
                 else:
-                    record, download = _from_part_json(jkey, match["group"], int(match["index"]), data)
+                    record, download = _from_part_json(jkey, match["group"], int(match["index"]), data, names)
                     if record is not None:
                         found.records[jkey] = record
                     if download is not None:
                         found.downloads[jkey] = download
-            except (_Skip, OSError) as exc:
+            except (ValueError, OSError) as exc:  # _Skip, and the parsers' ValueError
                 log.warning("skip breadcrumb %s: %s", name, exc)
                 found.skipped.append({"file": name, "reason": str(exc)})
             else:
@@ -418,14 +419,15 @@ def read_breadcrumbs(results_dir: Path) -> Recovered:
         part = found.parts.get(jkey)
         if part is None:
             found.parts[jkey] = {"job_name": None, "job_id": None, "output_dataset_id": output, "state": None,
-                                 "provider_state": None, "input_dataset_id": None, "source": "OUTPUT_DATASET_ID.txt"}
+                                 "provider_state": None, "input_dataset_id": None,
+                                 "source": names.output_suffix.lstrip("_")}
         elif part["output_dataset_id"] is None:
             part["output_dataset_id"] = output
         elif part["output_dataset_id"] != output:
             # job.json is rewritten at every state change of the part's current job; the text file may be left
             # over from an earlier generation, so the job's own record wins.
             log.warning("breadcrumbs of %s disagree on the output dataset (%s in job.json, %s in %s%s); using job.json",
-                        jkey, part["output_dataset_id"], output, jkey, _OUTPUT_SUFFIX)
+                        jkey, part["output_dataset_id"], output, jkey, names.output_suffix)
     return found
 
 
@@ -488,7 +490,7 @@ def _downloaded(stage: dict[str, Any], salvaged: bool, mirrored: dict[str, dict[
     return {**stage, "status": status, "updated_at": stage.get("updated_at") or utcnow(), "artifacts": artifacts}
 
 
-def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reason: str
+def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reason: str, names: TrialNames
              ) -> tuple[TrialManifest, Recovered]:
     """The manifest rebuilt from the context, the corrupt file's valid keys, the artifacts and the breadcrumbs.
 
@@ -504,9 +506,9 @@ def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reaso
     """
     base = {key: identity[key] for key in CONTEXT_KEYS}
     kept, dropped = _salvage(salvage, base) if isinstance(salvage, dict) else ({}, [])
-    inferred = {name: record.model_dump(mode="json") for name, record in infer_stage_status(results_dir).items()}
+    inferred = {name: record.model_dump(mode="json") for name, record in infer_stage_status(results_dir, names).items()}
     salvaged_stages = kept.get("stage_status", {})
-    recovered = read_breadcrumbs(results_dir)
+    recovered = read_breadcrumbs(results_dir, names)
     stages = {**inferred, **salvaged_stages}
     stages["downloaded"] = _downloaded(stages["downloaded"], "downloaded" in salvaged_stages, recovered.downloads)
     data: dict[str, Any] = {**kept, **base, "schema_version": 2, "stage_status": stages}
@@ -518,7 +520,7 @@ def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reaso
     datasets = {k: list(v) for k, v in data.get("datasets", {}).items()}
     job_status = dict(data.get("job_status", {}))
     for jkey, part in sorted(recovered.parts.items()):
-        match = _JKEY.fullmatch(jkey)
+        match = names.job_key.fullmatch(jkey)
         assert match is not None  # read_breadcrumbs only accepts part job keys
         group, index = match["group"], int(match["index"])
         if part["job_name"]:
@@ -543,9 +545,9 @@ def _rebuild(results_dir: Path, identity: dict[str, Any], salvage: object, reaso
 
 
 def rebuild_from_disk(results_dir: Path, *, run_id: str, trial: dict[str, Any], temps: list[float],
-                      samples_per_item: dict[str, int], prompts: dict[str, Any], salvage: object = None,
-                      reason: str = "corrupt manifest") -> TrialManifest:
-    """A v2 manifest from the context, artifacts and breadcrumbs of `results_dir`.
+                      samples_per_item: dict[str, int], prompts: dict[str, Any], names: TrialNames,
+                      salvage: object = None, reason: str = "corrupt manifest") -> TrialManifest:
+    """A v2 manifest from the context, artifacts and breadcrumbs (named by `names`) of `results_dir`.
 
     `parts[jkey]` and the part's `downloaded` entry come back from its part mirror; `jobs[group][i]` /
     `datasets[group][i]` / `job_status[jkey]` get what each part's record (else its breadcrumbs) tells, and
@@ -556,7 +558,7 @@ def rebuild_from_disk(results_dir: Path, *, run_id: str, trial: dict[str, Any], 
     """
     identity = {"run_id": run_id, "trial": trial, "temps": temps, "samples_per_item": samples_per_item,
                 "prompts": prompts}
-    return _rebuild(Path(results_dir), identity, salvage, reason)[0]
+    return _rebuild(Path(results_dir), identity, salvage, reason, names)[0]
 
 
 # ------------------------------------------------------------------------------------------------ part mirrors
@@ -568,7 +570,7 @@ def mirror_basis(manifest: TrialManifest | None) -> dict[str, Any] | None:
     return manifest.model_dump(mode="json", include={"parts": True, "stage_status": {"downloaded"}})
 
 
-def part_mirrors(manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+def part_mirrors(manifest: dict[str, Any] | None, names: TrialNames) -> dict[str, dict[str, Any]]:
     """`{jkey: what <jkey>_part.json holds}` for a manifest's JSON form (or its `mirror_basis`): every part with a
     record or a `downloaded` entry, as `{schema_version, job_key, record, download}` (either may be None)."""
     if not manifest:
@@ -580,10 +582,11 @@ def part_mirrors(manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     # Only part job keys name files: a key read from a manifest never becomes a path outside the results dir.
     return {jkey: {"schema_version": PART_MIRROR_SCHEMA, "job_key": jkey, "record": records.get(jkey),
                    "download": downloads.get(jkey)}
-            for jkey in sorted(set(records) | set(downloads)) if _JKEY.fullmatch(jkey)}
+            for jkey in sorted(set(records) | set(downloads)) if names.job_key.fullmatch(jkey)}
 
 
-def mirror_parts(path: Path, before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
+def mirror_parts(path: Path, before: dict[str, Any] | None, after: dict[str, Any], names: TrialNames | None
+                 ) -> list[str]:
     """Write `<jkey>_part.json` next to the manifest at `path` for every part whose mirror changed from `before`
     (`mirror_basis` of the manifest as it was; None: a new, upgraded or rebuilt file) to `after` (the manifest as
     just written, as JSON), and for every part whose mirror is missing on disk. The job keys written, sorted.
@@ -591,22 +594,25 @@ def mirror_parts(path: Path, before: dict[str, Any] | None, after: dict[str, Any
     The caller holds the manifest's lock and has just replaced the manifest: the mirrors follow it, so a crash in
     between leaves a mirror one change behind at most (`_rebuild` says how that is read). Unchanged parts cost a
     dict comparison; one directory listing per call finds the missing ones. Mirrors of parts the manifest no longer
-    has are left as they are: what they tell is still true of the remote side.
+    has are left as they are: what they tell is still true of the remote side. Without `names` nothing is written
+    (the next write with names writes every missing mirror).
     """
-    new = part_mirrors(after)
+    if names is None:
+        return []
+    new = part_mirrors(after, names)
     if not new:
         return []
-    old = part_mirrors(before)
+    old = part_mirrors(before, names)
     results_dir = Path(path).parent
     try:
-        present = {e.name for e in os.scandir(results_dir) if e.name.endswith(_PART_SUFFIX)}
+        present = {e.name for e in os.scandir(results_dir) if e.name.endswith(names.part_suffix)}
     except OSError:
         present = set()
     written = []
     for jkey, mirror in new.items():
-        if old.get(jkey) == mirror and jkey + _PART_SUFFIX in present:
+        if old.get(jkey) == mirror and jkey + names.part_suffix in present:
             continue
-        write_text(results_dir / f"{jkey}{_PART_SUFFIX}", dumps_json(mirror))
+        write_text(results_dir / f"{jkey}{names.part_suffix}", dumps_json(mirror))
         written.append(jkey)
     return written
 
@@ -649,15 +655,20 @@ def _copy_aside(path: Path, data: bytes, kind: Literal["backup", "corrupt"]) -> 
     return candidate
 
 
-def _identity(path: Path, context: Context | None, why: str) -> tuple[Path, dict[str, Any]]:
+def _identity(path: Path, context: Context | None, why: str, names: TrialNames | None
+              ) -> tuple[Path, dict[str, Any], TrialNames]:
+    """The results dir, the context and the names a corrupt manifest is rebuilt with (the context's `"names"`, else
+    `names`); ManifestError when any is missing."""
     if context is None:
         raise ManifestError(f"{path}: corrupt trial manifest ({why}); it is rebuilt from the breadcrumbs on disk "
                             "when opened with the trial's context")
     ctx = context()
-    missing = [k for k in CONTEXT_KEYS if k not in ctx]
+    names = ctx.get("names") or names
+    missing = [k for k in CONTEXT_KEYS if k not in ctx] + ([] if names is not None else ["names"])
     if missing:
         raise ManifestError(f"{path}: the rebuild context lacks {', '.join(missing)}")
-    return Path(ctx.get("results_dir") or path.parent), ctx
+    assert names is not None
+    return Path(ctx.get("results_dir") or path.parent), ctx, names
 
 
 def _refuse_newer(path: Path, raw: object) -> None:
@@ -668,11 +679,13 @@ def _refuse_newer(path: Path, raw: object) -> None:
                             "refusing to rebuild it")
 
 
-def open_trial_manifest(path: Path, *, context: Context | None = None) -> tuple[TrialManifest | None, str]:
+def open_trial_manifest(path: Path, *, context: Context | None = None, names: TrialNames | None = None
+                        ) -> tuple[TrialManifest | None, str]:
     """Read-only: the manifest as v2 (upgraded or rebuilt in memory when needed) and a one-line reason.
 
     Writes nothing. None when the file does not exist. Raises ManifestError for a corrupt manifest when no
-    `context` is given, and for one written by a newer schema.
+    `context` is given (or neither it nor `names` gives the names), and for one written by a newer schema. A v1
+    manifest's stages are inferred only with `names`.
     """
     path = Path(path)
     try:
@@ -683,26 +696,28 @@ def open_trial_manifest(path: Path, *, context: Context | None = None) -> tuple[
     if kind == "v2":
         return model, "v2 manifest"
     if kind == "v1":
-        return upgrade_v1(cast("dict[str, Any]", raw), results_dir=path.parent), "v1 manifest, upgraded in memory"
+        upgraded = upgrade_v1(cast("dict[str, Any]", raw), results_dir=path.parent, names=names)
+        return upgraded, "v1 manifest, upgraded in memory"
     _refuse_newer(path, raw)
-    results_dir, ctx = _identity(path, context, why)
-    rebuilt, recovered = _rebuild(results_dir, ctx, raw, why)
+    results_dir, ctx, names = _identity(path, context, why, names)
+    rebuilt, recovered = _rebuild(results_dir, ctx, raw, why, names)
     return rebuilt, f"corrupt manifest ({why}), rebuilt in memory from {recovered.used} breadcrumbs"
 
 
-def _write(path: Path, model: TrialManifest, copy: Path) -> TrialManifest:
+def _write(path: Path, model: TrialManifest, copy: Path, names: TrialNames | None) -> TrialManifest:
     """Replace the manifest with an upgraded / rebuilt one, then (re)write every part mirror from it."""
     model.model_extra[HISTORY_KEY][-1]["copy"] = copy.name  # type: ignore[index]
     model.timestamps.updated_at = utcnow()
     validated = TrialManifest.model_validate(model.model_dump(mode="json"))
     data = validated.model_dump(mode="json")
     write_text(path, dumps_json(data))
-    mirror_parts(path, None, data)
+    mirror_parts(path, None, data, names)
     return validated
 
 
-def persist_lifecycle_locked(path: Path, *, context: Context | None = None) -> TrialManifest | None:
-    """`persist_lifecycle` for a caller that already holds `store.lock_for(path)` (i.e. `store.update`)."""
+def persist_lifecycle_locked(path: Path, *, context: Context | None = None, names: TrialNames | None = None
+                             ) -> TrialManifest | None:
+    """`persist_lifecycle` for a caller that already holds `lock_for(path)` (i.e. `store.update`)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -712,28 +727,30 @@ def persist_lifecycle_locked(path: Path, *, context: Context | None = None) -> T
     if kind == "v2":
         return model
     if kind == "v1":
-        upgraded = upgrade_v1(cast("dict[str, Any]", raw), results_dir=path.parent)
+        upgraded = upgrade_v1(cast("dict[str, Any]", raw), results_dir=path.parent, names=names)
         copy = _copy_aside(path, data, "backup")
-        written = _write(path, upgraded, copy)
+        written = _write(path, upgraded, copy, names)
         log.info("upgrade manifest %s: v1 → v2 (backup %s)", path, copy.name)
         return written
     _refuse_newer(path, raw)
-    results_dir, ctx = _identity(path, context, why)
-    rebuilt, recovered = _rebuild(results_dir, ctx, raw, why)
+    results_dir, ctx, names = _identity(path, context, why, names)
+    rebuilt, recovered = _rebuild(results_dir, ctx, raw, why, names)
     copy = _copy_aside(path, data, "corrupt")
-    written = _write(path, rebuilt, copy)
+    written = _write(path, rebuilt, copy, names)
     log.info("repair manifest %s: corrupt (%s), rebuilt from %d breadcrumbs (copy at %s)",
              path, why, recovered.used, copy.name)
     return written
 
 
-def persist_lifecycle(path: Path, *, context: Context | None = None) -> TrialManifest | None:
+def persist_lifecycle(path: Path, *, context: Context | None = None, names: TrialNames | None = None
+                      ) -> TrialManifest | None:
     """Upgrade (v1) or repair (corrupt) the manifest on disk, under its lock; the v2 manifest, None if absent.
 
-    The original bytes are copied aside before the file is replaced. A v2 manifest is returned untouched.
+    The original bytes are copied aside before the file is replaced. A v2 manifest is returned untouched. `names`
+    as for `open_trial_manifest`; the part mirrors of an upgraded / rebuilt file are written only with names.
     """
     path = Path(path)
     if not path.parent.is_dir():
         return None
     with lock_for(path):
-        return persist_lifecycle_locked(path, context=context)
+        return persist_lifecycle_locked(path, context=context, names=names)

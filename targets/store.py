@@ -8,6 +8,8 @@ A `TrialManifest` goes through `targets.lifecycle`: `read` upgrades a v1 file (o
 `context`) in memory and writes nothing; `update` first upgrades / repairs the file on disk under the same lock
 (copy aside, then rewrite), then applies the change and keeps the per-part mirrors (`<jkey>_part.json`, the
 breadcrumbs a repair recovers part records from) in step. Without `context`, a corrupt trial manifest raises.
+The trial's file names come as `names` (a `lifecycle.TrialNames`) or as the context's `"names"`; see
+`targets.lifecycle` for what happens without them.
 """
 
 from __future__ import annotations
@@ -17,28 +19,21 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
-from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
+from targets import lifecycle
 from targets.atomic import dumps_json, write_text
+from targets.locking import LOCK_TIMEOUT_S, Context, ManifestError, lock_for
 from targets.manifest import TrialManifest, utcnow
 
 log = logging.getLogger("pipeline")
 M = TypeVar("M", bound=BaseModel)
-Context = Callable[[], dict[str, Any]]
-LOCK_TIMEOUT_S = 120
+# Re-exported: callers catch `store.ManifestError` and take `store.lock_for` (defined in `targets.locking`).
+__all__ = ["LOCK_TIMEOUT_S", "Context", "ManifestError", "lock_for", "read", "update"]
 
 _cache: dict[tuple[str, type], tuple[tuple[int, int, int], BaseModel]] = {}
-
-
-class ManifestError(ValueError):
-    """A manifest that exists but cannot be used; the message names the file and what to do."""
-
-
-def lock_for(path: Path) -> FileLock:
-    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
 
 
 def _parse(path: Path, model: type[M]) -> M:
@@ -54,12 +49,14 @@ def _parse(path: Path, model: type[M]) -> M:
         raise ManifestError(f"{path}: {exc.error_count()} invalid field(s), first {where}: {first['msg']}") from None
 
 
-def read(path: Path, model: type[M], *, context: Context | None = None) -> M | None:
+def read(path: Path, model: type[M], *, context: Context | None = None,
+         names: lifecycle.TrialNames | None = None) -> M | None:
     """The validated manifest, or None if the file does not exist. Raises ManifestError when it is unusable.
 
     The value is shared with the stat-keyed cache: treat it as read-only (copy what you change; persist with `update`).
 
-    `context` (trial manifests only) is `targets.lifecycle`'s rebuild context for a corrupt file.
+    `context` (trial manifests only) is `targets.lifecycle`'s rebuild context for a corrupt file, `names` the trial's
+    file names (a v1 file's stages are inferred in memory only with them).
     """
     try:
         st = os.stat(path)
@@ -71,10 +68,8 @@ def read(path: Path, model: type[M], *, context: Context | None = None) -> M | N
     if hit and hit[0] == stamp:
         return hit[1]  # type: ignore[return-value]
     if issubclass(model, TrialManifest):
-        from targets import lifecycle  # lifecycle imports this module
-
         # Cached by the file's stat like any manifest: an in-memory upgrade's inferred stage_status is informational.
-        opened, _ = lifecycle.open_trial_manifest(path, context=context)
+        opened, _ = lifecycle.open_trial_manifest(path, context=context, names=names)
         if opened is None:
             return None
         value = cast("M", opened)
@@ -84,28 +79,27 @@ def read(path: Path, model: type[M], *, context: Context | None = None) -> M | N
     return value
 
 
-def _current(path: Path, model: type[M], context: Context | None) -> M | None:
+def _current(path: Path, model: type[M], context: Context | None, names: lifecycle.TrialNames | None) -> M | None:
     if issubclass(model, TrialManifest):
-        from targets import lifecycle  # lifecycle imports this module
-
-        return cast("M | None", lifecycle.persist_lifecycle_locked(path, context=context))
+        return cast("M | None", lifecycle.persist_lifecycle_locked(path, context=context, names=names))
     return _parse(path, model)
 
 
 def update(path: Path, model: type[M], change: Callable[[M | None], M | None], *,
-           context: Context | None = None) -> M | None:
+           context: Context | None = None, names: lifecycle.TrialNames | None = None) -> M | None:
     """Apply `change` to the current manifest under the lock; a returned model is validated and written.
 
     A v1 or corrupt trial manifest is upgraded / repaired on disk first (`lifecycle.persist_lifecycle_locked`).
     After a trial manifest is written, still under the lock, the part mirrors of the parts whose record or download
-    entry changed are rewritten (`lifecycle.mirror_parts`), so every writer keeps them current.
+    entry changed are rewritten (`lifecycle.mirror_parts`), so every writer keeps them current. The mirrors are named
+    by `names`, else by the context's `"names"` (the context is called for them); with neither none is written.
     """
-    from targets import lifecycle  # lifecycle imports this module
-
     path.parent.mkdir(parents=True, exist_ok=True)
     trial = issubclass(model, TrialManifest)
+    if trial and names is None and context is not None:
+        names = context().get("names")
     with lock_for(path):
-        current = _current(path, model, context) if path.exists() else None
+        current = _current(path, model, context, names) if path.exists() else None
         # Taken before `change`, which edits `current` in place.
         before = lifecycle.mirror_basis(cast("TrialManifest | None", current)) if trial else None
         new = change(current)
@@ -118,5 +112,5 @@ def update(path: Path, model: type[M], change: Callable[[M | None], M | None], *
         data = validated.model_dump(mode="json")
         write_text(path, dumps_json(data))
         if trial:
-            lifecycle.mirror_parts(path, before, data)
+            lifecycle.mirror_parts(path, before, data, names)
         return validated

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.control.layout import TRIAL_FILES
 from targets import lifecycle, store
 from targets.lifecycle import (
     BREADCRUMB_MAX_BYTES,
@@ -48,7 +49,7 @@ def context_for(results_dir: Path) -> lifecycle.Context:
     def context() -> dict[str, Any]:
         return {"run_id": "r1", "trial": {"model_id": "m", "prompt_set": "default"}, "temps": [0.0],
                 "samples_per_item": {"0.0": 1}, "prompts": {"control": {"sha256": "aa"}, "treatment": {"sha256": "bb"}},
-                "results_dir": results_dir}
+                "results_dir": results_dir, "names": TRIAL_FILES}
     return context
 
 
@@ -112,7 +113,7 @@ def test_read_raw_returns_the_parsed_value(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["v1_fa4d8a6.json", "v1_890c944.json"])
 def test_upgrade_v1_keeps_every_field(results_dir: Path, name: str) -> None:
     raw = fixture(name)
-    dumped = upgrade_v1(raw, results_dir=results_dir).model_dump(mode="json")
+    dumped = upgrade_v1(raw, results_dir=results_dir, names=TRIAL_FILES).model_dump(mode="json")
     assert dumped["schema_version"] == 2
     assert dumped["timestamps"]["created_at"] == raw["created_utc"]
     for key, value in raw.items():
@@ -124,7 +125,8 @@ def test_upgrade_v1_keeps_every_field(results_dir: Path, name: str) -> None:
 
 
 def test_upgrade_v1_keeps_the_original_only_fields_verbatim(results_dir: Path) -> None:
-    dumped = upgrade_v1(fixture("v1_fa4d8a6.json"), results_dir=results_dir).model_dump(mode="json")
+    upgraded = upgrade_v1(fixture("v1_fa4d8a6.json"), results_dir=results_dir, names=TRIAL_FILES)
+    dumped = upgraded.model_dump(mode="json")
     assert dumped["datasets"]["t0_control"] == ["ex-oobdbc93-t0-control-01102030-p01", "ex-oobdbc93-t0-control-01102030-p02"]
     assert dumped["jobs"]["t0_control"] == [f"{ACCT}/batchInferenceJobs/job-c1", None]  # padding kept: index = part - 1
     assert dumped["job_status"] == {"t0_control_p01": "completed", "t0_treatment_p01": "running"}
@@ -135,7 +137,7 @@ def test_upgrade_v1_keeps_the_original_only_fields_verbatim(results_dir: Path) -
 
 
 def test_upgrade_890c944_string_jobs_become_part_one(results_dir: Path) -> None:
-    upgraded = upgrade_v1(fixture("v1_890c944.json"), results_dir=results_dir)
+    upgraded = upgrade_v1(fixture("v1_890c944.json"), results_dir=results_dir, names=TRIAL_FILES)
     assert upgraded.jobs == {"t0_control": [f"{ACCT}/batchInferenceJobs/job-old"],
                              "t0_treatment": [f"{ACCT}/batchInferenceJobs/job-old-t"]}
     assert upgraded.datasets == {"t0_control": ["ex-d-t0-control-15080000-p01"]}
@@ -160,7 +162,7 @@ def make_artifacts(results_dir: Path, *, all_parts: bool, stats_version: int, fu
 
 def test_stage_status_inferred_from_artifacts(results_dir: Path) -> None:
     make_artifacts(results_dir, all_parts=True, stats_version=2, full_costs=True)
-    stages = infer_stage_status(results_dir)
+    stages = infer_stage_status(results_dir, TRIAL_FILES)
     status = {name: record.status for name, record in stages.items()}
     assert status == {"downloaded": "completed", "parsed": "completed", "scored": "pending", "stats": "completed",
                       "costs": "completed", "report": "completed", "archived": "pending"}
@@ -177,18 +179,19 @@ def test_stage_status_inferred_from_artifacts(results_dir: Path) -> None:
 
 def test_stage_status_incomplete_artifacts_are_not_completed(results_dir: Path) -> None:
     make_artifacts(results_dir, all_parts=False, stats_version=1, full_costs=False)
-    status = {name: record.status for name, record in infer_stage_status(results_dir).items()}
+    status = {name: record.status for name, record in infer_stage_status(results_dir, TRIAL_FILES).items()}
     assert status["downloaded"] == "in_progress"
     assert status["stats"] == "pending"
     assert status["costs"] == "pending"
     (results_dir / "significance.json").write_text('{"schema_version": 2')  # truncated
-    assert infer_stage_status(results_dir)["stats"].status == "pending"
-    assert {r.status for r in infer_stage_status(results_dir.parent.parent / "other" / "results").values()} == {"pending"}
+    assert infer_stage_status(results_dir, TRIAL_FILES)["stats"].status == "pending"
+    elsewhere = results_dir.parent.parent / "other" / "results"
+    assert {r.status for r in infer_stage_status(elsewhere, TRIAL_FILES).values()} == {"pending"}
 
 
 def test_upgrade_records_inferred_stage_status(results_dir: Path) -> None:
     make_artifacts(results_dir, all_parts=True, stats_version=2, full_costs=True)
-    upgraded = upgrade_v1(fixture("v1_fa4d8a6.json"), results_dir=results_dir)
+    upgraded = upgrade_v1(fixture("v1_fa4d8a6.json"), results_dir=results_dir, names=TRIAL_FILES)
     assert upgraded.stage("downloaded").status == "completed"
     assert upgraded.stage("scored").status == "pending"
 
@@ -318,7 +321,7 @@ def test_wrong_types_rebuild_salvages_the_valid_keys(results_dir: Path) -> None:
 
 def test_rebuild_from_disk_with_no_breadcrumbs(results_dir: Path) -> None:
     rebuilt = rebuild_from_disk(results_dir, run_id="r1", trial={"model_id": "m"}, temps=[0.0, 0.7],
-                                samples_per_item={"0.0": 1, "0.7": 2}, prompts={})
+                                samples_per_item={"0.0": 1, "0.7": 2}, prompts={}, names=TRIAL_FILES)
     assert rebuilt.model_extra["recovered_parts"] == {}
     assert (rebuilt.jobs, rebuilt.job_status, rebuilt.samples_per_item) == ({}, {}, {"0.0": 1, "0.7": 2})
 
@@ -358,7 +361,8 @@ def test_hostile_breadcrumbs_are_skipped(results_dir: Path, caplog: pytest.LogCa
 def test_disagreeing_breadcrumbs_prefer_the_job_record(results_dir: Path) -> None:
     (results_dir / "t0_control_p01_job.json").write_text(json.dumps(job_json("gen1", "JOB_STATE_RUNNING")))
     (results_dir / "t0_control_p01_OUTPUT_DATASET_ID.txt").write_text("gen0-out\n")
-    rebuilt = rebuild_from_disk(results_dir, run_id="r1", trial={}, temps=[0.0], samples_per_item={}, prompts={})
+    rebuilt = rebuild_from_disk(results_dir, run_id="r1", trial={}, temps=[0.0], samples_per_item={}, prompts={},
+                                names=TRIAL_FILES)
     assert rebuilt.model_extra["recovered_parts"]["t0_control_p01"]["output_dataset_id"] == "gen1-out"
 
 
@@ -401,6 +405,26 @@ def test_open_reports_each_kind(results_dir: Path) -> None:
         open_trial_manifest(path)
     assert open_trial_manifest(path, context=context_for(results_dir))[1] == (
         "corrupt manifest (empty file), rebuilt in memory from 0 breadcrumbs")
+
+
+def test_without_names_nothing_is_inferred_and_nothing_is_rebuilt(results_dir: Path) -> None:
+    """`targets` knows no pipeline file names: a caller that gives none gets no inference, no mirrors, no rebuild."""
+    make_artifacts(results_dir, all_parts=True, stats_version=2, full_costs=True)
+    write_breadcrumbs(results_dir)
+    assert {r.status for r in infer_stage_status(results_dir).values()} == {"pending"}
+    assert lifecycle.read_breadcrumbs(results_dir).used == 0
+    upgraded = upgrade_v1(fixture("v1_fa4d8a6.json"), results_dir=results_dir)
+    assert upgraded.stage_status["downloaded"].status == "pending"
+    path = results_dir / "trial_manifest.json"
+    path.write_bytes(CORRUPT["truncated"])
+
+    def nameless() -> dict[str, Any]:
+        return {k: v for k, v in context_for(results_dir)().items() if k != "names"}
+
+    with pytest.raises(store.ManifestError, match="lacks names"):
+        open_trial_manifest(path, context=nameless)
+    assert open_trial_manifest(path, context=nameless, names=TRIAL_FILES)[0] is not None
+    assert path.read_bytes() == CORRUPT["truncated"]
 
 
 # ------------------------------------------------------------------------------------------------ store hook

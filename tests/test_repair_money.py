@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import budget
 from pipeline.control import exit_codes
+from pipeline.control.layout import TRIAL_FILES
 from pipeline.control.run import open_run
 from targets import store
 from targets.lifecycle import BREADCRUMB_MAX_BYTES, persist_lifecycle, read_breadcrumbs
@@ -36,7 +37,7 @@ _JKEY_ROW = re.compile(r"^\| (?:\S+/)?t[0-9]+_(?:control|treatment)_p[0-9]{2,} \
 def context_for(results_dir: Path) -> Any:
     def context() -> dict[str, Any]:
         return {"run_id": "r1", "trial": {"model_id": "m"}, "temps": [0.0], "samples_per_item": {"0.0": 1},
-                "prompts": {}, "results_dir": results_dir}
+                "prompts": {}, "results_dir": results_dir, "names": TRIAL_FILES}
     return context
 
 
@@ -175,7 +176,7 @@ def test_hostile_part_mirrors_are_skipped_with_a_reason(results_dir: Path) -> No
     for name, text in hostile.items():
         (results_dir / name).write_text(text)
     os.symlink(results_dir / "t0_control_p01_part.json", results_dir / "t0_control_p11_part.json")
-    found = read_breadcrumbs(results_dir)
+    found = read_breadcrumbs(results_dir, TRIAL_FILES)
     assert list(found.records) == ["t0_control_p01"] and found.downloads == {}
     assert {s["file"] for s in found.skipped} == {*hostile, "t0_control_p11_part.json"}
     assert all(s["reason"] for s in found.skipped)

@@ -16,7 +16,7 @@ import luigi
 from luigi.task import flatten
 
 from pipeline.control import outcome
-from pipeline.control.layout import RunLayout
+from pipeline.control.layout import TRIAL_FILES, RunLayout
 from pipeline.control.run import Run, open_run, resolve_root
 from pipeline.naming import temp_str
 from targets import store
@@ -109,7 +109,8 @@ class PipelineTask(luigi.Task):
 
     def manifest(self, slug: str) -> TrialManifest | None:
         """The trial's manifest as it stands (a v1 or corrupt file is upgraded / rebuilt in memory only)."""
-        return store.read(self.layout.trial_manifest(slug), TrialManifest, context=lambda: self.manifest_context(slug))
+        return store.read(self.layout.trial_manifest(slug), TrialManifest, context=lambda: self.manifest_context(slug),
+                          names=TRIAL_FILES)
 
     def update_manifest(self, slug: str, change: Callable[[TrialManifest], None]) -> TrialManifest:
         """Change the trial's manifest under its lock; a missing one is created, a v1 one upgraded (with a backup),
@@ -121,7 +122,7 @@ class PipelineTask(luigi.Task):
             return manifest
 
         updated = store.update(self.layout.trial_manifest(slug), TrialManifest, apply,
-                               context=lambda: self.manifest_context(slug))
+                               context=lambda: self.manifest_context(slug), names=TRIAL_FILES)
         assert updated is not None
         return updated
 
@@ -129,7 +130,7 @@ class PipelineTask(luigi.Task):
         fresh = new_trial_manifest(self, slug)
         return {"run_id": fresh.run_id, "trial": fresh.trial, "temps": fresh.temps,
                 "samples_per_item": fresh.samples_per_item, "prompts": fresh.prompts,
-                "results_dir": self.layout.results_dir(slug)}
+                "results_dir": self.layout.results_dir(slug), "names": TRIAL_FILES}
 
 
 @PipelineTask.event_handler(luigi.Event.FAILURE)

@@ -17,6 +17,7 @@ from typing import Any
 import luigi
 
 from pipeline import budget
+from pipeline.control.layout import TRIAL_FILES
 from pipeline.control.outcome import StopRequested, WaitingOnProvider, no_wait
 from pipeline.control.stop import stop_requested
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
@@ -325,7 +326,7 @@ class UploadPart(PartTask):
         """A job this part's current requests already have remotely, per the breadcrumbs of an earlier run (or of a
         lost manifest). A job is this part's only when its id is the content address of these requests (ids derive
         from the request checksum), or, in a run adopted from the original system, when it is the original's job."""
-        crumb = read_breadcrumbs(self.layout.results_dir(self.trial)).parts.get(self.jkey)
+        crumb = read_breadcrumbs(self.layout.results_dir(self.trial), TRIAL_FILES).parts.get(self.jkey)
         if not crumb or not crumb.get("job_id"):
             return None
         generation = next((g for g in range(MAX_GENERATIONS)

@@ -31,7 +31,7 @@ from typing import Any, TextIO, get_args
 
 from pipeline import budget
 from pipeline.control import exit_codes
-from pipeline.control.layout import RunLayout, check_rid
+from pipeline.control.layout import TRIAL_FILES, RunLayout, check_rid
 from pipeline.control.run import open_run
 from pipeline.costs import read_costs, run_spent_usd
 from pipeline.views.archive import archive_current
@@ -131,7 +131,8 @@ def trial_status(layout: RunLayout, slug: str) -> dict[str, Any]:
                             "usd": None, "owned_usd": None, "shared_usd": None, "blocking": []}
     try:
         manifest, how = open_trial_manifest(layout.trial_manifest(slug),
-                                            context=lambda: budget.rebuild_context(open_run(layout.rid, layout.root), slug))
+                                            context=lambda: budget.rebuild_context(open_run(layout.rid, layout.root), slug),
+                                            names=TRIAL_FILES)
     except (ValueError, OSError) as exc:  # ManifestError is a ValueError; permissions and the like are OSErrors
         reason = f"manifest unreadable: {exc}"
         return {**view, "state": "unreadable", "manifest": reason, "blocking": [reason]}
@@ -208,7 +209,7 @@ def _budget(rid: str, root: str | Path | None, config: dict[str, Any]) -> dict[s
 def _archive(layout: RunLayout, slugs: list[str]) -> dict[str, Any] | None:
     """The archive recorded by the trials (the `archived` stage), and whether it still holds the run as it is."""
     try:
-        manifest = store.read(layout.trial_manifest(slugs[0]), TrialManifest) if slugs else None
+        manifest = store.read(layout.trial_manifest(slugs[0]), TrialManifest, names=TRIAL_FILES) if slugs else None
     except (OSError, ValueError):
         return None
     record = manifest.stage("archived").artifacts if manifest else {}
