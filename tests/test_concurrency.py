@@ -23,9 +23,14 @@ def test_two_processes_on_one_rid(tmp_path: Path) -> None:
     # --no-lock: Luigi's own pid lock would make the second process exit at once; here both really run.
     args = [*PIPELINE_RUN, "TrialReport", "--rid", "two", "--root", str(root), "--config",
             str(config), "--local-scheduler", "--no-lock"]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    # Logs go to files: a pipe read only after the other process ends can fill and block its writer mid-run.
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    with logs[0].open("w") as first, logs[1].open("w") as second:
+        procs = [subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+                 for out in (first, second)]
+        for proc in procs:
+            proc.wait(timeout=300)
+    outputs = [log.read_text() for log in logs]
     codes = [p.returncode for p in procs]
     run_dir = root / "run_two"
     if any(codes):  # a process that lost a race on a file may fail a task; the next run must then finish cleanly

@@ -77,17 +77,23 @@ def run_under_luigid(base: Path, config: Path, *, processes: int, workers: int) 
             # --worker-keep-alive: without it a process leaves as soon as luigid has nothing for it right now (the
             # other process holds the provider cap, or runs what its tasks wait for), sometimes leaving the run unfinished.
             args += ["--no-lock", "--worker-keep-alive"]
-        procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=luigid.env(env), cwd=base) for _ in range(processes)]
-        logs = []
-        for proc in procs:
-            try:
-                logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-            except subprocess.TimeoutExpired:
-                for other in procs:
-                    other.kill()
-                    other.communicate()
-                raise
+        # Logs go to files: with pipes read one process after the other, a process whose unread pipe is full blocks
+        # while holding tasks the other one (kept alive) waits for.
+        outs = [(base / f"process{i}.log").open("w") for i in range(processes)]
+        procs = [subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True, env=luigid.env(env), cwd=base)
+                 for out in outs]
+        try:
+            for proc in procs:
+                proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+                other.wait()
+            raise
+        finally:
+            for out in outs:
+                out.close()
+        logs = [(base / f"process{i}.log").read_text() for i in range(processes)]
         server = json.loads((layout.emulator_dir / "server.json").read_text(encoding="utf-8"))
         calls = requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()
         statuses = {task: str(info["status"]) for task, info in (luigid.task_list() or {}).items()}
