@@ -11,16 +11,20 @@ Not used for adopted runs of the original system (their inputs may live outside 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from pipeline.control.layout import RunLayout
+from pipeline.control.layout import TRIAL_FILES, RunLayout
 from targets.atomic import is_leftover, write_text
 
 INDEX_NAME = ".complete_index.json"
 SKIPPED_DIRS = {".emulator", ".outcomes"}
 SKIPPED_NAMES = {INDEX_NAME, "STOP_REQUESTED"}
+# Lock files, and the part mirrors: no done predicate reads a mirror (only a manifest repair does), so a mirror cannot
+# change what a check would answer.
+SKIPPED_SUFFIXES = (".lock", TRIAL_FILES.part_suffix)
 _CODE_DIRS = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2] / "targets")
 
 
@@ -55,7 +59,7 @@ def scan(layout: RunLayout, scratch: tuple[str, ...] = ()) -> tuple[dict[str, li
             elif entry.is_dir(follow_symlinks=False):
                 if prefix or name not in SKIPPED_DIRS:
                     pending.append((f"{prefix}{name}/", entry.path))
-            elif name not in SKIPPED_NAMES and not name.endswith(".lock"):
+            elif name not in SKIPPED_NAMES and not name.endswith(SKIPPED_SUFFIXES):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -64,14 +68,13 @@ def scan(layout: RunLayout, scratch: tuple[str, ...] = ()) -> tuple[dict[str, li
     return dict(sorted(files.items())), leftovers
 
 
-_confirmed: set[tuple[str, str]] = set()
-_counted: dict[tuple[str, str], int] = {}
+_counted: dict[tuple[str, str], int] = {}  # (run dir, key) -> files checked, for runs confirmed in this process
 
 
 def confirmed(layout: RunLayout, key: str) -> bool:
     """Did `unchanged` find the run as verified for `key` earlier in this process? (then the graph had nothing to do,
     and the index needs neither a second walk nor a rewrite)"""
-    return (str(layout.run_dir), key) in _confirmed
+    return (str(layout.run_dir), key) in _counted
 
 
 def unchanged(layout: RunLayout, key: str, scratch: tuple[str, ...] = ()) -> int | None:
@@ -89,16 +92,20 @@ def unchanged(layout: RunLayout, key: str, scratch: tuple[str, ...] = ()) -> int
     if not isinstance(index, dict) or index.get("key") != key:
         return None
     files, leftovers = scan(layout, scratch)
-    if leftovers or files != index.get("files") or code_stamp() != index.get("code"):
+    if leftovers or digest(files) != index.get("files_sha256") or digest(code_stamp()) != index.get("code_sha256"):
         return None
-    _confirmed.add((str(layout.run_dir), key))
     _counted[(str(layout.run_dir), key)] = len(files)
     return len(files)
+
+
+def digest(listing: object) -> str:
+    """sha256 of a file listing (`scan`, `code_stamp`): the index keeps this, not the listing, so reading it is cheap."""
+    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
 
 
 def record(layout: RunLayout, key: str, scratch: tuple[str, ...] = ()) -> None:
     """Remember the run as verified complete for `key` (the root task's id): its files as they are now."""
     files, leftovers = scan(layout, scratch)
     if not leftovers:
-        write_text(layout.run_dir / INDEX_NAME, json.dumps({"key": key, "code": code_stamp(), "files": files}))
-
+        write_text(layout.run_dir / INDEX_NAME, json.dumps({"key": key, "files": len(files), "files_sha256": digest(files),
+                                                            "code_sha256": digest(code_stamp())}))

@@ -36,6 +36,7 @@ from targets.fingerprint import current_sha
 from targets.manifest import RunState, utcnow
 
 log = logging.getLogger("pipeline")
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when PyYAML has it: same result
 TASK_INSTRUCTIONS = ("open_book.txt", "closed_book.txt")
 
 
@@ -111,7 +112,7 @@ def open_run(rid: str, root: str | Path | None = None, config: str | Path | None
 def _load_frozen(layout: RunLayout) -> tuple[ExperimentConfig, bool]:
     """The run's frozen config, and whether it was written by the original system (then translated)."""
     try:
-        raw = yaml.safe_load(layout.effective_config.read_text(encoding="utf-8"))
+        raw = yaml.load(layout.effective_config.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{layout.effective_config}: cannot read the run's frozen config ({exc})") from None
     if not looks_original(raw):
