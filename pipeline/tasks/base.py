@@ -6,6 +6,7 @@ complete task, so a stage whose inputs went stale must notice it itself (ARCHITE
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import luigi
 from luigi.task import flatten
 
 from pipeline.control import outcome
-from pipeline.control.layout import TRIAL_FILES, RunLayout
+from pipeline.control.layout import TRIAL_FILES, RunLayout, check_rid
 from pipeline.control.run import Run, open_run, resolve_root
 from pipeline.naming import temp_str
 from targets import store
@@ -29,6 +30,18 @@ _logged: set[tuple[str, str]] = set()
 # Task id -> complete(), shared by the nested checks of one outermost complete() call (which writes nothing), so a
 # stage that several downstream stages require is evaluated once per check instead of once per path to it.
 _memo = threading.local()
+
+
+def run_layout(rid: str, root: str) -> RunLayout:
+    """The layout `open_run` gives the run, without reading its config (a no-op resume needs only paths)."""
+    if root and Path(root).is_absolute():
+        return _absolute_layout(rid, root)
+    return RunLayout(resolve_root(root or None), check_rid(rid))  # relative to the current directory / environment
+
+
+@functools.lru_cache(maxsize=64)
+def _absolute_layout(rid: str, root: str) -> RunLayout:
+    return RunLayout(resolve_root(root), check_rid(rid))
 
 
 def decision(verb: str, what: str, reason: str) -> None:
@@ -66,7 +79,8 @@ class PipelineTask(luigi.Task):
 
     @property
     def layout(self) -> RunLayout:
-        return self.run_ctx.layout
+        """The run's paths: from the parameters alone (no config is read)."""
+        return run_layout(self.rid, self.root)
 
     def common(self) -> dict[str, Any]:
         """Parameters every upstream task inherits; the root is made absolute once, at the top."""

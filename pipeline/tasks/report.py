@@ -58,7 +58,10 @@ class TrialReport(TrialTask):
         key = (self.rid, self.root, self.config, self.trial, self.accept_config_drift)
         if key not in _checked:
             _checked.add(key)
-            self._check_config()
+            # A run verified complete under its frozen config, unchanged since, was checked then: without --config
+            # there is nothing new to check.
+            if self.config or not self._unchanged_since_verified():
+                self._check_config()
 
     def complete(self) -> bool:
         if self._unchanged_since_verified():
@@ -67,13 +70,19 @@ class TrialReport(TrialTask):
 
     def indexable(self) -> bool:
         """Whether a verified-complete state of this task may short-cut later checks (`pipeline.control.noop_index`)."""
-        return not self.trial and not self.force and not self.run_ctx.adopted
+        if self.trial or self.force:
+            return False
+        # Only runs that are not adopted are ever indexed: a confirmed index answers without reading the config.
+        return noop_index.confirmed(self.layout, self.task_id) or not self.run_ctx.adopted
 
     def _unchanged_since_verified(self) -> bool:
         """The no-op short-cut (`pipeline.control.noop_index`): one directory walk instead of the graph's predicates."""
-        if not self.indexable():
+        if self.trial or self.force:
             return False
-        files = noop_index.unchanged(self.layout, self.task_id, (SCRATCH,))
+        try:
+            files = noop_index.unchanged(self.layout, self.task_id, (SCRATCH,))
+        except ValueError:  # an invalid rid: the config check says so
+            return False
         if files is None:
             return False
         decision("skip", f"{self.stage} {self.describe()}", f"verified complete before, and none of its {files:,} "
