@@ -38,6 +38,7 @@ from pipeline.control.layout import TRIAL_FILES
 from pipeline.control.outcome import BudgetExceeded
 from pipeline.control.run import Run
 from pipeline.pricing import pricing_args, resolve_rates
+from pipeline.tasks.base import trial_context
 from targets import store
 from targets.manifest import PartRecord, TrialManifest
 
@@ -185,23 +186,11 @@ def committed_usd(run: Run) -> float:
     return round(total, 6)
 
 
-def rebuild_context(run: Run, slug: str) -> dict[str, Any]:
-    """The identity a corrupt manifest of trial `slug` is rebuilt with, as `PipelineTask.manifest_context` gives it,
-    for readers that hold a run and no task. Raises ConfigError (a ValueError) when the run has no such trial."""
-    from pipeline.naming import temp_str
-    from pipeline.tasks.base import prompt_records
-
-    trial = run.trial(slug)
-    return {"run_id": run.rid, "trial": trial.as_manifest(), "temps": list(trial.temps),
-            "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
-            "prompts": prompt_records(run, slug), "results_dir": run.layout.results_dir(slug), "names": TRIAL_FILES}
-
-
 def trial_manifest(run: Run, slug: str) -> TrialManifest | None:
     """The trial's manifest as it stands, read-only: a corrupt one is rebuilt in memory from its breadcrumbs (part
     records included), so a lost manifest never makes sent parts look free. None when absent or unusable."""
     try:
-        return store.read(run.layout.trial_manifest(slug), TrialManifest, context=lambda: rebuild_context(run, slug),
+        return store.read(run.layout.trial_manifest(slug), TrialManifest, context=lambda: trial_context(run, slug),
                           names=TRIAL_FILES)
     except (OSError, ValueError):
         return None

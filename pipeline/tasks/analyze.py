@@ -7,7 +7,6 @@ import json
 import logging
 from typing import Any
 
-from pipeline.plan import PartRef
 from pipeline.progress import Progress
 from pipeline.tasks.base import artifact_current, artifact_record, inputs_changed, unchanged_after_upstream
 from pipeline.tasks.parse import ParsePredictions, TrialTask
@@ -182,16 +181,11 @@ class SummarizeCosts(TrialTask):
         return {"pricing": cfg.pricing.model_dump(), "provider": provider,
                 "model": cfg.provider.pricing_key or trial.model_id, "use_batch_api": cfg.use_batch_api}
 
-    def part_refs(self) -> list[PartRef]:
-        from pipeline.tasks.remote import run_parts
-
-        return run_parts(self)[self.trial]
-
     def ownership(self) -> str | None:
         """Fingerprint of which parts the trial reads (their request bytes) and who owns each; None before the batch
         inputs are built (then nothing was priced either). Ownership decides owned_usd, so a change re-prices."""
         try:
-            refs = self.part_refs()
+            refs = self.refs()
         except (FileNotFoundError, KeyError):  # no build manifest yet / some builds missing
             return None
         return settings_hash({f"{ref.owner}/{ref.jkey}": ref.request_sha256 for ref in refs})
@@ -216,7 +210,7 @@ class SummarizeCosts(TrialTask):
         # Rows are matched to parts by the custom_ids of each part's request file: predictions.csv does not say
         # which part a row came from.
         parts = {f"{ref.owner}/{ref.jkey}": {"owner": ref.owner, "custom_ids": input_custom_ids(ref.path)}
-                 for ref in self.part_refs()}
+                 for ref in self.refs()}
         result = trial_costs(usage, trial=self.trial, parts=parts, **args)
         path = self.layout.costs(self.trial)
         write_text(path, dumps_json(result))
@@ -242,16 +236,10 @@ class OptionalAnalyses(TrialTask):
                 "unsupported_threshold": cfg.unsupported.threshold}
 
     def current_inputs(self) -> dict[str, Any]:
-        return {"per_item": self.input_sha("scored"), "scored_rows": self.scored_rows_sha(), "costs": self.input_sha("costs"),
+        return {"per_item": self.input_sha("scored"), "scored_rows": self.input_sha("scored", "scored_rows"),
+                "costs": self.input_sha("costs"),
                 "predictions": self.input_sha("parsed"), "prepared": prepared_checksums(self),
                 "settings": settings_hash(self.settings())}
-
-    def scored_rows_sha(self) -> str | None:
-        """The per-prediction scores the analyses read (scored_rows.npz, as ScorePredictions recorded it), if current."""
-        manifest = self.manifest(self.trial)
-        record = manifest.stage("scored").artifacts.get("scored_rows") if manifest else None
-        ok, _ = artifact_current(self.layout, record)
-        return record["sha256"] if ok else None
 
     def done(self) -> tuple[bool, str]:
         manifest = self.manifest(self.trial)

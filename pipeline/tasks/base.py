@@ -22,6 +22,7 @@ from pipeline.control.run import Run, open_run, resolve_root
 from pipeline.naming import temp_str
 from targets import store
 from targets.fingerprint import fingerprint
+from targets.lifecycle import CONTEXT_KEYS
 from targets.manifest import TrialManifest
 from targets.stage import StageTarget
 
@@ -141,10 +142,7 @@ class PipelineTask(luigi.Task):
         return updated
 
     def manifest_context(self, slug: str) -> dict[str, Any]:
-        fresh = new_trial_manifest(self, slug)
-        return {"run_id": fresh.run_id, "trial": fresh.trial, "temps": fresh.temps,
-                "samples_per_item": fresh.samples_per_item, "prompts": fresh.prompts,
-                "results_dir": self.layout.results_dir(slug), "names": TRIAL_FILES}
+        return trial_context(self.run_ctx, slug)
 
 
 @PipelineTask.event_handler(luigi.Event.FAILURE)
@@ -168,13 +166,20 @@ def prompt_records(run: Run, slug: str) -> dict[str, dict[str, Any]]:
     return prompts
 
 
+def trial_context(run: Run, slug: str) -> dict[str, Any]:
+    """Trial `slug`'s identity (`targets.lifecycle.CONTEXT_KEYS`: what a new manifest starts from) plus where its files
+    are and how they are named: the context a corrupt manifest is rebuilt with. Raises ConfigError (a ValueError)
+    when the run has no such trial."""
+    trial = run.trial(slug)
+    return {"run_id": run.rid, "trial": trial.as_manifest(), "temps": list(trial.temps),
+            "samples_per_item": {temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
+            "prompts": prompt_records(run, slug), "results_dir": run.layout.results_dir(slug), "names": TRIAL_FILES}
+
+
 def new_trial_manifest(task: PipelineTask, slug: str) -> TrialManifest:
     """A fresh v2 manifest for a trial of the task's run."""
-    run = task.run_ctx
-    trial = run.trial(slug)
-    return TrialManifest(run_id=run.rid, trial=trial.as_manifest(), temps=list(trial.temps),
-                         samples_per_item={temp_str(t): run.cfg.samples_per_item[temp_str(t)] for t in trial.temps},
-                         prompts=prompt_records(run, slug))
+    context = trial_context(task.run_ctx, slug)
+    return TrialManifest(**{key: context[key] for key in CONTEXT_KEYS})
 
 
 def unchanged_after_upstream(task: PipelineTask) -> bool:

@@ -60,12 +60,17 @@ class TrialTask(PipelineTask):
             return False, changed
         return True, f"{why}, inputs unchanged"
 
-    def input_sha(self, stage: str) -> str | None:
-        """The checksum of the artifact an upstream stage of this trial recorded, if it is still current."""
+    def refs(self) -> list[PartRef]:
+        """The parts this trial reads (owned or shared), as planned from the current batch inputs."""
+        return run_parts(self)[self.trial]
+
+    def input_sha(self, stage: str, artifact: str = "file") -> str | None:
+        """The checksum of an artifact an upstream stage of this trial recorded (its `file` unless named), if it is
+        still current."""
         manifest = self.manifest(self.trial)
         if manifest is None:
             return None
-        record = manifest.stage(stage).artifacts.get("file")
+        record = manifest.stage(stage).artifacts.get(artifact)
         ok, _ = artifact_current(self.layout, record)
         return record["sha256"] if ok else None
 
@@ -97,9 +102,6 @@ class ParsePredictions(TrialTask):
         builds = [BuildBatches(prompt_set=ps, temp=t, **self.common())
                   for ps in dict.fromkeys(tr.prompt_set for tr in run.trials) for t in run.cfg.temps]
         return [PrepareData(**self.common()), *builds]
-
-    def refs(self) -> list[PartRef]:
-        return run_parts(self)[self.trial]
 
     def current_inputs(self) -> dict[str, Any]:
         """Each part's results checksum and the checksum of the requests they must answer."""

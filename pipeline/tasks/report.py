@@ -136,11 +136,9 @@ class TrialReport(TrialTask):
     def provenance(self) -> dict[str, Any]:
         """What the trial's report names as its provenance: the prompts its predictions answer (recorded when they
         were parsed), every part's job id and state, and the run's config hash."""
-        from pipeline.tasks.remote import run_parts
-
         manifest = self.manifest(self.trial)
         jobs = {}
-        for ref in run_parts(self)[self.trial]:
+        for ref in self.refs():
             owner = manifest if ref.owner == self.trial else self.manifest(ref.owner)
             record = owner.parts.get(ref.jkey) if owner else None
             jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {

@@ -34,6 +34,7 @@ from pipeline.control import exit_codes
 from pipeline.control.layout import TRIAL_FILES, RunLayout, check_rid
 from pipeline.control.run import open_run
 from pipeline.costs import read_costs, run_spent_usd
+from pipeline.tasks.base import trial_context
 from pipeline.views.archive import archive_current
 from targets import store
 from targets.fingerprint import fingerprint
@@ -131,7 +132,7 @@ def trial_status(layout: RunLayout, slug: str) -> dict[str, Any]:
                             "usd": None, "owned_usd": None, "shared_usd": None, "blocking": []}
     try:
         manifest, how = open_trial_manifest(layout.trial_manifest(slug),
-                                            context=lambda: budget.rebuild_context(open_run(layout.rid, layout.root), slug),
+                                            context=lambda: trial_context(open_run(layout.rid, layout.root), slug),
                                             names=TRIAL_FILES)
     except (ValueError, OSError) as exc:  # ManifestError is a ValueError; permissions and the like are OSErrors
         reason = f"manifest unreadable: {exc}"
