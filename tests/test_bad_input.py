@@ -71,7 +71,7 @@ def test_untidy_provider_output_is_accounted_per_custom_id(tmp_path: Path, emula
 
 
 @pytest.mark.parametrize(("rule", "needle"), [
-    ({"fault": "zip_bomb", "bytes": 2**30}, "above the limit"),
+    ({"fault": "zip_bomb", "bytes": 2**26}, "above the limit"),
     ({"fault": "path_traversal"}, "contains '..', refused"),
     ({"fault": "file_url"}, "refusing URL scheme file://"),
     ({"fault": "oversized", "bytes": 3 * 2**20}, "exceeds the limit"),
@@ -82,7 +82,7 @@ def test_hostile_downloads_are_refused_with_a_clear_error_and_nothing_is_lost(tm
     config = small_experiment(tmp_path, max_download_bytes=2 * 2**20)
     first = luigi_run(tmp_path / "exp", config)
     assert first.returncode == 30
-    assert needle.lower() in first.stderr.lower()
+    assert needle.lower() in first.stderr.lower(), first.stderr[-3000:]
     assert "t0_treatment_p01" in first.stderr
     run_dir = tmp_path / "exp" / f"run_{RID}"
     done_parts = sorted(p.parent.name for p in run_dir.glob("*/results/*/results.jsonl"))

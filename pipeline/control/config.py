@@ -64,11 +64,17 @@ class Provider(_Model):
     poll_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     poll_timeout_s: Annotated[float, Field(gt=0)] = 48 * 3600
     pricing_key: str | None = None
-    max_download_bytes: Annotated[int, Field(gt=0)] = 8 * 1024**3
+    max_download_bytes: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="Absolute cap on one part's download; the limit is otherwise derived from the part's requests "
+                    "(see pipeline.providers.limits)")
+    download_deadline_s: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Wall-clock bound of one part's download; default derived from its byte limit")
     download_command: list[str] | None = Field(
         default=None,
-        description="CLI fallback when the REST download fails, e.g. "
-                    "[firectl, download, dataset, '{dataset_id}', --output-dir, '{output_dir}']")
+        description="CLI fallback when the REST download fails, held to the same byte and time bounds: one that "
+                    "writes files, e.g. [firectl, download, dataset, '{dataset_id}', --output-dir, '{output_dir}'], "
+                    "or one without '{output_dir}' whose stdout is the results file")
 
 
 class Budget(_Model):

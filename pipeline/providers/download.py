@@ -3,10 +3,12 @@
 - `check_url` allows `https://` always and `http://` only to 127.0.0.1 / localhost / ::1 when the caller opts in
   (the local emulator); everything else (`file://`, `gs://`, `ftp://`, remote http) is a ValueError.
 - `fetch_url` follows redirects by hand so every hop is checked, streams into a temp file next to `dest`,
-  aborts past `max_bytes`, checks Content-Length, fsyncs and `os.replace`s. HTTP errors raise ProviderError
-  subclasses (403 from an expired signed URL is AuthError); a cut body raises ProviderUnavailable.
+  aborts past `max_bytes` or its `Deadline` (checked after every read from the socket, so a body that drips a byte
+  at a time is cut as surely as an endless one), checks Content-Length, fsyncs and `os.replace`s. HTTP errors raise
+  ProviderError subclasses (403 from an expired signed URL is AuthError); a cut body raises ProviderUnavailable;
+  going past a bound raises `DownloadRefused` (a ValueError). Nothing of a refused download is left on disk.
 - `extract_jsonl_bundle` turns a plain JSONL, zip, tar(.gz) or gzip file into files under `out_dir`, refusing
-  absolute / `..` / link members, too many members and too many bytes. A plain file is returned untouched.
+  absolute / `..` / link / too deep members, too many members and too many bytes. A plain file is returned untouched.
 Messages show URLs without their query string, because signed URLs carry credentials there.
 """
 
@@ -26,11 +28,14 @@ from typing import IO
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from pipeline.providers.errors import ProviderError, ProviderUnavailable, error_for_status
+from pipeline.providers.limits import Deadline, DownloadRefused
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_REDIRECTS = 5
+MAX_MEMBER_DEPTH = 8  # path components of a bundle member: result bundles are flat or one folder deep
 _CHUNK = 1 << 16
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -76,9 +81,13 @@ def _atomic_writer(dest: Path) -> Iterator[IO[bytes]]:
 
 
 def _open_following_redirects(http: requests.Session, url: str, *, timeout: tuple[float, float],
-                              allow_loopback_http: bool) -> requests.Response:
+                              allow_loopback_http: bool, deadline: Deadline | None) -> requests.Response:
     current = url
     for _ in range(MAX_REDIRECTS + 1):
+        if deadline is not None:
+            deadline.check(f"GET {redact_url(current)}")
+            # No single wait on the socket may outlast the deadline either.
+            timeout = (timeout[0], max(0.05, min(timeout[1], deadline.left())))
         try:
             resp = http.get(current, stream=True, timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
@@ -93,8 +102,10 @@ def _open_following_redirects(http: requests.Session, url: str, *, timeout: tupl
 
 
 def fetch_url(url: str, dest: Path, *, max_bytes: int, timeout: tuple[float, float], allow_loopback_http: bool,
-              session: requests.Session | None = None) -> int:
-    """Download `url` (no auth headers added) into `dest` atomically; return the number of bytes written."""
+              session: requests.Session | None = None, deadline: Deadline | None = None) -> int:
+    """Download `url` (no auth headers added) into `dest` atomically; return the number of bytes written.
+
+    More than `max_bytes`, announced or sent, or a body unfinished at `deadline`, raises DownloadRefused."""
     check_url(url, allow_loopback_http=allow_loopback_http)
     http = session
     if http is None:
@@ -102,15 +113,16 @@ def fetch_url(url: str, dest: Path, *, max_bytes: int, timeout: tuple[float, flo
         # Environment proxies must not intercept traffic to the local emulator.
         http.trust_env = not is_loopback_url(url)
     try:
-        resp = _open_following_redirects(http, url, timeout=timeout, allow_loopback_http=allow_loopback_http)
+        resp = _open_following_redirects(http, url, timeout=timeout, allow_loopback_http=allow_loopback_http,
+                                         deadline=deadline)
         with resp:
             shown = redact_url(resp.url or url)
             if resp.status_code != 200:
                 raise error_for_status(resp.status_code, None, f"GET {shown}: download failed ({resp.reason})")
             declared = _content_length(resp)
             if declared is not None and declared > max_bytes:
-                raise ValueError(f"GET {shown}: Content-Length {declared} exceeds the limit of {max_bytes} bytes")
-            return _stream_to(resp, dest, shown=shown, declared=declared, max_bytes=max_bytes)
+                raise DownloadRefused(f"GET {shown}: Content-Length {declared} exceeds the limit of {max_bytes} bytes")
+            return _stream_to(resp, dest, shown=shown, declared=declared, max_bytes=max_bytes, deadline=deadline)
     finally:
         if session is None:
             http.close()
@@ -126,16 +138,22 @@ def _content_length(resp: requests.Response) -> int | None:
         return None
 
 
-def _stream_to(resp: requests.Response, dest: Path, *, shown: str, declared: int | None, max_bytes: int) -> int:
+def _stream_to(resp: requests.Response, dest: Path, *, shown: str, declared: int | None, max_bytes: int,
+               deadline: Deadline | None) -> int:
     written = 0
     with _atomic_writer(dest) as fh:
         try:
-            for chunk in resp.iter_content(_CHUNK):
+            # read1 returns what one read from the socket gave, so the bounds are checked between any two reads.
+            while chunk := resp.raw.read1(_CHUNK, decode_content=True):
                 written += len(chunk)
                 if written > max_bytes:
-                    raise ValueError(f"GET {shown}: body exceeds the limit of {max_bytes} bytes")
+                    raise DownloadRefused(f"GET {shown}: body exceeds the limit of {max_bytes} bytes")
+                if deadline is not None:
+                    deadline.check(f"GET {shown}: {written:,} bytes received")
                 fh.write(chunk)
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline is not None:
+                deadline.check(f"GET {shown}: {written:,} bytes received")
             raise ProviderUnavailable(0, None, f"GET {shown}: body cut after {written} bytes "
                                                f"({type(exc).__name__})") from exc
         if declared is not None and written != declared:
@@ -172,6 +190,9 @@ def _safe_relpath(name: str, bundle: Path) -> PurePosixPath:
     parts = [p for p in rel.parts if p not in ("", ".")]
     if not parts:
         raise ValueError(f"{bundle}: member with empty name, refused")
+    if len(parts) > MAX_MEMBER_DEPTH:
+        raise ValueError(f"{bundle}: member {name[:120]!r} is {len(parts)} folders deep (at most {MAX_MEMBER_DEPTH}), "
+                         "refused")
     return PurePosixPath(*parts)
 
 

@@ -35,6 +35,7 @@ from pipeline.providers.errors import (
     RateLimited,
     error_for_status,
 )
+from pipeline.providers.limits import Deadline, DownloadRefused
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,13 @@ class FireworksClient:
 
     # ------------------------------------------------------------------------------------------ results
 
-    def download_dataset(self, dataset_id: str, dest_dir: Path, *,
-                         max_bytes: int = 2 * 1024**3) -> dict[str, Path]:
+    def download_dataset(self, dataset_id: str, dest_dir: Path, *, max_bytes: int = 2 * 1024**3,
+                         deadline: Deadline | None = None) -> dict[str, Path]:
         """Save every file of a dataset into `dest_dir` by basename; `{basename: path}`.
 
         Uses the dataset's `externalUrl` when set, else fresh signed URLs from `:getDownloadEndpoint` (re-requested
-        after a failed file, since they expire). `max_bytes` bounds the total over all files.
+        after a failed file, since they expire). `max_bytes` bounds the total over all files, `deadline` the whole
+        download, retries included (DownloadRefused past either).
         """
         bare = self.bare_id(dataset_id)
         saved: dict[str, Path] = {}
@@ -218,15 +220,20 @@ class FireworksClient:
                         continue
                     dest = dest_dir / name
                     budget -= fetch_url(url, dest, max_bytes=budget, timeout=self.timeout,
-                                        allow_loopback_http=self.allow_loopback_http, session=self._session)
+                                        allow_loopback_http=self.allow_loopback_http, session=self._session,
+                                        deadline=deadline)
                     saved[name] = dest
                 return saved
             except ProviderError as exc:
                 # 403: the signed URL expired; 5xx / cut body: transient. Both deserve fresh URLs.
                 if exc.status not in (0, 403, *RETRY_STATUSES) or attempt >= self.max_retries:
                     raise
+                delay = self._delay(attempt, None)
+                if deadline is not None and delay >= deadline.left():
+                    raise DownloadRefused(f"download of dataset {bare}: interrupted ({exc}) with too little of its "
+                                          f"deadline of {deadline.seconds:g} s left to retry") from exc
                 log.info("download of dataset %s interrupted (%s), retrying with fresh URLs", bare, exc)
-                self._sleep(self._delay(attempt, None))
+                self._sleep(delay)
                 attempt += 1
 
     def _download_urls(self, bare: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,10 @@ from pipeline.parsing import check_part_results, has_answer, input_custom_ids, l
 from pipeline.plan import build_key
 from pipeline.progress import Progress
 from pipeline.provider import make_client
+from pipeline.providers.bounded_command import run_bounded
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
+from pipeline.providers.limits import Deadline, DownloadLimits, DownloadRefused, ensure_free_space
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
 from pipeline.tasks.remote import OutputGone, PartTask, PollJob
 from targets import store
@@ -136,31 +137,58 @@ class DownloadPart(PartTask):
                      len(found), len(expected), len(problems), "; retrying" if attempt < DOWNLOAD_ATTEMPTS else "")
         for problem in problems[:5]:
             log.warning("part %s: %s", self.jkey, problem)
+        corrupt = [p for p in problems if "not valid JSON" in p]
+        if corrupt:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise RuntimeError(f"part {self.jkey}: the output of dataset {record.output_dataset_id} was corrupt in "
+                               f"each of {DOWNLOAD_ATTEMPTS} downloads ({corrupt[0]}). Nothing was written; re-run to "
+                               "download it again")
         return found, problems
+
+    def limits(self) -> DownloadLimits:
+        """What this part's download may write and how long it may take: derived from its requests."""
+        ref = self.ref()
+        cfg = self.run_ctx.cfg.provider
+        params = ref.inference_parameters
+        return DownloadLimits.for_part(ref.lines, max_tokens=int(params.get("maxTokens") or 0),
+                                       n=int(params.get("n") or 1), cap=cfg.max_download_bytes,
+                                       deadline_s=cfg.download_deadline_s)
 
     def download(self, record: PartRecord) -> list[Path]:
         """The result files of the part's output dataset: REST first, then the configured CLI fallback."""
-        cfg = self.run_ctx.cfg.provider
+        limits = self.limits()
+        what = f"download of part {self.jkey} (output dataset {record.output_dataset_id})"
         try:
+            ensure_free_space(self.scratch, limits.max_bytes, what)
             files = make_client(self.run_ctx).download_dataset(record.output_dataset_id, self.scratch / "rest",
-                                                               max_bytes=cfg.max_download_bytes)
+                                                               max_bytes=limits.max_bytes,
+                                                               deadline=Deadline(limits.deadline_s, what))
             crashpoint("after download")
         except NotFound:
-            files = self.cli_download(record, None)
+            files = self.cli_download(record, None, limits)
         except (ProviderError, ValueError) as exc:
-            files = self.cli_download(record, exc)
+            files = self.cli_download(record, exc, limits)
         try:
-            return unpack(files, self.scratch / "unpacked", cfg.max_download_bytes)
+            ensure_free_space(self.scratch, limits.max_bytes, f"unpacking the {what}")
+            return unpack(files, self.scratch / "unpacked", limits.max_bytes)
         except ValueError as exc:
-            raise RuntimeError(f"part {self.jkey}: refused the output of dataset {record.output_dataset_id}: {exc}. "
-                               "Nothing was written; re-run to download it again, or raise provider.max_download_bytes "
-                               "if the output is legitimately that large") from exc
+            raise self.refused(record, exc, limits) from exc
 
-    def cli_download(self, record: PartRecord, error: Exception | None) -> dict[str, Path]:
+    def refused(self, record: PartRecord, exc: Exception, limits: DownloadLimits) -> RuntimeError:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return RuntimeError(f"part {self.jkey}: refused the output of dataset {record.output_dataset_id}: {exc}. "
+                            f"Nothing was written (limit for this part: {limits.describe()}, derived from its "
+                            f"{self.ref().lines} requests); re-run to download it again, or set "
+                            "provider.max_download_bytes / provider.download_deadline_s if the output is "
+                            "legitimately that large or slow")
+
+    def cli_download(self, record: PartRecord, error: Exception | None, limits: DownloadLimits) -> dict[str, Path]:
         command = self.run_ctx.cfg.provider.download_command
         if not command:
             if error is None:
                 raise OutputGone(f"output dataset {record.output_dataset_id} not found")
+            if isinstance(error, DownloadRefused):
+                raise self.refused(record, error, limits) from error
             raise RuntimeError(f"part {self.jkey}: download of output dataset {record.output_dataset_id} failed: "
                                f"{error}. Nothing was written; re-run to try again, or set provider.download_command "
                                "to a CLI fallback") from error
@@ -168,14 +196,18 @@ class DownloadPart(PartTask):
         out_dir.mkdir(parents=True, exist_ok=True)
         argv = [arg.format(dataset_id=record.output_dataset_id, output_dir=str(out_dir)) for arg in command]
         log.info("download part %s with fallback command %s (REST: %s)", self.jkey, argv[0], error or "not found")
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
+        try:
+            done = run_bounded(argv, out_dir, self.scratch / "cli-logs", limits, f"{argv[0]} for part {self.jkey}",
+                               printed=not any("{output_dir}" in arg for arg in command))
+        except DownloadRefused as exc:
+            raise self.refused(record, exc, limits) from exc
         files = {p.name: p for p in sorted(out_dir.rglob("*")) if p.is_file() and not p.is_symlink()}
         if done.returncode != 0 or not files:
             if error is None:
                 raise OutputGone(f"output dataset {record.output_dataset_id} not found by REST nor by {argv[0]} "
-                                 f"(exit {done.returncode}: {done.stderr.strip()[:200]})")
+                                 f"(exit {done.returncode}: {done.stderr_tail})")
             raise RuntimeError(f"download of {record.output_dataset_id} failed: REST {error}; {argv[0]} exit "
-                               f"{done.returncode}: {done.stderr.strip()[:200]}") from error
+                               f"{done.returncode}: {done.stderr_tail}") from error
         return files
 
 
