@@ -63,11 +63,17 @@ def set_faults(run_dir: Path, rules: list[dict]) -> None:
 @pytest.fixture
 def done(tmp_path: Path) -> dict:
     common = {"rid": "seed", "root": str(tmp_path / "exp"), "config": str(small_experiment(tmp_path))}
-    run(common)
+    first = run(common)
     run_dir = tmp_path / "exp" / "run_seed"
     trials = sorted(p.parent.parent for p in run_dir.glob("*/results/trial_manifest.json"))
     return {"common": common, "run_dir": run_dir, "trial": trials[0], "trials": trials, "calls": calls(run_dir),
-            "tmp": tmp_path}
+            "tmp": tmp_path, "first_lines": first}
+
+
+def test_first_downloads_are_logged_as_downloads_not_repairs(done: dict) -> None:
+    downloads = [line for line in done["first_lines"] if " downloaded " in line]
+    assert any(line.startswith("done downloaded") for line in downloads)
+    assert not [line for line in downloads if line.startswith("repair")], downloads
 
 
 def snapshot(trial: Path) -> dict[str, bytes]:

@@ -89,9 +89,10 @@ class DownloadPart(PartTask):
         assert record is not None
         ref = self.ref()
         expected = input_custom_ids(ref.path)
-        if self.layout.output_dataset_breadcrumb(self.trial, self.jkey).exists():
-            decision("repair", f"downloaded part={self.jkey}", f"results missing or invalid, output dataset "
-                     f"{record.output_dataset_id} known")
+        before = self.layout.part_results(self.trial, self.jkey)
+        if before.exists() or download_entry(self.manifest(self.trial), self.jkey) is not None:
+            decision("repair", f"downloaded part={self.jkey}", f"results missing, invalid or for other requests; "
+                     f"output dataset {record.output_dataset_id} known")
         progress = Progress(self, f"download {self.jkey}", 3, unit="steps", terminal=False)
         progress.update(0, f"fetching output dataset {record.output_dataset_id}")
         try:
