@@ -6,11 +6,21 @@ state under the run (`.emulator/`), so a re-run after a crash finds the same dat
 
 from __future__ import annotations
 
+from pipeline.control.config import ConfigError
 from pipeline.control.run import Run
 from pipeline.providers.fireworks import FireworksClient
 
 EMULATOR_POLL_S = 0.1
 FIREWORKS_POLL_S = 30.0
+
+
+def check_credentials(run: Run) -> None:
+    """Pre-flight, read-only: ConfigError naming the environment variables the chosen provider needs and lacks."""
+    if run.cfg.provider.name == "fireworks":
+        missing = FireworksClient.missing_env()
+        if missing:
+            raise ConfigError(f"provider fireworks needs {' and '.join(missing)} in the environment (nothing was "
+                              "frozen, built or sent); set them, or use provider.name: emulator for an offline run")
 
 
 def make_client(run: Run) -> FireworksClient:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from pipeline.emulator.process import ensure_emulator, stop_emulator
 from tests.conftest import PIPELINE_RUN, small_experiment
@@ -149,3 +150,20 @@ def test_a_job_that_fails_again_after_its_resubmission_stops_with_a_clear_error(
     run = luigi_run(tmp_path / "exp", small_experiment(tmp_path))
     assert run.returncode == 30
     assert "already resubmitted once" in run.stderr and "bad role bananas" in run.stderr
+
+
+@pytest.mark.parametrize("present", [{}, {"FIREWORKS_API_KEY": "k"}, {"FIREWORKS_ACCOUNT_ID": "a"}])
+def test_missing_credentials_stop_the_run_before_anything_is_frozen_or_built(tmp_path: Path, present: dict) -> None:
+    config = small_experiment(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["provider"]["name"] = "fireworks"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREWORKS_", "LUIGI_CONFIG_PATH"))}
+    root = tmp_path / "exp"
+    run = subprocess.run([*PIPELINE_RUN, "TrialReport", "--rid", RID, "--root", str(root), "--config", str(config)],
+                         capture_output=True, text=True, env={**env, **present}, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-3000:]
+    missing = [name for name in ("FIREWORKS_API_KEY", "FIREWORKS_ACCOUNT_ID") if name not in present]
+    assert all(name in run.stderr for name in missing)
+    assert "Traceback" not in run.stderr
+    assert not (root / f"run_{RID}").exists() or not list((root / f"run_{RID}").rglob("*.json*"))

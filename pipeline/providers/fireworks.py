@@ -79,13 +79,18 @@ class FireworksClient:
     def __repr__(self) -> str:
         return f"FireworksClient(base_url={self.base_url!r}, account_id={self.account_id!r})"
 
+    @staticmethod
+    def missing_env(environ: Mapping[str, str] = os.environ) -> list[str]:
+        """The required environment variables that are unset or empty."""
+        return [name for name in ("FIREWORKS_API_KEY", "FIREWORKS_ACCOUNT_ID") if not environ.get(name)]
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> FireworksClient:
         """FIREWORKS_API_KEY and FIREWORKS_ACCOUNT_ID are required; FIREWORKS_BASE_URL defaults to the real API.
 
         Loopback http is allowed exactly when the base URL itself is loopback http (the emulator).
         """
-        missing = [name for name in ("FIREWORKS_API_KEY", "FIREWORKS_ACCOUNT_ID") if not environ.get(name)]
+        missing = cls.missing_env(environ)
         if missing:
             raise ValueError(f"environment variable(s) {', '.join(missing)} must be set for the Fireworks client")
         base_url = environ.get("FIREWORKS_BASE_URL") or DEFAULT_BASE_URL

@@ -17,6 +17,7 @@ import luigi
 from pipeline.control import exit_codes, noop_index, outcome
 from pipeline.control.config import ConfigError
 from pipeline.control.run import ConfigDriftError, accept_drift, config_drift, config_fingerprint, open_run, refuse_drift
+from pipeline.provider import check_credentials
 from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import (
     PipelineTask,
@@ -101,6 +102,7 @@ class TrialReport(TrialTask):
                                   f"`python -m pipeline run --rid {self.rid} …` takes the same options")
             if self.trial:
                 run.trial(self.trial)
+            check_credentials(run)
         except ConfigDriftError as exc:
             log.error("%s", exc)
             sys.exit(exit_codes.CONFIG_DRIFT)
