@@ -14,7 +14,10 @@ HTTP faults are checked on every other request once its body is read (match = UR
 - `drop`: close the connection without any response; not processed.
 - `drop_after_commit`: process the request fully (its response is discarded), then close without a response.
 - `delay`: wait `seconds`, then process; a server shutdown during the wait closes the connection unprocessed.
-A file body that ends before its announced Content-Length (a `truncated` fault) is followed by a close.
+A file body that ends before or after its announced Content-Length (`truncated`, `lying_length`) is followed by a
+close; a body without a length (`endless`, `tar_bomb`) goes out chunked; a paced one (`slow_drip`) waits between
+chunks on the server's stop event, so a shutdown ends it. Every connection has its own thread, so a slow or endless
+body holds up no other request.
 """
 
 from __future__ import annotations
@@ -146,8 +149,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._inject(rule, method, body)
         except ApiError as exc:
             self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            # The client gave up (e.g. its timeout ran out during a `delay` fault); nobody is left to answer.
+        except ConnectionError:
+            # The client gave up (its timeout ran out during a `delay` fault, or it stopped reading an endless or
+            # slow body); nobody is left to answer.
             log.debug("client of %s %s went away", method, path)
             self.close_connection = True
         except Exception:
@@ -221,16 +225,36 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(exc.http_status, {"code": exc.code, "message": exc.message, "details": []})
 
     def _send_payload(self, payload: Payload) -> None:
+        """Send `payload` as a 200: with its Content-Length, or chunked when it has none; close the connection when
+        the bytes sent differ from the announced length, or when the server stops mid-body. A client that hangs up
+        surfaces as a ConnectionError, which `_dispatch` treats as the end of the request."""
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(payload.size))
+        chunked = payload.size is None
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(payload.size))
         self.end_headers()
+        if isinstance(self.wfile, _Discard):
+            # A discarded response (drop_after_commit): an endless or paced body would only burn time.
+            return
         sent = 0
-        for chunk in payload.chunks:
-            self.wfile.write(chunk)
+        for i, chunk in enumerate(payload.chunks):
+            # Waiting on the stop event (not sleeping) lets a shutdown end a paced or endless body at once.
+            paced = i > 0 and payload.pace_s > 0
+            if self.server.stopping.wait(payload.pace_s) if paced else self.server.stopping.is_set():
+                self.close_connection = True
+                return
+            if chunked and chunk:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            elif not chunked:
+                self.wfile.write(chunk)
             sent += len(chunk)
-        if sent != payload.size:
-            # The client must see the end of the stream before the announced length: a cut body.
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        elif sent != payload.size:
+            # The client must see the stream end other than announced: a cut body, or bytes past its end.
             self.close_connection = True
 
     def _json(self, body: bytes) -> Any:
