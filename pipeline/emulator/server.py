@@ -8,6 +8,10 @@ stand-in for cloud storage URLs), and inspection routes without auth that faults
 `GET /emulator/calls`, `POST /emulator/reset-calls`, `GET|POST|DELETE /emulator/faults` (read / replace / clear the
 fault plan; POST and DELETE reset the rule counters; a bad plan is a 400 and leaves the current one).
 
+The server binds loopback (127.0.0.1) unless told otherwise, and another address only with `--allow-remote`. The
+`/emulator/*` control routes answer 403 to any client that is not on loopback (`is_loopback_client`), whatever the
+bind address. The signed-URL routes stay open: their HMAC token is issued by the API, so they are as trusted as it.
+
 HTTP faults are checked on every other request once its body is read (match = URL-decoded path, no query):
 - `status`: answer `{"code": <gRPC code>, "message", "details": []}` with HTTP `status`, plus `Retry-After`
   when `retry_after` is set; the request is not processed.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -102,6 +107,22 @@ class _Discard(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         return len(data)
+
+
+def is_loopback_client(addr: str) -> bool:
+    """True for a loopback address: 127.0.0.0/8, ::1, or an IPv4-mapped 127.x (`::ffff:127.0.0.1`); False for any
+    other address and for anything that is not an IP address (including "" and host names)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def _loopback_host(host: str) -> bool:
+    """True when binding `host` keeps the server on loopback; "localhost" counts, other names do not (no DNS)."""
+    return host == "localhost" or is_loopback_client(host)
 
 
 def _internal(path: str) -> bool:
@@ -299,6 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_internal(self, method: str, path: str, body: bytes) -> None:
         emu = self.server.emulator
         key = (method, path)
+        client = str(self.client_address[0])
+        if path.startswith("/emulator/") and not is_loopback_client(client):
+            # These routes rewrite faults and counters: only a local test harness may use them.
+            raise ApiError(403, 7, f"{path} is only served to loopback clients, not {client}")
         if key == ("GET", "/healthz"):
             self._send_json(200, {"ok": True, "pid": os.getpid()})
         elif key == ("GET", "/emulator/calls"):
@@ -401,7 +426,11 @@ def _faults_arg(text: str) -> dict[str, Any]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.emulator", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1); a non-loopback one needs --allow-remote")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow binding a non-loopback --host; the /emulator/* control routes still answer "
+                             "only loopback clients")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--latency", type=float, default=1.0, help="seconds from job create to COMPLETED")
@@ -410,7 +439,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     parser.add_argument("--faults", type=_faults_arg, default=None,
                         help='fault plan {"rules": [...]} as a JSON string or the path of a JSON file')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.allow_remote and not _loopback_host(args.host):
+        # The emulator has no real auth: exposing it beyond this machine must be a deliberate choice.
+        parser.error(f"--host {args.host} is not a loopback address; pass --allow-remote to bind it anyway")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
