@@ -1,4 +1,5 @@
-"""`python -m pipeline.emulator --state-dir D [--port P --latency S --answer-key DIR --idle-exit S --faults PLAN]`."""
+"""`python -m pipeline.emulator --state-dir D [--host H [--allow-remote]] [--port P --latency S --answer-key DIR
+--idle-exit S --faults PLAN]`."""
 
 from __future__ import annotations
 

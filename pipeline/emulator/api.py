@@ -488,6 +488,16 @@ def _shaped(rule: Rule, dataset_id: str, data: bytes) -> Payload:
         return payloads.zip_bomb(params["bytes"])
     if rule.fault == "path_traversal":
         return payloads.traversal(data, params["archive"], params["member"])
+    if rule.fault == "gzip_bomb":
+        return payloads.gzip_bomb(params["inflated_bytes"])
+    if rule.fault == "endless":
+        return payloads.endless(data, params["chunk_bytes"])
+    if rule.fault == "lying_length":
+        return payloads.lying_length(data, params["direction"], params["extra_bytes"])
+    if rule.fault == "tar_bomb":
+        return payloads.tar_bomb(params["members"], params["depth"], params["member_bytes"], gzip=params["gzip"])
+    if rule.fault == "slow_drip":
+        return payloads.slow_drip(data, params["interval_s"])
     if rule.fault == "duplicate_lines":
         return payloads.bytes_payload(payloads.duplicated(data, identical=params["identical"]))
     assert rule.fault == "missing_results", rule.fault

@@ -22,7 +22,20 @@ Kinds (where they act: `pipeline.emulator.server` for HTTP, `pipeline.emulator.a
 - output dataset: `output_deleted` (deleted at the first request touching it), `file_url` (GET shows `url` as its
   externalUrl), `error_rows` (when the job writes it: a `fraction` of the rows go to error-data); and per GET of
   its results file: `truncated`, `garbage`, `oversized`, `zip_bomb`, `path_traversal`, `duplicate_lines`,
-  `missing_results` (see `pipeline.emulator.payloads`).
+  `missing_results`, and the hostile bodies below (see `pipeline.emulator.payloads`).
+
+Hostile result bodies (file kinds; all generated while streaming, memory bounded):
+- `gzip_bomb` (`inflated_bytes`, default 2 GiB, at most 16 GiB): one gzip stream (magic 1f 8b) inflating to that
+  many zero bytes, about 1/1000 of it on the wire, with its true Content-Length.
+- `endless` (`chunk_bytes`, default 65536): the file, then JSONL padding lines without end, `Transfer-Encoding:
+  chunked` and no Content-Length; it stops when the client closes the connection (or the server shuts down).
+- `lying_length` (`direction` "over" | "under", default "over"; `extra_bytes`, default null): "over" announces
+  `extra_bytes` (null: the file's length) more than the file and closes after the file; "under" announces half
+  the file, writes `extra_bytes` past that (null: the rest of the file; beyond it, padding lines), then closes.
+- `tar_bomb` (`members` default 100000, `depth` default 0, `member_bytes` default 16, `gzip` default true): a
+  tar(.gz) of that many tiny members, each nested `depth` directories deep (`a/a/.../part-<n>.jsonl`), sent chunked.
+- `slow_drip` (`interval_s`, default 1.0): the file one byte per `interval_s` seconds under its true Content-Length;
+  other requests are served meanwhile (one thread per connection) and it stops when the client goes away.
 """
 
 from __future__ import annotations
@@ -44,12 +57,15 @@ DELETE_KINDS = frozenset({"output_deleted"})
 URL_KINDS = frozenset({"file_url"})
 WRITE_KINDS = frozenset({"error_rows"})
 FILE_KINDS = frozenset({"truncated", "garbage", "oversized", "zip_bomb", "path_traversal", "duplicate_lines",
-                        "missing_results"})
+                        "missing_results", "gzip_bomb", "endless", "lying_length", "tar_bomb", "slow_drip"})
 ALL_KINDS = HTTP_KINDS | JOB_KINDS | DELETE_KINDS | URL_KINDS | WRITE_KINDS | FILE_KINDS
 
 JOB_END_STATES = ("JOB_STATE_FAILED", "JOB_STATE_EXPIRED", "JOB_STATE_CANCELLED", "JOB_STATE_EARLY_STOPPED")
 TRUNCATE_MODES = ("cut_connection", "short_body")
 MAX_ZIP_MEMBER = 2**32 - 1  # no zip64: the member size must fit the classic 32-bit header fields
+MAX_GZIP_INFLATED = 16 * 1024**3  # its CRC is computed up front, ~0.7 s per GiB
+MAX_CHUNK = 16 * 1024**2
+MAX_EXTRA = 1024**3
 REQUIRED = object()
 COUNTERS = ("seen", "fired")
 
@@ -113,6 +129,12 @@ PARAMS: dict[str, dict[str, tuple[Check, Any]]] = {
     "garbage": {"bytes": (_integer(1), 4096)},
     "oversized": {"bytes": (_integer(1), 64 * 1024**2)},
     "zip_bomb": {"bytes": (_integer(1, MAX_ZIP_MEMBER), 1024**3)},
+    "gzip_bomb": {"inflated_bytes": (_integer(1, MAX_GZIP_INFLATED), 2 * 1024**3)},
+    "endless": {"chunk_bytes": (_integer(1, MAX_CHUNK), 65536)},
+    "lying_length": {"direction": (_choice("over", "under"), "over"), "extra_bytes": (_optional(_integer(1, MAX_EXTRA)), None)},
+    "tar_bomb": {"members": (_integer(1, 10**7), 100000), "depth": (_integer(0, 4096), 0),
+                 "member_bytes": (_integer(1, 1024**2), 16), "gzip": (_flag, True)},
+    "slow_drip": {"interval_s": (_number(0, 60), 1.0)},
     "path_traversal": {"archive": (_choice("tar", "zip"), "tar"), "member": (_text, "../../evil.jsonl")},
     "file_url": {"url": (_text, "file:///etc/passwd")},
     "duplicate_lines": {"identical": (_flag, False)},

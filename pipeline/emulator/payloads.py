@@ -1,8 +1,11 @@
 """File bodies the emulator serves on signed download URLs: the stored file, or a hostile variant of it.
 
 A `Payload` announces `size` (the Content-Length) and yields its bytes in chunks; when the chunks add up to
-less than `size`, the HTTP layer closes the connection after them, so the client sees a body cut short. The large
-variants (`oversized`, `zip_bomb`) are generated while streaming and never held in memory whole.
+another length than `size`, the HTTP layer closes the connection after them, so the client sees a body cut short
+(fewer bytes) or bytes past the announced end (more). `size=None` announces no length: the body goes out with
+`Transfer-Encoding: chunked`, possibly without end. `pace_s > 0` makes the HTTP layer wait that long before every
+chunk after the first. The large variants (`oversized`, `zip_bomb`, `gzip_bomb`, `endless`, `tar_bomb`) are
+generated while streaming and never held in memory whole.
 """
 
 from __future__ import annotations
@@ -24,14 +27,22 @@ PAD_LINE_BYTES = 1024
 GARBAGE_LINE_BYTES = 80
 _ZIP_BLOCK = 1 << 20
 _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, the zip epoch
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # deflate, no flags, no mtime, max compression, OS unknown
+_TAR_BLOCK = tarfile.BLOCKSIZE
+_TAR_RECORD = tarfile.RECORDSIZE
+_TAR_NAME_FIELD = 100
+_TAR_TEMPLATE = tarfile.TarInfo("x").tobuf(tarfile.GNU_FORMAT)
+_TAR_BATCH = 256
 
 
 @dataclass(frozen=True)
 class Payload:
-    """`size` bytes announced; `chunks` may stop short of them (a cut body)."""
+    """`size` bytes announced (None: no length, sent chunked); `chunks` may add up to another length (a lying
+    length); `pace_s` seconds pass between chunks."""
 
-    size: int
+    size: int | None
     chunks: Iterable[bytes]
+    pace_s: float = 0.0
 
 
 def file_payload(path: Path) -> Payload:
@@ -133,6 +144,108 @@ def zip_bomb(size: int, member: str = "BIJOutputSet.jsonl") -> Payload:
         yield tail + central + end
 
     return Payload(len(local) + packed + len(central) + len(end), chunks())
+
+
+def gzip_bomb(size: int) -> Payload:
+    """A single gzip stream (magic 1f 8b) that inflates to `size` zero bytes; about size/1000 bytes on the wire.
+
+    The deflate block of 1 MiB of zeros is compressed once and repeated, so nothing large is ever in memory; the
+    CRC of the zeros is computed once per size (about 0.7 s per GiB) and cached."""
+    block, copies, tail, crc = _zeros_deflated(size)
+    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)  # ISIZE is the length modulo 2**32 (RFC 1952)
+
+    def chunks() -> Iterator[bytes]:
+        yield _GZIP_HEADER
+        for _ in range(copies):
+            yield block
+        yield tail + trailer
+
+    return Payload(len(_GZIP_HEADER) + len(block) * copies + len(tail) + len(trailer), chunks())
+
+
+def endless(data: bytes, chunk_bytes: int) -> Payload:
+    """`data`, then result-shaped JSONL padding lines without end, in chunks of `chunk_bytes`; no length announced."""
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(data), chunk_bytes):
+            yield data[start:start + chunk_bytes]
+        pending = bytearray()
+        n = 0
+        while True:
+            while len(pending) < chunk_bytes:
+                pending += _pad_line(n, PAD_LINE_BYTES)
+                n += 1
+            yield bytes(pending[:chunk_bytes])
+            del pending[:chunk_bytes]
+
+    return Payload(None, chunks())
+
+
+def lying_length(data: bytes, direction: str, extra_bytes: int | None) -> Payload:
+    """`data` under a Content-Length that lies by `extra_bytes`.
+
+    `over`: announces `len(data) + extra_bytes` (default: twice the length) and sends `data`, so the connection
+    closes before the announced end. `under`: announces half of `data`, then writes `extra_bytes` more (default:
+    the rest of `data`; past its end, padding lines as in `oversized`) before closing."""
+    if direction == "over":
+        return Payload(len(data) + (max(len(data), 1) if extra_bytes is None else extra_bytes), [data])
+    declared = len(data) // 2
+    sent = len(data) if extra_bytes is None else declared + extra_bytes
+    return Payload(declared, [data[:sent]] if sent <= len(data) else oversized(data, sent).chunks)
+
+
+def _tar_header(name: bytes, size: int, typeflag: bytes = tarfile.REGTYPE) -> bytes:
+    # Patching a prepared header is ~20x faster than TarInfo.tobuf, which matters at 100000 members.
+    header = bytearray(_TAR_TEMPLATE)
+    header[0:_TAR_NAME_FIELD] = name[:_TAR_NAME_FIELD].ljust(_TAR_NAME_FIELD, b"\0")
+    header[124:136] = b"%011o\0" % size
+    header[156:157] = typeflag
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _tar_padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % _TAR_BLOCK)
+
+
+def _tar_member(name: bytes, content: bytes) -> bytes:
+    """One regular-file member; a name too long for the header goes first in a GNU long-name member (as tarfile)."""
+    head = b""
+    if len(name) > _TAR_NAME_FIELD:
+        head = _tar_header(b"././@LongLink", len(name) + 1, tarfile.GNUTYPE_LONGNAME) + _tar_padded(name + b"\0")
+    return head + _tar_header(name, len(content)) + _tar_padded(content)
+
+
+def tar_bomb(members: int, depth: int, member_bytes: int, *, gzip: bool) -> Payload:
+    """A tar (gzip-compressed when `gzip`) of `members` files of `member_bytes` bytes each, named
+    `a/` x `depth` + `part-<n>.jsonl`; generated while streaming, sent chunked (its length is only known once
+    generated)."""
+    prefix = b"a/" * depth
+
+    def raw() -> Iterator[bytes]:
+        written = 0
+        for start in range(0, members, _TAR_BATCH):
+            batch = b"".join(_tar_member(prefix + b"part-%06d.jsonl" % n, _pad_line(n, member_bytes))
+                             for n in range(start, min(start + _TAR_BATCH, members)))
+            written += len(batch)
+            yield batch
+        end = 2 * _TAR_BLOCK
+        yield bytes(end + -(written + end) % _TAR_RECORD)
+
+    def compressed() -> Iterator[bytes]:
+        co = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+        for piece in raw():
+            if out := co.compress(piece):
+                yield out
+        yield co.flush()
+
+    return Payload(None, compressed() if gzip else raw())
+
+
+def slow_drip(data: bytes, interval_s: float) -> Payload:
+    """`data` one byte per chunk, `interval_s` apart, under its true Content-Length."""
+    return Payload(len(data), (data[i:i + 1] for i in range(len(data))), pace_s=interval_s)
 
 
 def traversal(data: bytes, archive: str, member: str) -> Payload:

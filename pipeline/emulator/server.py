@@ -8,19 +8,27 @@ stand-in for cloud storage URLs), and inspection routes without auth that faults
 `GET /emulator/calls`, `POST /emulator/reset-calls`, `GET|POST|DELETE /emulator/faults` (read / replace / clear the
 fault plan; POST and DELETE reset the rule counters; a bad plan is a 400 and leaves the current one).
 
+The server binds loopback (127.0.0.1) unless told otherwise, and another address only with `--allow-remote`. The
+`/emulator/*` control routes answer 403 to any client that is not on loopback (`is_loopback_client`), whatever the
+bind address. The signed-URL routes stay open: their HMAC token is issued by the API, so they are as trusted as it.
+
 HTTP faults are checked on every other request once its body is read (match = URL-decoded path, no query):
 - `status`: answer `{"code": <gRPC code>, "message", "details": []}` with HTTP `status`, plus `Retry-After`
   when `retry_after` is set; the request is not processed.
 - `drop`: close the connection without any response; not processed.
 - `drop_after_commit`: process the request fully (its response is discarded), then close without a response.
 - `delay`: wait `seconds`, then process; a server shutdown during the wait closes the connection unprocessed.
-A file body that ends before its announced Content-Length (a `truncated` fault) is followed by a close.
+A file body that ends before or after its announced Content-Length (`truncated`, `lying_length`) is followed by a
+close; a body without a length (`endless`, `tar_bomb`) goes out chunked; a paced one (`slow_drip`) waits between
+chunks on the server's stop event, so a shutdown ends it. Every connection has its own thread, so a slow or endless
+body holds up no other request.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -101,6 +109,22 @@ class _Discard(io.RawIOBase):
         return len(data)
 
 
+def is_loopback_client(addr: str) -> bool:
+    """True for a loopback address: 127.0.0.0/8, ::1, or an IPv4-mapped 127.x (`::ffff:127.0.0.1`); False for any
+    other address and for anything that is not an IP address (including "" and host names)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def _loopback_host(host: str) -> bool:
+    """True when binding `host` keeps the server on loopback; "localhost" counts, other names do not (no DNS)."""
+    return host == "localhost" or is_loopback_client(host)
+
+
 def _internal(path: str) -> bool:
     return path == "/healthz" or path.startswith("/emulator/")
 
@@ -146,8 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._inject(rule, method, body)
         except ApiError as exc:
             self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            # The client gave up (e.g. its timeout ran out during a `delay` fault); nobody is left to answer.
+        except ConnectionError:
+            # The client gave up (its timeout ran out during a `delay` fault, or it stopped reading an endless or
+            # slow body); nobody is left to answer.
             log.debug("client of %s %s went away", method, path)
             self.close_connection = True
         except Exception:
@@ -221,16 +246,36 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(exc.http_status, {"code": exc.code, "message": exc.message, "details": []})
 
     def _send_payload(self, payload: Payload) -> None:
+        """Send `payload` as a 200: with its Content-Length, or chunked when it has none; close the connection when
+        the bytes sent differ from the announced length, or when the server stops mid-body. A client that hangs up
+        surfaces as a ConnectionError, which `_dispatch` treats as the end of the request."""
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(payload.size))
+        chunked = payload.size is None
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(payload.size))
         self.end_headers()
+        if isinstance(self.wfile, _Discard):
+            # A discarded response (drop_after_commit): an endless or paced body would only burn time.
+            return
         sent = 0
-        for chunk in payload.chunks:
-            self.wfile.write(chunk)
+        for i, chunk in enumerate(payload.chunks):
+            # Waiting on the stop event (not sleeping) lets a shutdown end a paced or endless body at once.
+            paced = i > 0 and payload.pace_s > 0
+            if self.server.stopping.wait(payload.pace_s) if paced else self.server.stopping.is_set():
+                self.close_connection = True
+                return
+            if chunked and chunk:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            elif not chunked:
+                self.wfile.write(chunk)
             sent += len(chunk)
-        if sent != payload.size:
-            # The client must see the end of the stream before the announced length: a cut body.
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        elif sent != payload.size:
+            # The client must see the stream end other than announced: a cut body, or bytes past its end.
             self.close_connection = True
 
     def _json(self, body: bytes) -> Any:
@@ -275,6 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_internal(self, method: str, path: str, body: bytes) -> None:
         emu = self.server.emulator
         key = (method, path)
+        client = str(self.client_address[0])
+        if path.startswith("/emulator/") and not is_loopback_client(client):
+            # These routes rewrite faults and counters: only a local test harness may use them.
+            raise ApiError(403, 7, f"{path} is only served to loopback clients, not {client}")
         if key == ("GET", "/healthz"):
             self._send_json(200, {"ok": True, "pid": os.getpid()})
         elif key == ("GET", "/emulator/calls"):
@@ -377,7 +426,11 @@ def _faults_arg(text: str) -> dict[str, Any]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.emulator", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1); a non-loopback one needs --allow-remote")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow binding a non-loopback --host; the /emulator/* control routes still answer "
+                             "only loopback clients")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--latency", type=float, default=1.0, help="seconds from job create to COMPLETED")
@@ -386,7 +439,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     parser.add_argument("--faults", type=_faults_arg, default=None,
                         help='fault plan {"rules": [...]} as a JSON string or the path of a JSON file')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.allow_remote and not _loopback_host(args.host):
+        # The emulator has no real auth: exposing it beyond this machine must be a deliberate choice.
+        parser.error(f"--host {args.host} is not a loopback address; pass --allow-remote to bind it anyway")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
