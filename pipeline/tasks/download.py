@@ -112,7 +112,6 @@ class DownloadPart(PartTask):
         progress.update(2, f"writing {len(found):,} results")
         results = self.layout.part_results(self.trial, self.jkey)
         write_text(results, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
-        shutil.rmtree(self.scratch, ignore_errors=True)
         entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256,
                                 request_sha256=ref.request_sha256,
                                 missing=len(missing), errors=sum(1 for o in found if not has_answer(o)))
@@ -125,7 +124,22 @@ class DownloadPart(PartTask):
         return self.layout.part_dir(self.trial, self.jkey) / f"{SCRATCH}.{writer_tag()}"
 
     def fetch(self, record: PartRecord, expected: list[str]) -> tuple[list[dict], list[str]]:
-        """Download (fresh URLs each attempt), unpack safely and merge; retried while lines are bad or missing."""
+        """Download (fresh URLs each attempt), unpack safely and merge; retried while lines are bad or missing.
+        The downloaded files are removed however it ends: the merged lines are what the caller keeps."""
+        try:
+            found, problems = self.fetch_attempts(record, expected)
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        for problem in problems[:5]:
+            log.warning("part %s: %s", self.jkey, problem)
+        corrupt = [p for p in problems if "not valid JSON" in p]
+        if corrupt:
+            raise RuntimeError(f"part {self.jkey}: the output of dataset {record.output_dataset_id} was corrupt in "
+                               f"each of {DOWNLOAD_ATTEMPTS} downloads ({corrupt[0]}). Nothing was written; re-run to "
+                               "download it again")
+        return found, problems
+
+    def fetch_attempts(self, record: PartRecord, expected: list[str]) -> tuple[list[dict], list[str]]:
         found: list[dict] = []
         problems: list[str] = []
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
@@ -136,14 +150,6 @@ class DownloadPart(PartTask):
                 break
             log.info("download of part %s attempt %d: %d of %d results, %d problem line(s)%s", self.jkey, attempt,
                      len(found), len(expected), len(problems), "; retrying" if attempt < DOWNLOAD_ATTEMPTS else "")
-        for problem in problems[:5]:
-            log.warning("part %s: %s", self.jkey, problem)
-        corrupt = [p for p in problems if "not valid JSON" in p]
-        if corrupt:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            raise RuntimeError(f"part {self.jkey}: the output of dataset {record.output_dataset_id} was corrupt in "
-                               f"each of {DOWNLOAD_ATTEMPTS} downloads ({corrupt[0]}). Nothing was written; re-run to "
-                               "download it again")
         return found, problems
 
     def limits(self) -> DownloadLimits:
@@ -176,7 +182,6 @@ class DownloadPart(PartTask):
             raise self.refused(record, exc, limits) from exc
 
     def refused(self, record: PartRecord, exc: Exception, limits: DownloadLimits) -> RuntimeError:
-        shutil.rmtree(self.scratch, ignore_errors=True)
         return RuntimeError(f"part {self.jkey}: refused the output of dataset {record.output_dataset_id}: {exc}. "
                             f"Nothing was written (limit for this part: {limits.describe()}, derived from its "
                             f"{self.ref().lines} requests); re-run to download it again, or set "
