@@ -47,14 +47,18 @@ def _block(tokens: pd.DataFrame, rates: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_costs(
-    usage: pd.DataFrame, *, pricing: dict[str, Any], provider: str, model: str, use_batch_api: bool
+    usage: pd.DataFrame, *, pricing: dict[str, Any], provider: str, model: str, use_batch_api: bool,
+    served_by: str | None = None,
 ) -> dict[str, Any]:
     """costs.json for one trial from its per-prediction usage rows (columns `condition, temp, *_tokens`).
 
-    Returns the totals (`prompt_tokens, completion_tokens, total_tokens, usd, batch_discount_applied,
-    usage_records, pricing`) plus the same token/usd block `by_condition` (control and treatment always present),
-    `by_temp` and `by_condition_temp` (keys `temp_str(temp)`, in increasing temperature). Split usd values are
-    priced and rounded per block, so they may differ from the total in the last decimal.
+    `provider` picks the rates table; `served_by` is the provider that answered (the config's provider.name,
+    default `provider`): the emulator is priced with Fireworks' rates but recorded as `emulator`.
+    Returns `provider` (served_by), the totals (`prompt_tokens, completion_tokens, total_tokens, usd,
+    batch_discount_applied, usage_records, pricing`, whose `pricing.provider` is the rates table's) plus the same
+    token/usd block `by_condition` (control and treatment always present), `by_temp` and `by_condition_temp` (keys
+    `temp_str(temp)`, in increasing temperature). Split usd values are priced and rounded per block, so they may
+    differ from the total in the last decimal.
     """
     import pandas as pd
 
@@ -75,6 +79,7 @@ def summarize_costs(
         by_condition_temp[key] = {c: _block(tokens[at_temp & (conditions == c)], rates) for c in condition_names}
     total = _block(tokens, rates)
     return {
+        "provider": served_by or provider,
         **total,
         "batch_discount_applied": use_batch_api and rates["rate_type"] in ("batch", "batch_discount", "default_batch"),
         "usage_records": len(usage),
@@ -87,7 +92,7 @@ def summarize_costs(
 
 def trial_costs(
     usage: pd.DataFrame, *, trial: str, parts: Mapping[str, Mapping[str, Any]], pricing: dict[str, Any], provider: str,
-    model: str, use_batch_api: bool,
+    model: str, use_batch_api: bool, served_by: str | None = None,
 ) -> dict[str, Any]:
     """costs.json for one trial: `summarize_costs` of its usage rows plus what each of its parts cost and who pays.
 
@@ -101,7 +106,8 @@ def trial_costs(
     """
     if "custom_id" not in usage.columns:
         raise ValueError("usage lacks required column custom_id")
-    costs = summarize_costs(usage, pricing=pricing, provider=provider, model=model, use_batch_api=use_batch_api)
+    costs = summarize_costs(usage, pricing=pricing, provider=provider, model=model, use_batch_api=use_batch_api,
+                            served_by=served_by)
     part_of: dict[str, str] = {}
     for key, part in parts.items():
         for cid in part["custom_ids"]:

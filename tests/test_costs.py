@@ -150,3 +150,12 @@ def test_missing_usage_columns_are_named() -> None:
     with pytest.raises(ValueError, match="prompt_tokens"):
         summarize_costs(pd.DataFrame({"condition": [], "temp": []}), pricing=PRICING, provider="fireworks",
                         model=BIG, use_batch_api=True)
+
+
+def test_the_provider_that_answered_is_recorded_and_the_rates_table_keeps_the_numbers() -> None:
+    emulated = summarize_costs(_usage(), pricing=PRICING, provider="fireworks", model=BIG, use_batch_api=True,
+                               served_by="emulator")
+    real = summarize_costs(_usage(), pricing=PRICING, provider="fireworks", model=BIG, use_batch_api=True)
+    assert emulated["provider"] == "emulator" and real["provider"] == "fireworks"
+    assert emulated["pricing"]["provider"] == "fireworks"  # the emulator is priced with Fireworks' rates
+    assert {k: v for k, v in emulated.items() if k != "provider"} == {k: v for k, v in real.items() if k != "provider"}

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline.report.render import render_aggregate_report, render_trial_report
+from pipeline.report.render import SIMULATED_LABEL, render_aggregate_report, render_trial_report
 from pipeline.stats.significance import compute_significance
 
 NAN = float("nan")
@@ -316,3 +316,37 @@ def test_significance_of_a_real_stats_run_is_printed_for_every_temperature_and_t
     closed = _section(text, "## Results @ T=0.0", "### Open-book")
     # closed-book F1 is the scored value, neither blank nor 0.0% (the original's report printed 0.0% here)
     assert _table_row(closed, "Control")[2] == "43.3%" and _table_row(closed, "Treatment")[2] == "48.3%"
+
+
+# ---------------------------------------------------------------- the provider in the header
+
+
+def _head(text: str, lines: int = 8) -> str:
+    return "\n".join(text.splitlines()[:lines])
+
+
+def test_emulator_reports_carry_the_simulated_label_in_their_first_lines() -> None:
+    trial = render_trial_report({**context(), "provider": "emulator"})
+    run = render_aggregate_report({"rid": "r", "provider": "emulator", "trials": [_trial("a")]})
+    for text in (trial, run):
+        assert f"> **{SIMULATED_LABEL}.**" in _head(text, 4)
+        assert "emulator" in _head(text)
+    assert "- Provider: emulator" in trial and "Provider: emulator" in run
+
+
+def test_fireworks_reports_name_the_provider_without_the_label() -> None:
+    trial = render_trial_report({**context(), "provider": "fireworks"})
+    run = render_aggregate_report({"rid": "r", "provider": "fireworks", "trials": [_trial("a")]})
+    for text in (trial, run):
+        assert SIMULATED_LABEL not in text and "SIMULATED" not in text
+    assert "- Provider: fireworks" in _head(trial) and "Provider: fireworks" in _head(run)
+
+
+def test_without_a_provider_the_one_costs_json_records_is_shown_never_the_rates_table() -> None:
+    recorded = {**costs(), "provider": "emulator"}
+    assert SIMULATED_LABEL in render_trial_report({**context(), "costs": recorded})
+    assert SIMULATED_LABEL in render_aggregate_report({"rid": "r", "trials": [_trial("a", costs=recorded)]})
+    # costs.json of an older run names only its rates table (`pricing.provider`), which for the emulator is Fireworks'
+    old = render_trial_report(context())
+    assert "- Provider: n/a" in old and "SIMULATED" not in old
+    assert "priced with the fireworks rates" in _section(old, "## Cost", "## Provenance")

@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
+from pipeline.control.config import load_config
+from pipeline.pricing import pricing_args, resolve_rates
 from pipeline.report.html import render_aggregate_html, render_trial_html
+from pipeline.report.render import SIMULATED_LABEL
 from tests.conftest import finished_run, small_experiment
 from tests.test_report import _trial, context
 
@@ -137,6 +140,35 @@ def test_run_page_links_each_trial_and_plots_its_deltas() -> None:
 
 
 # ---------------------------------------------------------------- the pages of a real run
+
+
+def test_emulator_pages_open_with_the_simulated_banner_and_fireworks_pages_without() -> None:
+    trials = [_trial("a")]
+    for name in ("emulator", "fireworks"):
+        pages = [render_trial_html({**context(), "provider": name}),
+                 render_aggregate_html({"rid": "r", "provider": name, "trials": trials})]
+        for html in pages:
+            assert f"provider <b>{name}</b>" in html.lower()
+            banner = re.search(r'<main>\s*<p class="simulated"[^>]*><b>([^<]*)</b>', html)
+            assert (banner.group(1) if banner else None) == (SIMULATED_LABEL if name == "emulator" else None)
+            assert ("SIMULATED" in html) == (name == "emulator")
+
+
+def test_an_emulator_run_says_so_in_every_report_and_in_its_costs(reports: dict[str, Path]) -> None:
+    run_dir = reports["run"].parent
+    trial_reports = reports["trial"].parent
+    pages = [trial_reports / "report.md", reports["trial"], run_dir / "aggregate_report.md", reports["run"]]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        body = text[text.index("<main>"):] if page.suffix == ".html" else text  # a page's head is its styles
+        head = "\n".join(body.splitlines()[:8])
+        assert SIMULATED_LABEL in head and "emulator" in head, page.name
+    costs = json.loads((trial_reports.parent / "results" / "costs.json").read_text(encoding="utf-8"))
+    assert costs["provider"] == "emulator"
+    # priced as before: with the Fireworks rates of the config's pricing table
+    cfg = load_config(reports["base"] / "config" / "experiment.yaml")
+    assert costs["pricing"] == resolve_rates(**pricing_args(cfg, cfg.model_id))
+    assert costs["pricing"]["provider"] == "fireworks" and costs["pricing"]["table_found"]
 
 
 @pytest.mark.parametrize("page", ["trial", "run"])

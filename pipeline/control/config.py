@@ -34,36 +34,55 @@ class _Model(BaseModel):
 
 class MaxNewTokens(_Model):
     closed_book: Annotated[int, Field(gt=0, le=131072)] = 1024
+    """Most tokens a closed-book answer may generate (the job's max_tokens for closed-book parts)."""
     open_book: Annotated[int, Field(gt=0, le=131072)] = 1024
+    """Most tokens an open-book answer may generate (the job's max_tokens for open-book parts)."""
 
 
 class PromptSet(_Model):
     control: str
+    """File with the control system prompt."""
     treatment: str
+    """File with the treatment system prompt."""
 
 
 class Sizes(_Model):
     open_book_max_items: Annotated[int, Field(gt=0)] | None = None
+    """Cap on open-book items, applied after the per-dataset caps; null = all."""
     closed_book_max_items: Annotated[int, Field(gt=0)] | None = None
+    """Cap on closed-book items, applied after the per-dataset caps; null = all."""
     squad_v2_max_items: Annotated[int, Field(gt=0)] | None = None
+    """Cap on SQuAD v2 items (open-book); null = all."""
     triviaqa_max_items: Annotated[int, Field(gt=0)] | None = None
+    """Cap on TriviaQA items (closed-book); null = all."""
     nq_open_max_items: Annotated[int, Field(gt=0)] | None = None
+    """Cap on NQ-Open items (closed-book); null = all."""
 
 
 class Paths(_Model):
     prepared_dir: str = "../data/sample"
+    """Directory with the prepared `open_book.jsonl` and `closed_book.jsonl`."""
     task_instructions_dir: str = "task_instructions"
+    """Directory with `open_book.txt` and `closed_book.txt`, the per-type task instructions."""
     experiments_dir: str | None = None
+    """Accepted for configs of the original system and not used: runs go under `--root`, else
+    `$PIPELINE_EXPERIMENTS_DIR`, else `./experiments`."""
 
 
 class Provider(_Model):
     """Where batches go. `emulator` (default) starts a local Fireworks-compatible server per run."""
 
     name: Literal["emulator", "fireworks"] = "emulator"
+    """Who answers the batches: `emulator` (offline, simulated answers priced with the Fireworks rates; reports are
+    labelled SIMULATED) or `fireworks` (the real API; needs FIREWORKS_API_KEY and FIREWORKS_ACCOUNT_ID)."""
     latency_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    """Emulator only: seconds a batch job takes to complete."""
     poll_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    """Seconds between job status polls; null = 0.1 for the emulator, 30 for Fireworks."""
     poll_timeout_s: Annotated[float, Field(gt=0)] = 48 * 3600
+    """Seconds to wait for a job before the part fails."""
     pricing_key: str | None = None
+    """Model key looked up in `pricing.providers` instead of the trial's model id."""
     max_download_bytes: Annotated[int, Field(gt=0)] | None = Field(
         default=None,
         description="Absolute cap on one part's download; the limit is otherwise derived from the part's requests "
@@ -81,19 +100,27 @@ class Budget(_Model):
     """`max_usd`: no submission may take the run's committed cost estimate past it (see `pipeline.budget`)."""
 
     max_usd: Annotated[float, Field(gt=0)] | None = None
+    """USD cap on the run's committed cost estimate; null = no cap."""
 
 
 class Batching(_Model):
     lines_per_part: Annotated[int, Field(gt=0, le=1_000_000)] = 500
+    """Most request lines in one batch part (one remote job and dataset)."""
 
 
 class Pricing(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_per_million: Annotated[float, Field(ge=0)] = 0.15
+    """Fallback USD per 1M input tokens, for models without an entry in `pricing.providers`."""
     output_per_million: Annotated[float, Field(ge=0)] = 0.60
+    """Fallback USD per 1M output tokens, for models without an entry in `pricing.providers`."""
     batch_discount: Annotated[float, Field(ge=0, le=1)] | None = 0.5
+    """Multiplier on standard rates under the batch API; null, 0 or 1 mean no discount."""
     providers: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+    """Rates per provider and model: `{provider: {model: {input_per_mtok, output_per_mtok, input_per_mtok_batch,
+    output_per_mtok_batch, batch_discount}}}`; explicit batch rates are never discounted again (see
+    `pipeline.pricing`)."""
 
     @field_validator("providers")
     @classmethod
@@ -116,23 +143,36 @@ class Pricing(_Model):
 
 class Unsupported(_Model):
     strategy: Literal["baseline", "overlap"] = "baseline"
+    """How an open-book answer is judged unsupported by its passage: `baseline` (not a whole-token substring of it) or
+    `overlap` (too few of its tokens in it)."""
     threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Abstention gate: a sample whose abstain score is at least this is not counted as unsupported."""
     min_token_overlap: Annotated[float, Field(ge=0, le=1)] = 0.6
+    """`overlap` strategy: the share of the answer's tokens that must occur in the passage."""
 
 
 class Scoring(_Model):
     abstain_markers: list[str] | None = None
+    """Phrases that mark an answer as an abstention; null = the built-in list."""
 
 
 class Stats(_Model):
     bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 5000
+    """Bootstrap resamples for the delta CIs."""
     permutation_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 5000
+    """Sign-flip permutations for the permutation p-value."""
     random_seed: int = 1337
+    """Seed of every resampling, so statistics are reproducible."""
     enable_permutation: bool = True
+    """Compute the sign-flip permutation test."""
     enable_fdr: bool = True
+    """Add Benjamini–Hochberg q-values over the run's tests."""
     risk_thresholds: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Abstention thresholds at which selective risk (risk over coverage) is evaluated."""
     tost_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    """Significance level of the TOST non-inferiority test."""
     tost_margins: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"em": 0.01, "f1": 0.01})
+    """Non-inferiority margin per metric, as a rate (0.01 = 1 percentage point)."""
 
     @field_validator("risk_thresholds")
     @classmethod
@@ -144,29 +184,47 @@ class Optional(_Model):
     """The optional analyses (files next to significance.json). The mixed model is slow, so it is off by default."""
 
     enable_power_analysis: bool = True
+    """Write power_analysis.json (minimum detectable effect and required sample sizes)."""
     enable_cost_effectiveness: bool = True
+    """Write cost_effectiveness.json (extra USD per percentage point the treatment gains)."""
     enable_unsupported_sensitivity: bool = True
+    """Write unsupported_sensitivity.json (the unsupported-rate delta over the overlap threshold)."""
     enable_mixed_effects: bool = False
+    """Fit the mixed-effects model (slow, so off by default)."""
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    """Significance level of the power analysis."""
     power: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    """Target power of the power analysis."""
 
 
 class Sweep(_Model):
     models: list[str] | None = None
+    """Models (ids or aliases) to sweep; null = the top-level `models` / `model_id`."""
     prompt_sets: list[str] | None = None
+    """Prompt sets to sweep; null = the default prompt set."""
     top_p: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    """top_p values to sweep; null = the top-level `top_p`."""
     top_k: list[Annotated[int, Field(ge=0)]] | None = None
+    """top_k values to sweep; null = the top-level `top_k`."""
     max_new_tokens: dict[Literal["open_book", "closed_book"], list[Annotated[int, Field(gt=0)]]] | None = None
+    """Token limits to sweep per task type; a missing type keeps the top-level value."""
 
 
 class TrialSpec(_Model):
     id: str | None = None
+    """Trial slug (its directory name); null = derived from model, prompt set and parameters."""
     model: str | None = None
+    """Model id or alias; null = `model_id` (or the first of `models`)."""
     model_id: str | None = None
+    """Model id, used when `model` is not given."""
     prompt_set: str | None = None
+    """Prompt set name; null = the default prompt set."""
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    """top_p of this trial; null = the top-level `top_p`."""
     top_k: Annotated[int, Field(ge=0)] | None = None
+    """top_k of this trial; null = the top-level `top_k`."""
     max_new_tokens: MaxNewTokens | None = None
+    """Token limits of this trial; null = the top-level `max_new_tokens`."""
 
 
 Temp = Annotated[float, Field(ge=0, le=2)]
@@ -176,29 +234,54 @@ class ExperimentConfig(_Model):
     """The whole experiment. Unknown keys are refused so that typos do not silently fall back to defaults."""
 
     model_id: str = "accounts/fireworks/models/gpt-oss-120b"
+    """The model evaluated when neither `models`, `sweep.models` nor `trials` name one."""
     model_aliases: dict[str, str] = Field(default_factory=dict)
+    """Short names for model ids (`alias: full id`); an alias also names its trials."""
     models: list[str] | None = None
+    """Models (ids or aliases) to evaluate, one trial each; null = `model_id`."""
     temps: list[Temp] = Field(default_factory=lambda: [0.0, 0.7])
+    """Sampling temperatures; every trial runs at each of them."""
     samples_per_item: dict[str, Annotated[int, Field(gt=0, le=1000)]]
+    """Samples per item at each temperature (`temperature: K`); one entry per temperature of `temps`."""
     top_p: Annotated[float, Field(ge=0, le=1)] | None = 1.0
+    """Nucleus sampling top_p; null = not sent."""
     top_k: Annotated[int, Field(ge=0)] | None = 50
+    """top_k sampling; null = not sent."""
     max_new_tokens: MaxNewTokens = Field(default_factory=MaxNewTokens)
+    """Most tokens an answer may generate, per task type."""
     stop: list[str] = Field(default_factory=list)
+    """Stop sequences, sent with every job's inference parameters (and in each request line when `use_batch_api` is
+    false, as the original did)."""
     prompt_sets: dict[str, PromptSet] = Field(default_factory=dict)
+    """Named pairs of control and treatment system prompt files; at least one."""
     default_prompt_set: str | None = None
+    """Prompt set of trials that name none; null = the first name in sorted order."""
     sweep: Sweep | None = None
+    """Cartesian product of trial parameters, used when `trials` is not given."""
     trials: list[TrialSpec] | None = None
+    """Explicit trials; when given, `sweep` is ignored."""
     sizes: Sizes = Field(default_factory=Sizes)
+    """Caps on the number of prepared items."""
     paths: Paths = Field(default_factory=Paths)
+    """Input locations (relative to the config file)."""
     provider: Provider = Field(default_factory=Provider)
+    """Where batches go, and how downloads are bounded."""
     batching: Batching = Field(default_factory=Batching)
+    """How request lines are split into parts."""
     budget: Budget = Field(default_factory=Budget)
+    """Spending limit on submissions."""
     use_batch_api: bool = True
+    """Price with batch rates; when false, standard rates, and `stop` is also written into each request line."""
     pricing: Pricing = Field(default_factory=Pricing)
+    """Token rates for costs.json and the budget (see `pipeline.pricing`)."""
     unsupported: Unsupported = Field(default_factory=Unsupported)
+    """How open-book answers are judged unsupported by their passage."""
     scoring: Scoring = Field(default_factory=Scoring)
+    """Abstention detection."""
     stats: Stats = Field(default_factory=Stats)
+    """Settings of the paired statistics in significance.json."""
     optional: Optional = Field(default_factory=Optional)
+    """Optional analyses written next to significance.json."""
 
     @field_validator("samples_per_item", mode="before")
     @classmethod

@@ -41,6 +41,10 @@ METRICS = {
 # Metrics that are undefined for a task type (closed-book items have no passage to contradict or support).
 _UNDEFINED = {"closed": frozenset({"false_answer_rate", "unsupported_rate"}), "open": frozenset()}
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The label every report of an emulator run carries in its header: the emulator's simulated model has a built-in
+# treatment effect, so its numbers must never pass for a real model's.
+SIMULATED_LABEL = "SIMULATED — offline emulator, not model output"
+SIMULATED_PROVIDERS = frozenset({"emulator"})
 
 
 @lru_cache(maxsize=1)
@@ -425,7 +429,7 @@ def _cost_view(costs: Any) -> dict[str, Any]:
         "usd": fmt_usd(costs.get("usd")),
         "records": fmt_int(costs.get("usage_records")),
         "batch": _yes_no(costs.get("batch_discount_applied")),
-        "provider": pricing.get("provider") or NA,
+        "rates_table": pricing.get("provider") or NA,
         "model_key": pricing.get("model_key") or NA,
         "input_rate": fmt_num(pricing.get("input_rate_per_mtok"), "g"),
         "output_rate": fmt_num(pricing.get("output_rate_per_mtok"), "g"),
@@ -442,6 +446,23 @@ def _yes_no(value: Any) -> str:
 
 def _condition_order(name: str) -> tuple[int, str]:
     return (CONDITIONS.index(name) if name in CONDITIONS else len(CONDITIONS), str(name))
+
+
+# ---------------------------------------------------------------- provider
+
+
+def provider_view(name: Any) -> dict[str, Any]:
+    """Who answered the requests, as a report header shows it: `name` (n/a when unknown), `simulated` and `label`
+    (`SIMULATED_LABEL` for the offline emulator, else None)."""
+    shown = str(name) if name else NA
+    simulated = shown in SIMULATED_PROVIDERS
+    return {"name": shown, "simulated": simulated, "label": SIMULATED_LABEL if simulated else None}
+
+
+def _provider_name(ctx: dict[str, Any]) -> Any:
+    """The ctx's `provider` (the config's provider.name), else the one costs.json records. costs.json's
+    `pricing.provider` is never used: it names the rates table, which for the emulator is Fireworks'."""
+    return ctx.get("provider") or _get(ctx.get("costs"), "provider")
 
 
 # ---------------------------------------------------------------- trial report
@@ -498,7 +519,8 @@ def render_trial_report(ctx: dict[str, Any]) -> str:
 def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
     """The display strings of one trial's report (shared by report.md and report.html).
 
-    ctx: `rid`, `trial{slug, model, prompt_set, top_p, top_k, max_new_tokens{closed_book, open_book}}`,
+    ctx: `rid`, `provider` (the config's provider.name; when absent, costs.json's `provider`),
+    `trial{slug, model, prompt_set, top_p, top_k, max_new_tokens{closed_book, open_book}}`,
     `temps` [float], `samples_per_item{temp_str: int}`, `prompts{condition: {path, sha256, tokens}}`,
     `per_item` (per_item_scores.csv as a DataFrame), `significance` (significance.json), `costs` (costs.json),
     `score_summary` (status counts, may be empty), `jobs{jkey: {job_id, state}}`, `config_hash`.
@@ -517,6 +539,7 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
         })
     view = {
         "rid": ctx.get("rid") or NA,
+        "provider": provider_view(_provider_name(ctx)),
         "header": _header(ctx, temps),
         "prompts": _prompt_rows(ctx.get("prompts")),
         "status_line": _status_line(ctx.get("score_summary")),
@@ -573,7 +596,8 @@ def render_aggregate_report(ctx: dict[str, Any]) -> str:
 def aggregate_view(ctx: dict[str, Any]) -> dict[str, Any]:
     """The display strings of the run's report: one row per trial × temperature, then the run's total cost.
 
-    ctx: `rid`, `trials` [{slug, model, prompt_set, per_item (DataFrame), significance, costs}]. Trials keep
+    ctx: `rid`, `provider` (the config's provider.name; when absent, the one the trials' costs.json record if they
+    agree), `trials` [{slug, model, prompt_set, per_item (DataFrame), significance, costs}]. Trials keep
     the given order; temperatures within a trial are increasing. A row's usd is what that trial consumed at that
     temperature, shared parts included; `total_usd` is the run's spend over distinct parts
     (`pipeline.costs.run_spent_usd`, each shared part counted once, in its owner's `owned_usd`), `shared_usd` the
@@ -584,6 +608,9 @@ def aggregate_view(ctx: dict[str, Any]) -> dict[str, Any]:
     costs = [t.get("costs") for t in trials]
     total = run_spent_usd(costs)
     shared = [_number(_get(c, "shared_usd")) for c in costs]
-    return {"rid": ctx.get("rid") or NA, "rows": rows, "total_usd": fmt_usd(total), "n_trials": len(trials),
+    recorded = {str(name) for name in (_get(c, "provider") for c in costs) if name}
+    provider = ctx.get("provider") or (recorded.pop() if len(recorded) == 1 else None)
+    return {"rid": ctx.get("rid") or NA, "provider": provider_view(provider), "rows": rows, "total_usd": fmt_usd(total),
+            "n_trials": len(trials),
             "unpriced": sum(owned_usd(c) is None for c in costs),
             "shared_usd": fmt_usd(sum(u for u in shared if u is not None)) if total is not None else NA}

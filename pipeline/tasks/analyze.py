@@ -178,7 +178,7 @@ class SummarizeCosts(TrialTask):
         cfg = self.run_ctx.cfg
         trial = self.run_ctx.trial(self.trial)
         provider = "fireworks" if cfg.provider.name == "emulator" else cfg.provider.name
-        return {"pricing": cfg.pricing.model_dump(), "provider": provider,
+        return {"pricing": cfg.pricing.model_dump(), "provider": provider, "served_by": cfg.provider.name,
                 "model": cfg.provider.pricing_key or trial.model_id, "use_batch_api": cfg.use_batch_api}
 
     def ownership(self) -> str | None:
@@ -214,7 +214,7 @@ class SummarizeCosts(TrialTask):
         result = trial_costs(usage, trial=self.trial, parts=parts, **args)
         path = self.layout.costs(self.trial)
         write_text(path, dumps_json(result))
-        self.record_stage("costs", {"costs_json": self.layout.rel(path), "provider": args["provider"],
+        self.record_stage("costs", {"costs_json": self.layout.rel(path), "provider": args["served_by"],
                                     "pricing_key": args["model"], "usd": result["usd"],
                                     "owned_usd": result["owned_usd"], "shared_usd": result["shared_usd"],
                                     "file": artifact_record(self.layout, path), "inputs": inputs})

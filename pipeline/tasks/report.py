@@ -133,11 +133,12 @@ class TrialReport(TrialTask):
         return {**{stage: self.input_sha(stage) for stage in ("scored", "stats", "costs")},
                 "prompts": {cond: record.get("sha256") for cond, record in sorted(provenance["prompts"].items())},
                 "jobs": {key: job["job_id"] for key, job in provenance["jobs"].items()},
-                "config_hash": provenance["config_hash"]}
+                "config_hash": provenance["config_hash"], "provider": provenance["provider"]}
 
     def provenance(self) -> dict[str, Any]:
         """What the trial's report names as its provenance: the prompts its predictions answer (recorded when they
-        were parsed), every part's job id and state, and the run's config hash."""
+        were parsed), every part's job id and state, the run's config hash and the provider that answered (a report
+        recorded before reports named it lacks this input, so it is rendered again, now with its provider)."""
         manifest = self.manifest(self.trial)
         jobs = {}
         for ref in self.refs():
@@ -146,7 +147,7 @@ class TrialReport(TrialTask):
             jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {
                 "job_id": record.job_id if record else None, "state": record.state if record else None}
         return {"prompts": dict(manifest.prompts) if manifest else {}, "jobs": jobs,
-                "config_hash": config_fingerprint(self.run_ctx.cfg)}
+                "config_hash": config_fingerprint(self.run_ctx.cfg), "provider": self.run_ctx.cfg.provider.name}
 
     def done(self) -> tuple[bool, str]:
         if self.force and self.task_id not in _forced:
@@ -210,7 +211,7 @@ class TrialReport(TrialTask):
             prompts[cond] = {**provenance["prompts"].get(cond, {}), "path": shown}
         from pipeline.naming import temp_str
 
-        ctx = {"rid": self.rid,
+        ctx = {"rid": self.rid, "provider": provenance["provider"],
                "trial": {"slug": trial.slug, "model": trial.model_id, "prompt_set": trial.prompt_set,
                          "top_p": trial.top_p, "top_k": trial.top_k, "max_new_tokens": trial.max_new_tokens.model_dump()},
                "temps": list(trial.temps),
@@ -234,8 +235,9 @@ class TrialReport(TrialTask):
         trials = [{"slug": t.slug, "model": t.model_id, "prompt_set": t.prompt_set, **self._load(t.slug),
                    "report_href": self.layout.report_html(t.slug).relative_to(html.parent).as_posix()}
                   for t in self.run_ctx.trials]
-        write_text(path, render_aggregate_report({"rid": self.rid, "trials": trials}))
-        write_text(html, render_aggregate_html({"rid": self.rid, "trials": trials}))
+        ctx = {"rid": self.rid, "provider": self.run_ctx.cfg.provider.name, "trials": trials}
+        write_text(path, render_aggregate_report(ctx))
+        write_text(html, render_aggregate_html(ctx))
         record = {"file": artifact_record(self.layout, path), "html": artifact_record(self.layout, html), "inputs": inputs}
 
         def change(state: RunState | None) -> RunState:
