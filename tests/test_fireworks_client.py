@@ -376,6 +376,22 @@ def test_bundles_with_escaping_members_are_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "evil.jsonl").exists() and not any(out.rglob("*.jsonl"))
 
 
+@pytest.mark.parametrize(("kind", "name", "needle"), [
+    (kind, name, needle) for kind in ("zip", "tar", "tar.gz")
+    for name, needle in (("/".join(["a"] * 9) + "/r.jsonl", "folders deep"), ("x" * 256 + ".jsonl", "longer than"),
+                         ("a/" + "y" * 3000, "longer than"))])
+def test_bundle_members_too_deep_or_too_long_are_refused(tmp_path: Path, kind: str, name: str, needle: str) -> None:
+    bundle = tmp_path / f"deep.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(bundle, "w") as zf:
+            zf.writestr(name, "{}\n")
+    else:
+        _tar(bundle, {name: b"{}\n"}, mode="w:gz" if kind == "tar.gz" else "w")
+    with pytest.raises(ValueError, match=needle):
+        extract_jsonl_bundle(bundle, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*"))
+
+
 def test_bundle_limits(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "many.zip", "w") as zf:
         for i in range(5):

@@ -100,6 +100,10 @@ def run(argv: list[str]) -> int:
         outcome.control_active(True)
         task = parser.get_task_obj()  # checks the config and exits 2 / 3 before anything is written
         layout: RunLayout = task.layout
+        problem = getattr(task, "preflight", lambda: None)()
+        if problem:
+            log.error("%s", problem)
+            return exit_codes.CONFIG_INVALID
 
         def locked() -> None:
             accept = getattr(task, "accept_pending_drift", None)

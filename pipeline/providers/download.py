@@ -36,6 +36,7 @@ from pipeline.providers.limits import Deadline, DownloadRefused
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_REDIRECTS = 5
 MAX_MEMBER_DEPTH = 8  # path components of a bundle member: result bundles are flat or one folder deep
+MAX_MEMBER_NAME = 255  # bytes per path component, the common file-system limit
 _CHUNK = 1 << 16
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -190,6 +191,8 @@ def _safe_relpath(name: str, bundle: Path) -> PurePosixPath:
     parts = [p for p in rel.parts if p not in ("", ".")]
     if not parts:
         raise ValueError(f"{bundle}: member with empty name, refused")
+    if any(len(p.encode("utf-8", "surrogateescape")) > MAX_MEMBER_NAME for p in parts):
+        raise ValueError(f"{bundle}: member {name[:120]!r}… has a name longer than {MAX_MEMBER_NAME} bytes, refused")
     if len(parts) > MAX_MEMBER_DEPTH:
         raise ValueError(f"{bundle}: member {name[:120]!r} is {len(parts)} folders deep (at most {MAX_MEMBER_DEPTH}), "
                          "refused")

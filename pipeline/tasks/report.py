@@ -102,13 +102,23 @@ class TrialReport(TrialTask):
                                   f"`python -m pipeline run --rid {self.rid} …` takes the same options")
             if self.trial:
                 run.trial(self.trial)
-            check_credentials(run)
         except ConfigDriftError as exc:
             log.error("%s", exc)
             sys.exit(exit_codes.CONFIG_DRIFT)
         except (ConfigError, ValueError) as exc:
             log.error("%s", exc)
             sys.exit(exit_codes.CONFIG_INVALID)
+
+    def preflight(self) -> str | None:
+        """Read-only checks before the runner lets anything be frozen, built or sent: the problem, or None. A run
+        verified complete and unchanged sends nothing, so it needs nothing."""
+        if self._unchanged_since_verified():
+            return None
+        try:
+            check_credentials(open_run(self.rid, self.root or None, self.config or None))
+        except ConfigError as exc:
+            return str(exc)
+        return None
 
     def accept_pending_drift(self) -> None:
         """Adopt an accepted `--config` (the runner calls this once Luigi's process lock is held)."""
