@@ -11,7 +11,8 @@
 - `compare --rid A --rid B [--root DIR] [--json]`: read-only; two runs' metrics and deltas side by side.
 - `archive --rid X [--root DIR] [--out DIR] [--json]`: a verified archive bundle of a finished run (non-destructive).
 - `stop --rid X [--root DIR]`: ask a running run to stop submitting, save its state and exit (code 75).
-- `emulator --port P --state-dir D [--latency S] [--answer-key DIR]`: the offline Fireworks-compatible server.
+- `emulator --port P --state-dir D [--latency S] [--answer-key DIR] [--host H --allow-remote]`: the offline
+  Fireworks-compatible server (loopback only unless `--allow-remote`).
 - `prepare-data --out DIR [--squad-v2 F] [--triviaqa F] [--nq-open F] [--max-items ...]`: prepared files from the
   published dataset formats.
 
