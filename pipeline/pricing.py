@@ -108,3 +108,16 @@ def pricing_args(cfg: Any, model: str) -> dict[str, Any]:
     provider = "fireworks" if cfg.provider.name == "emulator" else cfg.provider.name
     return {"pricing": cfg.pricing.model_dump(), "provider": provider, "model": cfg.provider.pricing_key or model,
             "use_batch_api": cfg.use_batch_api}
+
+
+def unlisted_models(cfg: Any, models: Any) -> list[str]:
+    """The models among `models` that `pricing.providers` has no entry for (they would get the fallback rates)."""
+    return sorted({m for m in models if not resolve_rates(**pricing_args(cfg, m))["table_found"]})
+
+
+def unlisted_message(cfg: Any, models: list[str]) -> str:
+    provider = pricing_args(cfg, models[0])["provider"]
+    return (f"model(s) {', '.join(models)} have no rates in pricing.providers.{provider}: they would be priced at the "
+            f"fallback rates (${cfg.pricing.input_per_million:g} / ${cfg.pricing.output_per_million:g} per 1M "
+            "tokens), so the budget and costs could be wrong. Add them to the pricing table (or fix a misspelt "
+            "model), or set pricing.allow_unlisted_models: true")

@@ -167,3 +167,26 @@ def test_missing_credentials_stop_the_run_before_anything_is_frozen_or_built(tmp
     assert all(name in run.stderr for name in missing)
     assert "Traceback" not in run.stderr
     assert not (root / f"run_{RID}").exists() or not list((root / f"run_{RID}").rglob("*.json*"))
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_model_without_rates_is_warned_by_plan_and_refused_unless_allowed(tmp_path: Path, allowed: bool) -> None:
+    config = small_experiment(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["model_id"] = "accounts/fireworks/models/gpt-oss-999b"
+    raw["pricing"]["allow_unlisted_models"] = allowed
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = tmp_path / "exp"
+    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
+    common = ["--rid", RID, "--root", str(root), "--config", str(config)]
+    plan = subprocess.run([*PIPELINE_RUN[:-1], "plan", *common], capture_output=True, text=True, env=env, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    warning = [line for line in plan.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "gpt-oss-999b" in warning[0] and "pricing.allow_unlisted_models" in warning[0]
+    run = subprocess.run([*PIPELINE_RUN, "TrialReport", *common], capture_output=True, text=True, env=env, timeout=300)
+    if allowed:
+        assert run.returncode == 0, run.stderr[-3000:]
+    else:
+        assert run.returncode == 2, run.stderr[-3000:]
+        assert "gpt-oss-999b" in run.stderr and "pricing.allow_unlisted_models: true" in run.stderr
+        assert not (root / f"run_{RID}" / "effective_config.yaml").exists()

@@ -117,6 +117,9 @@ class Pricing(_Model):
     """Fallback USD per 1M output tokens, for models without an entry in `pricing.providers`."""
     batch_discount: Annotated[float, Field(ge=0, le=1)] | None = 0.5
     """Multiplier on standard rates under the batch API; null, 0 or 1 mean no discount."""
+    allow_unlisted_models: bool = False
+    """Run models that have no entry in `pricing.providers` (priced at the fallback rates); otherwise the runner
+    refuses them before anything is sent, and `plan` warns."""
     providers: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
     """Rates per provider and model: `{provider: {model: {input_per_mtok, output_per_mtok, input_per_mtok_batch,
     output_per_mtok_batch, batch_discount}}}`; explicit batch rates are never discounted again (see

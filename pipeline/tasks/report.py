@@ -17,6 +17,7 @@ import luigi
 from pipeline.control import exit_codes, noop_index, outcome
 from pipeline.control.config import ConfigError
 from pipeline.control.run import ConfigDriftError, accept_drift, config_drift, config_fingerprint, open_run, refuse_drift
+from pipeline.pricing import unlisted_message, unlisted_models
 from pipeline.provider import check_credentials
 from pipeline.tasks.analyze import ComputeStats, OptionalAnalyses, ScorePredictions, SummarizeCosts
 from pipeline.tasks.base import (
@@ -115,9 +116,13 @@ class TrialReport(TrialTask):
         if self._unchanged_since_verified():
             return None
         try:
-            check_credentials(open_run(self.rid, self.root or None, self.config or None))
+            run = open_run(self.rid, self.root or None, self.config or None)
+            check_credentials(run)
         except ConfigError as exc:
             return str(exc)
+        unlisted = unlisted_models(run.cfg, {t.model_id for t in run.trials})
+        if unlisted and not run.cfg.pricing.allow_unlisted_models and not run.adopted:
+            return unlisted_message(run.cfg, unlisted)
         return None
 
     def accept_pending_drift(self) -> None:

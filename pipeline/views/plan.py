@@ -11,6 +11,7 @@ from pipeline import budget
 from pipeline.control import exit_codes
 from pipeline.control.config import ConfigError
 from pipeline.control.run import ConfigDriftError, Run, config_drift, open_run, refuse_drift
+from pipeline.pricing import unlisted_message, unlisted_models
 
 
 def _children(task):  # noqa: ANN001, ANN202
@@ -61,7 +62,8 @@ def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO, a
     counts = {state: sum(1 for t in tasks if t["state"] == state) for state in ("done", "to run")}
     if as_json:
         print(json.dumps({"rid": rid, "run_dir": str(run.layout.run_dir), "config": source, "trials": len(run.trials),
-                          "tasks": tasks, "counts": counts, "cost": budget_summary(run)}, indent=2), file=stream)
+                          "tasks": tasks, "counts": counts, "cost": budget_summary(run),
+                          "warnings": model_warnings(run)}, indent=2), file=stream)
         return exit_codes.OK
     print(f"run {rid} at {run.layout.run_dir} (config: {source}); {len(run.trials)} trial(s)", file=stream)
     for t in tasks:
@@ -69,7 +71,19 @@ def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO, a
     print(f"{counts['done']} done, {counts['to run']} to run", file=stream)
     for line in budget_lines(run):
         print(line, file=stream)
+    for line in model_warnings(run):
+        print(line, file=stream)
     return exit_codes.OK
+
+
+def model_warnings(run: Run) -> list[str]:
+    """A warning for models the pricing table does not list (the runner refuses them unless allowed)."""
+    unlisted = unlisted_models(run.cfg, {t.model_id for t in run.trials})
+    if not unlisted:
+        return []
+    verdict = "allowed by pricing.allow_unlisted_models" if run.cfg.pricing.allow_unlisted_models else \
+        "the run refuses them (exit 2)"
+    return [f"warning: {unlisted_message(run.cfg, unlisted)}; {verdict}"]
 
 
 def budget_summary(run: Run) -> dict[str, Any]:
