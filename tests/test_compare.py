@@ -29,7 +29,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = base / "exp"
     finished_run(root, config, "a")
     raw = yaml.safe_load(config.read_text())
-    raw["sweep"]["prompt_sets"] = raw["sweep"]["prompt_sets"][:1]  # B: one of A's two trials
+    raw["sweep"]["prompt_sets"] = raw["sweep"]["prompt_sets"][:1]  # B: one of A's two trials, at one of its temps
+    raw["temps"], raw["samples_per_item"] = [0.0], {"0.0": 1}
     one = config.with_name("one.yaml")
     one.write_text(yaml.safe_dump(raw, sort_keys=False))
     finished_run(root, one, "b")
@@ -42,7 +43,8 @@ def test_common_trials_side_by_side_with_the_difference_of_deltas(runs: Path) ->
     view = json.loads(out.stdout)
     assert len(view["only_in_a"]) == 1 and view["only_in_b"] == [] and view["unfinished"] == []
     rows = view["rows"]
-    assert {(r["temp"], r["type"]) for r in rows} == {("0.0", "closed"), ("0.0", "open"), ("0.7", "closed"), ("0.7", "open")}
+    assert {(r["temp"], r["type"]) for r in rows} == {("0.0", "closed"), ("0.0", "open")}
+    assert view["temps_only_in"] == [{"trial": rows[0]["trial"], "temp": "0.7", "run": "a"}]
     assert {r["metric"] for r in rows} >= {"em", "f1"}
     trial = rows[0]["trial"]
     significance = json.loads((runs / "run_a" / trial / "results" / "significance.json").read_text())
@@ -52,6 +54,7 @@ def test_common_trials_side_by_side_with_the_difference_of_deltas(runs: Path) ->
         assert r["delta_b_minus_a"] == pytest.approx(r["b"]["delta"] - r["a"]["delta"])
     text = cli("compare", "--rid", "a", "--rid", "b", "--root", str(runs)).stdout
     assert "B−A of Δ (pp)" in text and f"only in a: {view['only_in_a'][0]}" in text
+    assert f"only in a: T=0.7 of {rows[0]['trial']}" in text
 
 
 def test_unknown_run_and_wrong_arity_are_clear_errors(runs: Path) -> None:

@@ -2,7 +2,8 @@
 
 Trials are matched by slug. For every trial, temperature, task type and metric that both runs' significance.json
 hold: the control and treatment means and the treatment − control delta with its 95% CI in each run, and B − A of
-the deltas. Trials in one run only, or not finished (no significance.json), are listed as such.
+the deltas. Trials in one run only, temperatures of a common trial that one run only has, and trials not finished
+(no significance.json) are listed as such: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _cell(block: Any) -> dict[str, Any] | None:
 
 
 def compare_runs(rid_a: str, rid_b: str, root: str | None = None) -> dict[str, Any]:
-    """`{a, b, rows: [{trial, temp, type, metric, a, b, delta_b_minus_a}], only_in_a, only_in_b, unfinished}`."""
+    """`{a, b, rows: [{trial, temp, type, metric, a, b, delta_b_minus_a}], only_in_a, only_in_b, temps_only_in:
+    [{trial, temp, run}], unfinished}`."""
     runs = {"a": open_run(rid_a, root), "b": open_run(rid_b, root)}
     for key, run in runs.items():
         if not run.frozen:
@@ -42,6 +44,7 @@ def compare_runs(rid_a: str, rid_b: str, root: str | None = None) -> dict[str, A
     common = [s for s in slugs["a"] if s in slugs["b"]]
     rows: list[dict[str, Any]] = []
     unfinished: list[dict[str, str]] = []
+    temps_only_in: list[dict[str, str]] = []
     for slug in common:
         sig = {key: _significance(run, slug) for key, run in runs.items()}
         missing = [key for key, data in sig.items() if data is None]
@@ -50,6 +53,9 @@ def compare_runs(rid_a: str, rid_b: str, root: str | None = None) -> dict[str, A
                             "state": trial_status(runs[key].layout, slug).get("state", "unknown")} for key in missing]
             continue
         results = {key: {temp_str(float(t)): block for t, block in data["results"].items()} for key, data in sig.items()}
+        for key, other in (("a", "b"), ("b", "a")):
+            temps_only_in += [{"trial": slug, "temp": t, "run": runs[key].rid}
+                              for t in sorted(set(results[key]) - set(results[other]), key=float)]
         for temp in sorted(set(results["a"]) & set(results["b"]), key=float):
             for type_ in TYPES:
                 metrics = {key: (results[key][temp].get(type_) or {}).get("metrics") or {} for key in results}
@@ -59,7 +65,7 @@ def compare_runs(rid_a: str, rid_b: str, root: str | None = None) -> dict[str, A
                         continue
                     rows.append({"trial": slug, "temp": temp, "type": type_, "metric": metric, "a": a, "b": b,
                                  "delta_b_minus_a": b["delta"] - a["delta"]})
-    return {"a": rid_a, "b": rid_b, "rows": rows, "unfinished": unfinished,
+    return {"a": rid_a, "b": rid_b, "rows": rows, "unfinished": unfinished, "temps_only_in": temps_only_in,
             "only_in_a": [s for s in slugs["a"] if s not in slugs["b"]],
             "only_in_b": [s for s in slugs["b"] if s not in slugs["a"]]}
 
@@ -95,6 +101,8 @@ def render_comparison(view: dict[str, Any]) -> str:
     for key, label in (("only_in_a", f"only in {a}"), ("only_in_b", f"only in {b}")):
         if view[key]:
             lines.append(f"{label}: {', '.join(view[key])}")
+    for item in view["temps_only_in"]:
+        lines.append(f"only in {item['run']}: T={item['temp']} of {item['trial']}")
     for item in view["unfinished"]:
         lines.append(f"not finished: {item['trial']} in run {item['run']} ({item['state']})")
     return "\n".join(lines) + "\n"
