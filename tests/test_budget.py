@@ -73,6 +73,8 @@ def test_submission_stops_before_the_budget_and_resumes_when_it_is_raised(tmp_pa
     stopped = run_luigi(tmp_path / "exp", config, "b", "--workers", "4")
     assert stopped.returncode == exit_codes.BUDGET_EXCEEDED, stopped.stderr[-3000:]
     assert "over budget.max_usd" in stopped.stderr
+    assert "Traceback" not in stopped.stderr, "the budget is an expected condition: one line, no traceback"
+    assert [line for line in stopped.stderr.splitlines() if "held back by the budget:" in line]
     run_dir = tmp_path / "exp" / "run_b"
     run = open_run("b", tmp_path / "exp")
     sent = job_creates(run_dir)

@@ -65,6 +65,10 @@ def test_no_wait_exits_waiting_then_a_later_run_finishes(tmp_path: Path, provide
     provider.clock.advance(120)
     done = invoke(tmp_path, config, "--no-wait")
     assert done.returncode == exit_codes.OK, done.stderr[-3000:]
+    log = (first.stdout + first.stderr + again.stdout + again.stderr + done.stdout + done.stderr).splitlines()
+    assert len(log) < 40 and "Traceback" not in "\n".join(log), "\n".join(log)
+    assert [line for line in log if "waiting on the provider:" in line and f"{len(sent)} part(s)" in line], log
+    assert any("finished (exit 0)" in line for line in done.stderr.splitlines())
     assert (tmp_path / "exp" / "run_cron" / "aggregate_report.md").is_file()
     assert provider.job_creates() == sent
     assert not list((tmp_path / "exp" / "run_cron" / ".outcomes").glob("*")), "outcome notes are cleaned up"

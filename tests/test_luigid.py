@@ -62,7 +62,7 @@ class Scenario:
         return f"exit codes {self.codes}\n{tails}\n\nluigid:\n{self.luigid.log_tail()}"
 
 
-def run_under_luigid(base: Path, config: Path, *, processes: int, workers: int) -> Scenario:
+def run_under_luigid(base: Path, config: Path, *, processes: int, workers: int, extra: tuple[str, ...] = ()) -> Scenario:
     """Start a luigid, run `processes` identical `luigi` invocations at once against it, collect the evidence."""
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
     luigid = Luigid(base / "luigid", resources={PROVIDER: CAP})
@@ -71,7 +71,7 @@ def run_under_luigid(base: Path, config: Path, *, processes: int, workers: int) 
     try:
         args = [*PIPELINE_RUN, "TrialReport", "--rid", RID,
                 "--root", str(layout.root), "--config", str(config), "--scheduler-host", "127.0.0.1",
-                "--scheduler-port", str(luigid.port), "--workers", str(workers)]
+                "--scheduler-port", str(luigid.port), "--workers", str(workers), *extra]
         if processes > 1:
             # --no-lock: the invocations are identical, and Luigi's pid lock would turn all but one away at once.
             # --worker-keep-alive: without it a process leaves as soon as luigid has nothing for it right now (the
@@ -165,3 +165,16 @@ def test_two_processes_on_one_run_run_each_task_once(tmp_path: Path, config: Pat
     assert all(_DONE_LINE.search(log) for log in both.logs), "both processes ran tasks"
     differences = output_differences(snapshot_outputs(single.layout.run_dir), both.layout.run_dir)
     assert differences == [], "\n".join(differences)
+
+
+def test_parts_waiting_on_their_jobs_are_pending_not_failed(tmp_path: Path) -> None:
+    """Cron mode under luigid: jobs still running leave their parts pending on them; nothing shows as FAILED."""
+    slow = small_experiment(tmp_path / "slow", latency_s=3600)
+    waiting = run_under_luigid(tmp_path, slow, processes=1, workers=2, extra=("--no-wait",))
+    assert waiting.codes == [exit_codes.WAITING], waiting.failure()
+    assert "FAILED" not in waiting.statuses.values(), waiting.failure()
+    assert [e for e in waiting.luigid.history() if e.status == "FAILED"] == [], waiting.failure()
+    pending = families(task for task, status in waiting.statuses.items() if status == "PENDING")
+    submitted = families(waiting.statuses)["SubmitPart"]
+    assert submitted and pending["PollJob"] == pending["JobRunning"] == submitted, waiting.failure()
+    assert "Traceback" not in waiting.logs[0], waiting.failure()

@@ -57,6 +57,7 @@ def test_stop_then_resume(tmp_path: Path, how: str) -> None:
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == exit_codes.STOPPED, output[-3000:]
     assert "stop requested" in output
+    assert "Traceback" not in output, "a stop is an expected condition: one line, no traceback"
     created = job_creates(run_dir)
     manifests = [json.loads(p.read_text()) for p in run_dir.glob("*/results/trial_manifest.json")]
     known = {part["job_id"] for m in manifests for part in m["parts"].values() if part["state"] != "uploaded"}

@@ -1,11 +1,12 @@
 """How one invocation ends, as a distinct exit code for cron: done, waiting on the provider, budget exceeded, stopped.
 
-Luigi reports every task that raised as failed (30). Some of our tasks raise on purpose: a part whose job is still
-running in non-blocking mode (`WaitingOnProvider`), a submission the budget refuses (`BudgetExceeded`), a stop
-(`StopRequested`). Each failure is recorded as a small file `run_<rid>/.outcomes/<session>.<kind>.<n>` by the
-process that ran the task (with `--workers N` that is a child), and when the graph has run, the runner
-(`pipeline.control.runner`) turns the kinds into one code: any other failure keeps Luigi's code; else budget >
-stopped > waiting. A finished run is 0.
+Some of our tasks end on purpose: a submission the budget refuses (`BudgetExceeded`) and a stop (`StopRequested`)
+raise, and Luigi records them as failed; a part whose job is still running in non-blocking mode is left pending on
+an external dependency (`PollJob` yields `JobRunning`), so Luigi and luigid show it pending, not failed. Each such
+outcome, and every real failure, is recorded with its first message line as a small file
+`run_<rid>/.outcomes/<session>.<kind>.<n>` by the process that ran the task (with `--workers N` that is a child).
+When the graph has run, the runner (`pipeline.control.runner`) turns the kinds into one code: any other failure
+keeps Luigi's code; else budget > stopped > waiting. A finished run is 0.
 
 The session is the root process's pid: forked workers inherit it, and two invocations on one run never mix. A process
 not started by the runner (a plain `luigi` command) has no session: it records nothing and exits with Luigi's code.
@@ -27,6 +28,7 @@ log = logging.getLogger("pipeline")
 WAITING, BUDGET, STOPPED, FAILED = "waiting", "budget", "stopped", "failed"
 _CODES = {BUDGET: exit_codes.BUDGET_EXCEEDED, STOPPED: exit_codes.STOPPED, WAITING: exit_codes.WAITING}
 _session: dict[str, int | bool] = {"pid": 0, "no_wait": False, "controlled": False}
+MESSAGE_CHARS = 300
 
 
 class WaitingOnProvider(RuntimeError):
@@ -61,27 +63,33 @@ def _dir(layout: RunLayout) -> Path:
 
 
 def record_failure(layout: RunLayout, exc: BaseException) -> None:
-    """Remember why a task of this invocation failed (called in whichever process ran it); never raises."""
+    """Remember why a task of this invocation failed, or waits (called in whichever process ran it; the first line
+    of the message is kept for the summary); never raises."""
     if not _session["pid"]:
         return
     try:
         folder = _dir(layout)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{_session['pid']}.{kind_of(exc)}.{uuid.uuid4().hex[:12]}").touch()
+        message = (str(exc).splitlines() or [type(exc).__name__])[0][:MESSAGE_CHARS]
+        (folder / f"{_session['pid']}.{kind_of(exc)}.{uuid.uuid4().hex[:12]}").write_text(message, encoding="utf-8")
     except OSError as err:
         log.warning("could not record the outcome of a failed task (%s); the exit code may be Luigi's", err)
 
 
-def collect(layout: RunLayout) -> set[str]:
-    """The kinds recorded by this session; their files are removed (and those of sessions that died)."""
-    kinds: set[str] = set()
+def collect(layout: RunLayout) -> dict[str, list[str]]:
+    """`{kind: [message, …]}` recorded by this session; their files are removed (and those of sessions that died)."""
+    kinds: dict[str, list[str]] = {}
     folder = _dir(layout)
     if not folder.is_dir():
         return kinds
-    for path in folder.iterdir():
+    for path in sorted(folder.iterdir()):
         session, _, rest = path.name.partition(".")
         if session == str(_session["pid"]):
-            kinds.add(rest.partition(".")[0])
+            try:
+                message = path.read_text(encoding="utf-8")
+            except OSError:
+                message = ""
+            kinds.setdefault(rest.partition(".")[0], []).append(message)
             path.unlink(missing_ok=True)
         elif session.isdigit() and not pid_alive(int(session)):
             path.unlink(missing_ok=True)
@@ -100,6 +108,11 @@ def controlled() -> bool:
 def begin(layout: RunLayout, *, wait: bool = True) -> None:
     """Start this process's session on the run: failures are recorded from now on (for the exit code)."""
     _session["pid"], _session["no_wait"] = os.getpid(), not wait
+
+
+def expected(exc: BaseException) -> bool:
+    """Waiting, a stop or the budget: conditions the run reports in one line, not failures with a traceback."""
+    return kind_of(exc) != FAILED
 
 
 def exit_code(kinds: set[str], stop_requested: bool) -> int | None:

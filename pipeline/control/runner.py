@@ -30,7 +30,7 @@ import luigi.interface
 import luigi.retcodes
 from luigi.cmdline_parser import CmdlineParser
 
-from pipeline.control import exit_codes, noop_index, outcome, stop
+from pipeline.control import console, exit_codes, noop_index, outcome, stop
 from pipeline.control.layout import RunLayout
 from pipeline.tasks.download import SCRATCH as DOWNLOAD_SCRATCH
 from targets.atomic import sweep_temp_files
@@ -104,11 +104,15 @@ def run(argv: list[str]) -> int:
         if problem:
             log.error("%s", problem)
             return exit_codes.CONFIG_INVALID
+        console.install()
+        cron = bool(getattr(task, "no_wait", False))
 
         def locked() -> None:
             accept = getattr(task, "accept_pending_drift", None)
             if accept is not None:
                 accept()
+            if cron:  # Luigi has set up its logging by now
+                console.quiet()
             install_signal_handlers(layout)
             stop.begin_session()
             outcome.begin(layout, wait=not getattr(task, "no_wait", False))
@@ -121,22 +125,29 @@ def run(argv: list[str]) -> int:
             log.warning("run %s: the same command is already running (Luigi's process lock); nothing was changed "
                         "(exit %d)", task.rid, exit_codes.LOCKED)
             return exit_codes.LOCKED
-        return finish(task, layout, _luigi_code(result.worker))
+        return finish(task, layout, result.worker, cron)
 
 
-def finish(task: luigi.Task, layout: RunLayout, luigi_code: int) -> int:
-    """The invocation's exit code; a finished run is indexed for the no-op short-cut and its stop request removed."""
+def finish(task: luigi.Task, layout: RunLayout, worker: luigi.worker.Worker, cron: bool) -> int:
+    """The invocation's exit code; a finished run is indexed for the no-op short-cut and its stop request removed.
+    Expected conditions are reported in one line each; in cron mode, also what ran."""
     kinds = outcome.collect(layout)
     if noop_index.confirmed(layout, task.task_id):  # complete before the graph, per the index: nothing ran
         stop.clear_stop(layout)
         return exit_codes.OK
+    if cron:
+        log.warning("run %s: %s", layout.rid, console.ran_line(worker))
     if task.complete():
         if getattr(task, "indexable", lambda: False)():
             noop_index.record(layout, task.task_id, SCRATCH)
         stop.clear_stop(layout)
+        if cron:
+            log.warning("run %s finished (exit 0)", layout.rid)
         return exit_codes.OK
-    code = outcome.exit_code(kinds, stop.stop_requested(layout))
+    for line in console.outcome_lines(kinds):
+        log.warning("run %s %s", layout.rid, line)
+    code = outcome.exit_code(set(kinds), stop.stop_requested(layout))
     if code is None:
-        return luigi_code
+        return _luigi_code(worker)
     log.warning("run %s %s (exit %d)", layout.rid, outcome.MESSAGES[code], code)
     return code

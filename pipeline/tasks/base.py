@@ -90,6 +90,12 @@ class PipelineTask(luigi.Task):
     def describe(self) -> str:
         return f"run={self.rid}"
 
+    def on_failure(self, exception: BaseException) -> str:
+        """What the scheduler (and luigid's page) shows: one line for an expected condition, else the traceback."""
+        if outcome.expected(exception):
+            return f"{type(exception).__name__}: {exception}"
+        return super().on_failure(exception)
+
     def done(self) -> tuple[bool, str]:
         raise NotImplementedError
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import luigi
 
 from pipeline import budget
 from pipeline.control.layout import TRIAL_FILES
-from pipeline.control.outcome import StopRequested, WaitingOnProvider, no_wait
+from pipeline.control.outcome import StopRequested, WaitingOnProvider, no_wait, record_failure
 from pipeline.control.stop import stop_requested
 from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
 from pipeline.progress import Progress
@@ -386,7 +386,7 @@ class PollJob(PartTask):
     def done(self) -> tuple[bool, str]:
         return self.current_record({"completed"})
 
-    def run(self) -> None:
+    def run(self) -> Iterator[JobRunning]:
         if unchanged_after_upstream(self):
             return
         record = self.record()
@@ -395,6 +395,10 @@ class PollJob(PartTask):
             wait(self, record, self._status)
         except JobEnded as ended:
             self.resubmit(self.ref(), record, str(ended))
+        except WaitingOnProvider as waiting:
+            # Checked once (--no-wait): the part stays pending on the remote job, not failed.
+            record_failure(self.layout, waiting)
+            yield JobRunning(trial=self.trial, jkey=self.jkey, **self.common())
 
     def _status(self, job: dict[str, Any]) -> None:
         if self._progress is None:
@@ -402,3 +406,17 @@ class PollJob(PartTask):
                                       terminal=False)
         percent = (job.get("jobProgress") or {}).get("percent")
         self._progress.update(int(percent) if isinstance(percent, int | float) else 0, str(job.get("state") or ""))
+
+
+class JobRunning(luigi.ExternalTask):
+    """A part's remote job, still running when a `--no-wait` invocation checked it: the external dependency its
+    PollJob waits on. Complete once the job is recorded as completed (the next invocation's poll records it)."""
+
+    rid: str = luigi.Parameter()
+    root: str = luigi.Parameter(default="")
+    config: str = luigi.Parameter(default="", significant=False)
+    trial: str = luigi.Parameter()
+    jkey: str = luigi.Parameter()
+
+    def complete(self) -> bool:
+        return PollJob(rid=self.rid, root=self.root, config=self.config, trial=self.trial, jkey=self.jkey).complete()
