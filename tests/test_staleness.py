@@ -21,6 +21,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +332,12 @@ CASES = [
 
 # --- the expectation: a stage runs iff something it reads changed --------------------------------------------------
 
+def tree_state(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file of the run (the emulator's own state aside)."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file() and ".emulator" not in p.parts}
+
+
 def stage_lines(stderr: str) -> set[tuple[str, str]]:
     return {(m["stage"], m["scope"]) for m in map(DONE.search, stderr.splitlines()) if m}
 
@@ -429,6 +437,14 @@ def test_a_change_reruns_exactly_what_depends_on_it(finished: dict[str, Any], ca
     extra = ("--force",) if case.force else ()
     run_dir = root / f"run_{RID}"
     try:
+        tree = tree_state(run_dir)
+        preview = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--rid", RID, "--root", str(root), "--config",
+                                  str(config_dir / "experiment.yaml"), "--json"], capture_output=True, text=True,
+                                 timeout=120)
+        assert preview.returncode == 0, preview.stdout + preview.stderr
+        assert tree_state(run_dir) == tree, "plan --config previews without writing"
+        previewed = json.loads(preview.stdout)
+        assert bool(previewed["drift"]) == (case.change is not None) or case.force
         again = run_luigi(root, config_dir / "experiment.yaml", RID, "--accept-config-drift", *extra)
         (tmp_path / "case" / "rerun.log").write_text(again.stderr)
         assert again.returncode == 0, again.stderr[-4000:]
@@ -449,6 +465,13 @@ def test_a_change_reruns_exactly_what_depends_on_it(finished: dict[str, Any], ca
         want = expected_stages(before, after, finished["requests"], ctx.requests, prepared, case.force)
         assert ran == want, (f"ran but not expected: {sorted(ran - want)}\nexpected but did not run: "
                              f"{sorted(want - ran)}\n{again.stderr[-3000:]}")
+        if not case.force:
+            # The preview of the accepted config names every trial stage that then ran. It is an upper bound: a stage
+            # whose upstream re-ran into byte-identical files is skipped at run time, which no preview can know.
+            shown = {(t["stage"], t["task"]) for t in previewed["tasks"]
+                     if t["state"] == "to run" and t["stage"] in TRIAL_STAGES and t["task"].startswith("trial=")}
+            happened = {(stage, scope) for stage, scope in ran if stage in TRIAL_STAGES}
+            assert happened <= shown, f"ran, not previewed: {sorted(happened - shown)}"
 
         # (c) predictions byte-identical where no request changed
         for slug in after.trials:

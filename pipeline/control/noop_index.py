@@ -77,6 +77,12 @@ def confirmed(layout: RunLayout, key: str) -> bool:
     return (str(layout.run_dir), key) in _counted
 
 
+def forget(layout: RunLayout) -> None:
+    """Drop this process's confirmations for the run: something changed it since."""
+    for key in [k for k in _counted if k[0] == str(layout.run_dir)]:
+        del _counted[key]
+
+
 def unchanged(layout: RunLayout, key: str, scratch: tuple[str, ...] = ()) -> int | None:
     """The number of files checked when the run is exactly as it was when verified complete for `key`, else None.
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +92,28 @@ def _stamp(path: Path) -> Any:
     return (st.st_size, st.st_mtime_ns)
 
 
+_previews: dict[str, Run] = {}
+
+
+@contextmanager
+def previewing(run: Run, config: str | Path) -> Iterator[Run]:
+    """Within the block, `open_run` answers for `run`'s directory as if `config` had been accepted (frozen), so a
+    read-only view can evaluate the graph under a drifted config. Nothing is written."""
+    given = Path(config).expanduser().resolve()
+    cfg = load_config(given)
+    preview = Run(run.layout, cfg, tuple(expand_trials(cfg)), True, given)
+    _previews[str(run.layout.run_dir)] = preview
+    try:
+        yield preview
+    finally:
+        _previews.pop(str(run.layout.run_dir), None)
+
+
 def open_run(rid: str, root: str | Path | None = None, config: str | Path | None = None) -> Run:
     """The run as it stands: frozen config if the rid has one, else `config` (default: config/experiment.yaml)."""
     layout = RunLayout(resolve_root(root), check_rid(rid))
+    if str(layout.run_dir) in _previews:
+        return _previews[str(layout.run_dir)]
     source = Path(config).expanduser().resolve() if config else DEFAULT_CONFIG
     key = (str(layout.run_dir), rid, str(source))
     stamp = (_stamp(layout.effective_config), _stamp(source))

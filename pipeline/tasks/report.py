@@ -112,8 +112,8 @@ class TrialReport(TrialTask):
 
     def preflight(self) -> str | None:
         """Read-only checks before the runner lets anything be frozen, built or sent: the problem, or None. A run
-        verified complete and unchanged sends nothing, so it needs nothing."""
-        if self._unchanged_since_verified():
+        verified complete and unchanged, and given no other config, sends nothing, so it needs nothing."""
+        if not self.config and self._unchanged_since_verified():
             return None
         try:
             run = open_run(self.rid, self.root or None, self.config or None)
@@ -128,7 +128,8 @@ class TrialReport(TrialTask):
     def accept_pending_drift(self) -> None:
         """Adopt an accepted `--config` (the runner calls this once Luigi's process lock is held)."""
         if self.accept_config_drift and self.config:
-            accept_drift(open_run(self.rid, self.root or None, self.config or None), self.config)
+            if accept_drift(open_run(self.rid, self.root or None, self.config or None), self.config):
+                noop_index.forget(self.layout)  # the run changed after any earlier "unchanged" answer
 
     def describe(self) -> str:
         return f"trial={self.trial}" if self.trial else f"run={self.rid} (aggregate)"

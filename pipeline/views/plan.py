@@ -10,7 +10,7 @@ from luigi.task import flatten
 from pipeline import budget
 from pipeline.control import exit_codes
 from pipeline.control.config import ConfigError
-from pipeline.control.run import ConfigDriftError, Run, config_drift, open_run, refuse_drift
+from pipeline.control.run import Run, config_drift, open_run, previewing
 from pipeline.pricing import unlisted_message, unlisted_models
 
 
@@ -30,20 +30,24 @@ def _children(task):  # noqa: ANN001, ANN202
 
 
 def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO, as_json: bool = False) -> int:
-    from pipeline.tasks.report import TrialReport
-
+    """What a run would do now, read-only; with a `config` that differs from the frozen one, what accepting it
+    (`--accept-config-drift`) would re-run and cost, without accepting it."""
     try:
         run = open_run(rid, root or None, config or None)
-        diff = config_drift(run, config or None)
-        if diff:
-            raise refuse_drift(run, config, diff)
-    except ConfigDriftError as exc:
-        print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}", file=stream)
-        return exit_codes.CONFIG_DRIFT
+        drift = config_drift(run, config or None)
+        if not drift:
+            return _render(run, rid, config, [], stream, as_json)
+        with previewing(run, config) as preview:
+            return _render(preview, rid, config, drift, stream, as_json)
     except (ConfigError, ValueError) as exc:
         print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}", file=stream)
         return exit_codes.CONFIG_INVALID
-    source = "frozen effective_config.yaml" if run.frozen else str(run.source)
+
+
+def _render(run: Run, rid: str, config: str, drift: list[str], stream: TextIO, as_json: bool) -> int:
+    from pipeline.tasks.report import TrialReport
+
+    source = "frozen effective_config.yaml" if run.frozen and not drift else str(run.source)
     seen: set[str] = set()
     tasks: list[dict[str, str]] = []
 
@@ -62,10 +66,16 @@ def render_plan(rid: str, *, root: str = "", config: str = "", stream: TextIO, a
     counts = {state: sum(1 for t in tasks if t["state"] == state) for state in ("done", "to run")}
     if as_json:
         print(json.dumps({"rid": rid, "run_dir": str(run.layout.run_dir), "config": source, "trials": len(run.trials),
-                          "tasks": tasks, "counts": counts, "cost": budget_summary(run),
+                          "drift": drift, "tasks": tasks, "counts": counts, "cost": budget_summary(run),
                           "warnings": model_warnings(run)}, indent=2), file=stream)
         return exit_codes.OK
     print(f"run {rid} at {run.layout.run_dir} (config: {source}); {len(run.trials)} trial(s)", file=stream)
+    if drift:
+        print(f"PREVIEW: {config} differs from the run's frozen config in {len(drift)} key(s); nothing is accepted or "
+              "written. What `--accept-config-drift` would run (at most: a stage whose inputs come out byte-identical "
+              "is skipped then):", file=stream)
+        for key in drift[:20]:
+            print(f"  {key}", file=stream)
     for t in tasks:
         print(f"  {t['state']:<7} {t['stage']:<10} {t['task']:<55} ({t['reason']})", file=stream)
     print(f"{counts['done']} done, {counts['to run']} to run", file=stream)
