@@ -80,3 +80,15 @@ def test_a_change_or_a_damaged_bundle_means_a_new_bundle_and_the_old_one_stays(r
         fh.write(b"corrupt!")
     third = Path(archive(run)["archive_path"])
     assert third not in (first, second)
+
+
+def test_force_with_identical_outputs_keeps_the_archive(run: dict[str, Path]) -> None:
+    first = Path(archive(run)["archive_path"])
+    bundles = sorted(first.parent.glob("*.tar.gz"))
+    env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
+    forced = subprocess.run([sys.executable, "-m", "pipeline", "run", "--rid", "arc", "--root", str(run["root"]),
+                             "--force"], capture_output=True, text=True, timeout=300, env=env)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    again = archive(run)
+    assert Path(again["archive_path"]) == first, "nothing the archive holds changed: no new bundle"
+    assert sorted(first.parent.glob("*.tar.gz")) == bundles

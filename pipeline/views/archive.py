@@ -65,14 +65,16 @@ def checksums(layout: RunLayout, known: dict[str, dict[str, Any]] | None = None)
     return out
 
 
-def _is_trial_manifest(rel: str) -> bool:
-    return rel.endswith("/results/trial_manifest.json")
+def _is_bookkeeping(rel: str) -> bool:
+    """Records about the outputs (trial manifests, run_state.json), which change when outputs are merely rewritten
+    (an mtime, the archive's own record): whether the run changed is decided by the outputs themselves."""
+    return rel.endswith("/results/trial_manifest.json") or rel == "run_state.json"
 
 
 def changed_since(layout: RunLayout, recorded: dict[str, dict[str, Any]]) -> str | None:
     """The first difference between the run now and the files an archive recorded, or None."""
-    now = {rel: fp for rel, fp in checksums(layout, recorded).items() if not _is_trial_manifest(rel)}
-    then = {rel: fp for rel, fp in recorded.items() if not _is_trial_manifest(rel)}
+    now = {rel: fp for rel, fp in checksums(layout, recorded).items() if not _is_bookkeeping(rel)}
+    then = {rel: fp for rel, fp in recorded.items() if not _is_bookkeeping(rel)}
     for rel in sorted(set(now) | set(then)):
         if rel not in now:
             return f"{rel} was removed"
