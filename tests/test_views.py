@@ -181,3 +181,20 @@ def test_views_write_nothing(root: Path) -> None:
     for argv in (["--root", str(root)], ["--root", str(root), "--json"]):
         assert call(list_command, argv)[0] == 0
     assert snapshot(root) == before
+
+
+def test_status_uses_the_predicates_plan_uses(root: Path) -> None:
+    """A truncated results.jsonl makes its trial "in progress" in status, as plan sees it, not "done"."""
+    from pipeline.views.plan import render_plan
+
+    results = sorted(root.glob(f"run_{RID}/*/results/t0_control_p01/results.jsonl"))[0]
+    owner = results.parents[2].name
+    results.write_bytes(results.read_bytes()[: results.stat().st_size // 2])
+    view = run_status(RID, str(root))
+    assert view["status"] == "in progress"
+    damaged = trials(view)[owner]
+    assert damaged["state"] == "in progress" and any("results.jsonl" in b for b in damaged["blocking"]), damaged["blocking"]
+    out = io.StringIO()
+    assert render_plan(RID, root=str(root), stream=out, as_json=True) == 0
+    planned = json.loads(out.getvalue())
+    assert any(t["state"] == "to run" and t["stage"] == "downloaded" for t in planned["tasks"]), planned["counts"]

@@ -14,7 +14,8 @@ from pipeline.control.run import Run, config_drift, open_run, previewing
 from pipeline.pricing import unlisted_message, unlisted_models
 
 
-def _children(task):  # noqa: ANN001, ANN202
+def children(task):  # noqa: ANN001, ANN202
+    """A task's upstream tasks, the parts ParsePredictions reads (dynamic dependencies in a run) included."""
     from pipeline.tasks.download import DownloadPart
     from pipeline.tasks.parse import ParsePredictions
     from pipeline.tasks.remote import run_parts
@@ -57,7 +58,7 @@ def _render(run: Run, rid: str, config: str, drift: list[str], stream: TextIO, a
         seen.add(task.task_id)
         verb, reason = task.status()
         if verb != "skip":
-            for dep in _children(task):
+            for dep in children(task):
                 visit(dep)
         tasks.append({"state": "done" if verb == "skip" else "to run", "stage": task.stage, "task": task.describe(),
                       "reason": reason})
@@ -126,3 +127,11 @@ def budget_lines(run: Run) -> list[str]:
         verdict = "fits" if total <= limit else f"EXCEEDS it by ${total - limit:,.4f}: submission stops at the budget"
         lines.append(f"budget: ${limit:,.4f}; committed so far ${committed:,.4f}; the estimate {verdict}")
     return lines
+
+
+def first_cause(task) -> str:  # noqa: ANN001
+    """Why `task` is not done, at its source: the most upstream not-done task (its own predicate's reason)."""
+    for dep in children(task):
+        if not dep.complete():
+            return first_cause(dep)
+    return f"{task.stage} {task.describe()}: {task.status()[1]}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,25 @@ def trial_status(layout: RunLayout, slug: str) -> dict[str, Any]:
             "shared_usd": _usd(costs, "shared_usd"), "blocking": blocking}
 
 
+def _confirm_done(layout: RunLayout, trial: dict[str, Any]) -> None:
+    """A trial its manifest calls done is done only if the pipeline's own predicates agree (the ones `plan` and a
+    run use: every stage current, every part's results unchanged); otherwise it is in progress, with their reason."""
+    from pipeline.tasks.report import TrialReport
+    from pipeline.views.plan import first_cause
+
+    quiet = logging.getLogger("pipeline")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the predicates log their decisions; a view only reports them
+    try:
+        task = TrialReport(rid=layout.rid, root=str(layout.root), trial=trial["trial"])
+        cause = None if task.complete() else first_cause(task)
+    finally:
+        quiet.setLevel(level)
+    if cause:
+        trial["state"] = "in progress"
+        trial["blocking"].append(cause)
+
+
 def _run_state(layout: RunLayout) -> tuple[RunState | None, str | None]:
     try:
         return store.read(layout.run_state, RunState), None
@@ -175,6 +195,10 @@ def run_status(rid: str, root: str | Path | None) -> dict[str, Any]:
     slugs, config = _config_trials(layout)
     on_disk = [p.parent.parent.name for p in layout.run_dir.glob("*/results/trial_manifest.json")]
     trials = [trial_status(layout, slug) for slug in sorted(set(slugs) | set(on_disk))]
+    if config["frozen"] and not config["error"]:
+        for trial in trials:
+            if trial["state"] == "done" and trial["trial"] in slugs:
+                _confirm_done(layout, trial)
     stop = _stop_reason(layout)
     if stop is not None:
         for trial in trials:
