@@ -6,6 +6,7 @@ state under the run (`.emulator/`), so a re-run after a crash finds the same dat
 
 from __future__ import annotations
 
+from pipeline.control import outcome
 from pipeline.control.config import ConfigError
 from pipeline.control.run import Run
 from pipeline.providers.fireworks import FireworksClient
@@ -29,7 +30,7 @@ def make_client(run: Run) -> FireworksClient:
     from pipeline.emulator.process import ensure_emulator
 
     base_url = ensure_emulator(run.layout.emulator_dir, answer_key=run.layout.prepared_dir,
-                               latency_s=run.cfg.provider.latency_s)
+                               latency_s=run.cfg.provider.latency_s, owner=outcome.session_pid() or None)
     return FireworksClient(base_url, "emulator-key", "emulator", allow_loopback_http=True, backoff_s=0.05)
 
 

@@ -52,6 +52,16 @@ def tiny_data(directory: Path, n: int = 6) -> Path:
     return directory
 
 
+def emulator_calls(run_dir: Path) -> dict:
+    """What the run's emulator counted, from its state on disk (the emulator a run starts ends with the run)."""
+    return json.loads((run_dir / ".emulator" / "calls.json").read_text())
+
+
+def emulator_job(run_dir: Path, job_id: str) -> dict:
+    """A job as the run's emulator stored it."""
+    return json.loads((run_dir / ".emulator" / "accounts" / "emulator" / "jobs" / f"{job_id}.json").read_text())
+
+
 def small_experiment(base: Path, *, lines_per_part: int = 6, **provider: object) -> Path:
     """A copy of the default config over `tiny_data` (one sample per item, fast statistics); returns its path.
 

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from pipeline import budget
 from pipeline.control import exit_codes
 from pipeline.control.run import open_run
-from tests.conftest import run_luigi, small_experiment
+from tests.conftest import emulator_calls, run_luigi, small_experiment
 
 RATES = {"input_rate_per_mtok": 2.0, "output_rate_per_mtok": 10.0}
 
@@ -54,8 +53,7 @@ def test_the_plan_estimate_is_the_same_before_and_after_the_build(tmp_path: Path
 
 
 def job_creates(run_dir: Path) -> dict[str, int]:
-    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
-    return requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()["job_creates"]
+    return emulator_calls(run_dir)["job_creates"]
 
 
 @pytest.mark.e2e

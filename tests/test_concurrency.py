@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-import requests
 
 from targets.manifest import TrialManifest
-from tests.conftest import PIPELINE_RUN, small_experiment
+from tests.conftest import PIPELINE_RUN, emulator_calls, small_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +34,7 @@ def test_two_processes_on_one_rid(tmp_path: Path) -> None:
     if any(codes):  # a process that lost a race on a file may fail a task; the next run must then finish cleanly
         again = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:] + "\n".join(o[-2000:] for o in outputs)
-    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
-    calls = requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()
+    calls = emulator_calls(run_dir)
     assert calls["job_creates"] and all(n == 1 for n in calls["job_creates"].values())
     assert all(n == 1 for n in calls["dataset_creates"].values())
     parts = {}

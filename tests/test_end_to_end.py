@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
-from tests.conftest import PIPELINE_RUN, REPO
+from targets.atomic import pid_alive
+from tests.conftest import PIPELINE_RUN, REPO, emulator_calls, emulator_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RID = "e2e"
@@ -23,11 +23,6 @@ def luigi_cmd(root: Path, *extra: str, rid: str = RID, cwd: Path | None = None) 
             "--local-scheduler", *extra]
     env = {k: v for k, v in os.environ.items() if k != "LUIGI_CONFIG_PATH"}
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd or root, env=env)
-
-
-def emulator_calls(run_dir: Path) -> dict:
-    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
-    return requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +67,11 @@ def test_first_run_writes_every_report(experiment: dict) -> None:
 
 def test_jobs_carry_each_trials_own_parameters(experiment: dict) -> None:
     run_dir = experiment["run_dir"]
-    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
     effective = yaml.safe_load((run_dir / "effective_config.yaml").read_text())
     for trial in trial_dirs(run_dir):
         manifest = json.loads((trial / "results" / "trial_manifest.json").read_text())
         for part in manifest["parts"].values():
-            job = requests.get(f"{server['base_url']}/v1/accounts/emulator/batchInferenceJobs/{part['job_id']}",
-                               headers={"Authorization": "Bearer k"}, timeout=5).json()
+            job = emulator_job(run_dir, part["job_id"])
             assert job["model"] == manifest["trial"]["model_id"]
             params = job["inferenceParameters"]
             kind = "open_book" if part["type"] == "open" else "closed_book"
@@ -181,3 +174,10 @@ def test_config_drift_refused_then_accepted(experiment: dict) -> None:
     state = json.loads((experiment["run_dir"] / "run_state.json").read_text())
     assert state["config_drift"] and state["config_drift"][-1]["accepted"] is True
     assert "done stats" in accepted.stderr and "submit job" not in accepted.stderr
+
+
+def test_the_emulator_a_run_starts_ends_with_the_run(experiment: dict) -> None:
+    state = experiment["run_dir"] / ".emulator"
+    started = json.loads((state / "started_by.json").read_text())
+    assert started["owner"] and started["pid"]
+    assert not pid_alive(int(started["pid"])), "the run's emulator outlived the run"

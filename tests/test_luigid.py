@@ -9,7 +9,6 @@ The provider cap is set below the worker count, so the scheduler, not the number
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from pipeline.control import exit_codes
 from pipeline.control.layout import RunLayout
 from pipeline.emulator.process import stop_emulator
 from pipeline.tasks.download import DownloadPart
 from pipeline.tasks.remote import PollJob, SubmitPart, UploadPart
-from tests.conftest import PIPELINE_RUN, small_experiment
+from tests.conftest import PIPELINE_RUN, emulator_calls, small_experiment
 from tests.luigid_support import Event, Luigid, luigi_retcode, most_concurrent, runs_per_task
 from tests.torture_support import exactly_once_problems, manifest_problems, output_differences, snapshot_outputs
 
@@ -94,8 +92,7 @@ def run_under_luigid(base: Path, config: Path, *, processes: int, workers: int, 
             for out in outs:
                 out.close()
         logs = [(base / f"process{i}.log").read_text() for i in range(processes)]
-        server = json.loads((layout.emulator_dir / "server.json").read_text(encoding="utf-8"))
-        calls = requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()
+        calls = emulator_calls(layout.run_dir)
         statuses = {task: str(info["status"]) for task, info in (luigid.task_list() or {}).items()}
         return Scenario(luigid, layout, [p.returncode for p in procs], logs, calls, statuses)
     finally:

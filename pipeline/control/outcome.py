@@ -101,6 +101,11 @@ def control_active(active: bool) -> None:
     _session["controlled"] = active
 
 
+def session_pid() -> int:
+    """The runner's pid for this invocation (inherited by forked workers); 0 outside the runner."""
+    return int(_session["pid"])
+
+
 def controlled() -> bool:
     return bool(_session["controlled"])
 

@@ -32,6 +32,7 @@ from luigi.cmdline_parser import CmdlineParser
 
 from pipeline.control import console, exit_codes, noop_index, outcome, stop
 from pipeline.control.layout import RunLayout
+from pipeline.emulator import process as emulator
 from pipeline.tasks.download import SCRATCH as DOWNLOAD_SCRATCH
 from targets.atomic import sweep_temp_files
 
@@ -118,14 +119,21 @@ def run(argv: list[str]) -> int:
             outcome.begin(layout, wait=not getattr(task, "no_wait", False))
             if not (getattr(task, "indexable", lambda: False)() and noop_index.unchanged(layout, task.task_id, SCRATCH)):
                 sweep_leftovers(layout)  # (a run found unchanged since verified has no leftovers: the walk looked)
+                if task.run_ctx.cfg.provider.name == "emulator":
+                    emulator.take_lease(layout.emulator_dir, os.getpid())
+                    leased.append(True)
 
+        leased: list[bool] = []
         try:
             result = luigi.interface._schedule_and_run([task], _Factory(locked))
+            return finish(task, layout, result.worker, cron)
         except luigi.interface.PidLockAlreadyTakenExit:
             log.warning("run %s: the same command is already running (Luigi's process lock); nothing was changed "
                         "(exit %d)", task.rid, exit_codes.LOCKED)
             return exit_codes.LOCKED
-        return finish(task, layout, result.worker, cron)
+        finally:
+            if leased:  # the emulator a run started ends with it (unless another run still uses it)
+                emulator.release(layout.emulator_dir, os.getpid())
 
 
 def finish(task: luigi.Task, layout: RunLayout, worker: luigi.worker.Worker, cron: bool) -> int:

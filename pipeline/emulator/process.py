@@ -5,6 +5,10 @@ It runs under `filelock.FileLock(state_dir/"server.lock")`, so processes calling
 single server. A server counts as live when `/healthz` answers with the pid recorded in `server.json` (a port
 reused by another process does not count). A new server is spawned detached (own session, output appended to
 `emulator.log`) with `--idle-exit`, so it goes away by itself when the pipeline stops using it.
+
+Runs end the emulator they started: each runner invocation holds a lease (`leases/<pid>`) while it runs, a server
+spawned for one is marked `started_by.json` with that owner, and the last runner to leave (`release`) stops a server
+a runner started. A server started by anyone else (a test, `python -m pipeline emulator`) is left alone.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from typing import Any
 
 from filelock import FileLock
 
-from targets.atomic import pid_alive
+from targets.atomic import pid_alive, write_json
 
+STARTED_BY = "started_by.json"
+LEASES = "leases"
 _HEALTH_TIMEOUT_S = 1.0
 _POLL_S = 0.05
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +63,7 @@ def _log_tail(path: Path, lines: int = 20) -> str:
 
 
 def ensure_emulator(state_dir: Path, *, answer_key: Path | None, latency_s: float = 1.0, idle_exit_s: float = 120.0,
-                    startup_timeout_s: float = 15.0) -> str:
+                    startup_timeout_s: float = 15.0, owner: int | None = None) -> str:
     """Base URL of a live emulator serving `state_dir`; RuntimeError (with the log tail) if it cannot start."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -66,12 +72,13 @@ def ensure_emulator(state_dir: Path, *, answer_key: Path | None, latency_s: floa
         if info is not None and _healthy(info):
             return str(info["base_url"])
         return _spawn(state_dir, answer_key=answer_key, latency_s=latency_s, idle_exit_s=idle_exit_s,
-                      startup_timeout_s=startup_timeout_s)
+                      startup_timeout_s=startup_timeout_s, owner=owner)
 
 
 def _spawn(state_dir: Path, *, answer_key: Path | None, latency_s: float, idle_exit_s: float,
-           startup_timeout_s: float) -> str:
+           startup_timeout_s: float, owner: int | None) -> str:
     (state_dir / "server.json").unlink(missing_ok=True)
+    (state_dir / STARTED_BY).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pipeline.emulator", "--host", "127.0.0.1", "--port", "0",
            "--state-dir", str(state_dir), "--latency", str(latency_s), "--idle-exit", str(idle_exit_s)]
     if answer_key is not None:
@@ -88,6 +95,8 @@ def _spawn(state_dir: Path, *, answer_key: Path | None, latency_s: float, idle_e
     while time.monotonic() < deadline:
         info = _server_info(state_dir)
         if info is not None and info.get("pid") == proc.pid and _healthy(info):
+            if owner:
+                write_json(state_dir / STARTED_BY, {"pid": proc.pid, "owner": owner})
             return str(info["base_url"])
         if proc.poll() is not None:
             raise RuntimeError(f"emulator exited with code {proc.returncode} during startup; "
@@ -124,3 +133,29 @@ def _alive(pid: int) -> bool:
     except ChildProcessError:
         pass
     return pid_alive(pid)
+
+
+def take_lease(state_dir: Path, pid: int) -> None:
+    """Mark runner `pid` as using the emulator of `state_dir` until it calls `release`."""
+    folder = Path(state_dir).resolve() / LEASES
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(pid)).touch()
+
+
+def release(state_dir: Path, pid: int) -> bool:
+    """Drop runner `pid`'s lease; stop the server if a runner started it and no live runner still holds a lease.
+    True when it was stopped."""
+    state_dir = Path(state_dir).resolve()
+    if not state_dir.is_dir():
+        return False
+    with FileLock(str(state_dir / "server.lock"), timeout=60):
+        (state_dir / LEASES / str(pid)).unlink(missing_ok=True)
+        holders = [p for p in (state_dir / LEASES).glob("*") if p.name.isdigit() and pid_alive(int(p.name))]
+        try:
+            marker = json.loads((state_dir / STARTED_BY).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        info = _server_info(state_dir)
+        if holders or info is None or not isinstance(marker, dict) or marker.get("pid") != info.get("pid"):
+            return False
+        return stop_emulator(state_dir)
