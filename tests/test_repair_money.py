@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from pipeline import budget
@@ -25,7 +24,7 @@ from pipeline.control.run import open_run
 from targets import store
 from targets.lifecycle import BREADCRUMB_MAX_BYTES, persist_lifecycle, read_breadcrumbs
 from targets.manifest import PartRecord, TrialManifest
-from tests.conftest import Provider, run_luigi, small_experiment, stop_emulator_server
+from tests.conftest import Provider, emulator_calls, run_luigi, small_experiment, stop_emulator_server
 
 ACCT = "accounts/acme"
 GARBAGE = b"\x00\xffnot a manifest\x9c" * 64
@@ -220,8 +219,7 @@ def garbage_every_manifest(run_dir: Path) -> None:
 
 
 def creates(run_dir: Path) -> dict[str, dict[str, int]]:
-    server = json.loads((run_dir / ".emulator" / "server.json").read_text())
-    calls = requests.get(server["base_url"] + "/emulator/calls", timeout=5).json()
+    calls = emulator_calls(run_dir)
     return {kind: calls[kind] for kind in ("dataset_creates", "job_creates")}
 
 
