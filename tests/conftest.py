@@ -8,11 +8,14 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline.emulator.process import ensure_emulator, stop_emulator
 from pipeline.emulator.server import EmulatorServer, make_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +104,27 @@ def start_emulator(state_dir: Path, **kwargs: object) -> EmulatorServer:
 def stop_emulator_server(server: EmulatorServer) -> None:
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def emu(tmp_path: Path) -> Iterator[EmulatorServer]:
+    """An in-process emulator without latency, for tests of the emulator and the client."""
+    server = start_emulator(tmp_path / "state", latency_s=0.0)
+    yield server
+    stop_emulator_server(server)
+
+
+@contextmanager
+def run_emulator(root: Path, rid: str) -> Iterator[str]:
+    """The emulator of run `rid` under `root`, started before the run (so a fault plan is in place before any job
+    exists) and stopped after; its base URL."""
+    state = root / f"run_{rid}" / ".emulator"
+    state.mkdir(parents=True)
+    base_url = ensure_emulator(state, answer_key=state.parent / "prepared", latency_s=0.0)
+    try:
+        yield base_url
+    finally:
+        stop_emulator(state)
 
 
 class Provider:

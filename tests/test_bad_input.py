@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from pipeline.emulator.process import ensure_emulator, stop_emulator
-from tests.conftest import PIPELINE_RUN, small_experiment
+from tests.conftest import PIPELINE_RUN, run_emulator, small_experiment
 
 pytestmark = pytest.mark.slow
 RID = "bad"
@@ -27,13 +27,9 @@ def luigi_run(root: Path, config: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def emulator(tmp_path: Path):  # noqa: ANN201
-    """The run's emulator, started before the run so that a fault plan is in place before any job exists."""
-    state = tmp_path / "exp" / f"run_{RID}" / ".emulator"
-    state.mkdir(parents=True)
-    base_url = ensure_emulator(state, answer_key=state.parent / "prepared", latency_s=0.0)
-    yield base_url
-    stop_emulator(state)
+def emulator(tmp_path: Path) -> Iterator[str]:
+    with run_emulator(tmp_path / "exp", RID) as base_url:
+        yield base_url
 
 
 def faults(base_url: str, rules: list[dict]) -> None:

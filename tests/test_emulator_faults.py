@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 ACCT = "/v1/accounts/acme"
 AUTH = {"Authorization": "Bearer k"}
 MODEL = "accounts/fireworks/models/m"
-
-
-@pytest.fixture
-def emu(tmp_path: Path) -> Iterator[EmulatorServer]:
-    server = start_emulator(tmp_path / "state", latency_s=0.0)
-    yield server
-    stop_emulator_server(server)
 
 
 def _client(base_url: str, **kwargs: Any) -> tuple[FireworksClient, list[float]]:

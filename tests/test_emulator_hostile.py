@@ -30,13 +30,6 @@ RESULTS = "dataset/j1-out/BIJOutputSet.jsonl"
 
 
 @pytest.fixture
-def emu(tmp_path: Path) -> Iterator[EmulatorServer]:
-    server = start_emulator(tmp_path / "state", latency_s=0.0)
-    yield server
-    stop_emulator_server(server)
-
-
-@pytest.fixture
 def results(emu: EmulatorServer, tmp_path: Path) -> tuple[str, bytes]:
     return _results(emu, tmp_path)
 

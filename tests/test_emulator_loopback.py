@@ -3,7 +3,6 @@ control routes refuse clients that are not on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,6 @@ import requests
 
 from pipeline.emulator import server as server_module
 from pipeline.emulator.server import EmulatorServer, is_loopback_client, main
-from tests.conftest import start_emulator, stop_emulator_server
-
-
-@pytest.fixture
-def emu(tmp_path: Path) -> Iterator[EmulatorServer]:
-    server = start_emulator(tmp_path / "state", latency_s=0.0)
-    yield server
-    stop_emulator_server(server)
 
 
 @pytest.mark.parametrize(("addr", "loopback"), [

@@ -13,15 +13,15 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from pipeline.emulator.process import ensure_emulator, stop_emulator
 from pipeline.providers.limits import DownloadLimits
-from tests.conftest import PIPELINE_RUN, small_experiment
+from tests.conftest import PIPELINE_RUN, run_emulator, small_experiment
 
 pytestmark = pytest.mark.slow
 RID = "hostile"
@@ -65,13 +65,9 @@ def limited_run(root: Path, config: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def emulator(tmp_path: Path):  # noqa: ANN201
-    """The run's emulator, started first so that the fault plan is in place before any job exists."""
-    state = tmp_path / "exp" / f"run_{RID}" / ".emulator"
-    state.mkdir(parents=True)
-    base_url = ensure_emulator(state, answer_key=state.parent / "prepared", latency_s=0.0)
-    yield base_url
-    stop_emulator(state)
+def emulator(tmp_path: Path) -> Iterator[str]:
+    with run_emulator(tmp_path / "exp", RID) as base_url:
+        yield base_url
 
 
 def config_with(tmp_path: Path, script: str | None) -> Path:
