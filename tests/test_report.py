@@ -375,3 +375,20 @@ def test_without_a_provider_the_one_costs_json_records_is_shown_never_the_rates_
     old = render_trial_report(context())
     assert "- Provider: n/a" in old and "SIMULATED" not in old
     assert "priced with the fireworks rates" in _section(old, "## Cost", "## Provenance")
+
+
+def test_open_book_results_show_the_official_unanswerable_rule_beside_the_detector_one() -> None:
+    ctx = context()
+    cond = {"n_unanswerable": 2, "unanswerable_em_detector": 1.0, "unanswerable_em_official": 0.5,
+            "em_detector": 0.75, "em_official": 0.5, "f1_detector": 0.8, "f1_official": 0.55}
+    ctx["unanswerable"] = {"results": {"0.0": {"control": cond, "treatment": cond,
+                                               "delta": {"em_detector": 0.0, "em_official": -0.125}}}}
+    text = render_trial_report(ctx)
+    at_zero = _section(text, "## Results @ T=0.0", "## Results @ T=0.7")
+    rules = _section(at_zero, "#### Open-book under the official unanswerable rule", "### Significance")
+    assert "only when the prediction normalizes to the empty string" in rules
+    assert _table_row(rules, "Control") == ["Control", "2", "100.0%", "50.0%", "75.0%", "50.0%", "80.0%", "55.0%"]
+    assert _table_row(rules, "Δ (trt − ctrl)")[4:6] == ["+0.00 pp", "-12.50 pp"]
+    # T=0.7 has no entry, and a report without the file says so instead of raising
+    assert "Official-rule scores: n/a" in _section(text, "## Results @ T=0.7")
+    assert "Official-rule scores: n/a" in render_trial_report(context())

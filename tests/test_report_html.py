@@ -286,6 +286,17 @@ def test_no_report_overflows_a_1280px_window(reports: dict[str, Path]) -> None:
         assert measured["scrollWidth"] <= measured["innerWidth"] and not measured["wide"], (page.name, measured)
 
 
+def test_a_finished_run_reports_the_official_unanswerable_rule(reports: dict[str, Path]) -> None:
+    """OptionalAnalyses writes unanswerable_rules.json and the report shows it (not n/a) in md and html."""
+    text = (reports["trial"].parent / "report.md").read_text(encoding="utf-8")
+    html = reports["trial"].read_text(encoding="utf-8")
+    rules = re.findall(r"#### Open-book under the official unanswerable rule\n.*?\n\| Control \| (\d+) \| ([^|]+) \|",
+                       text, re.S)
+    assert len(rules) == 2 and all(re.fullmatch(r"\d+\.\d%", em.strip()) for _, em in rules), rules
+    assert "Official-rule scores: n/a" not in text
+    assert "EM (official)" in html and "Official-rule scores: n/a" not in html
+
+
 @needs_chromium
 def test_the_overflow_check_catches_a_wide_page(tmp_path: Path) -> None:
     wide = tmp_path / "wide.html"

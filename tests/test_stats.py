@@ -31,6 +31,7 @@ from pipeline.stats.paired import (
 )
 from pipeline.stats.selective import selective_risk
 from pipeline.stats.significance import compute_significance
+from pipeline.stats.unanswerable import unanswerable_rules
 
 TOL = 1e-9
 
@@ -529,3 +530,39 @@ def test_significance_pairing_missing_values_and_temp_keys() -> None:
     assert closed["metrics"]["em"]["n_items"] == 99 and closed["metrics"]["f1"]["n_items"] == 98
     with pytest.raises(ValueError, match="duplicate"):
         compute_significance(pd.concat([frame, frame.head(1)]), temps=[0.25], stats_cfg=CFG)
+
+
+# --- unanswerable items: the detector rule beside the official SQuAD v2 rule ----------------------------------------
+def test_official_unanswerable_rule_matches_a_hand_computed_case() -> None:
+    items = pd.DataFrame([
+        {"dataset": "squad_v2", "id": "u1", "type": "open", "is_unanswerable": True},
+        {"dataset": "squad_v2", "id": "u2", "type": "open", "is_unanswerable": True},
+        {"dataset": "squad_v2", "id": "a1", "type": "open", "is_unanswerable": False},
+        {"dataset": "triviaqa", "id": "c1", "type": "closed", "is_unanswerable": float("nan")},
+    ])
+
+    def row(key: str, cond: str, resp: str, em: float, f1: float, status: str = "ok", type_: str = "open") -> dict:
+        return {"item_key": key, "type": type_, "condition": cond, "temp": 0.0, "status": status, "em": em,
+                "f1": f1, "response_text": resp}
+
+    rows = pd.DataFrame([
+        # control: u1 empty (both rules 1), u2 answered (both 0), a1 right
+        row("squad_v2|u1", "control", "", 1, 1), row("squad_v2|u2", "control", "Paris", 0, 0),
+        row("squad_v2|a1", "control", "Paris", 1, 1),
+        # treatment: u1 an abstention phrase (detector 1, official 0), u2 "The." normalizes to "" (official 1),
+        # two samples on a1 (EM 0 and 1, F1 0.5 and 1), and a provider error that does not count
+        row("squad_v2|u1", "treatment", "unknown", 1, 1), row("squad_v2|u2", "treatment", "The.", 1, 1),
+        row("squad_v2|a1", "treatment", "paris france", 0, 0.5), row("squad_v2|a1", "treatment", "Paris", 1, 1),
+        row("squad_v2|a1", "treatment", "", float("nan"), float("nan"), status="provider_error"),
+        row("triviaqa|c1", "control", "", 0, 0, type_="closed"),
+    ])
+    doc = unanswerable_rules(rows, items, temps=[0.0, 0.7])
+    assert doc["results"]["0.7"] == {}
+    ctrl, trt, delta = (doc["results"]["0.0"][k] for k in ("control", "treatment", "delta"))
+    assert ctrl["n_items"] == 3 and ctrl["n_unanswerable"] == 2
+    assert ctrl["em_detector"] == ctrl["em_official"] == pytest.approx(2 / 3)
+    assert trt["unanswerable_em_detector"] == 1.0 and trt["unanswerable_em_official"] == 0.5
+    assert trt["em_detector"] == pytest.approx((1 + 1 + 0.5) / 3) and trt["em_official"] == pytest.approx(1.5 / 3)
+    assert trt["f1_detector"] == pytest.approx((1 + 1 + 0.75) / 3) and trt["f1_official"] == pytest.approx(1.75 / 3)
+    assert delta["n_items"] == 3 and delta["em_official"] == pytest.approx(1.5 / 3 - 2 / 3)
+    assert delta["em_detector"] == pytest.approx(2.5 / 3 - 2 / 3)

@@ -233,6 +233,29 @@ def _status_line(summary: Any) -> str:
     return " · ".join(f"{name} {fmt_int(counts[name])}" for name in names) or NA
 
 
+# ---------------------------------------------------------------- unanswerable rules
+
+
+def _rules_view(document: Any, temp: str) -> dict[str, Any]:
+    """Open-book EM/F1 under the abstention-detector rule beside the official SQuAD v2 rule at `temp`, from
+    unanswerable_rules.json (`pipeline.stats.unanswerable`); `available` False when the file or the entry is absent."""
+    entry = _by_temp(_get(document, "results")).get(temp)
+    if not isinstance(entry, dict) or not entry:
+        return {"available": False}
+    rows = []
+    for condition in CONDITIONS:
+        block = entry.get(condition) if isinstance(entry.get(condition), dict) else {}
+        rows.append({"label": condition.capitalize(), "n": fmt_int(block.get("n_unanswerable")),
+                     "cells": [fmt_pct(block.get(k)) for k in ("unanswerable_em_detector", "unanswerable_em_official",
+                                                               "em_detector", "em_official", "f1_detector",
+                                                               "f1_official")]})
+    delta = entry.get("delta") if isinstance(entry.get("delta"), dict) else {}
+    rows.append({"label": "Δ (trt − ctrl)", "n": NOT_APPLICABLE,
+                 "cells": [NOT_APPLICABLE, NOT_APPLICABLE,
+                           *(fmt_pp(delta.get(k)) for k in ("em_detector", "em_official", "f1_detector", "f1_official"))]})
+    return {"available": True, "rows": rows}
+
+
 # ---------------------------------------------------------------- significance
 
 
@@ -619,7 +642,8 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
     `trial{slug, model, prompt_set, top_p, top_k, max_new_tokens{closed_book, open_book}}`,
     `temps` [float], `samples_per_item{temp_str: int}`, `prompts{condition: {path, sha256, tokens}}`,
     `per_item` (per_item_scores.csv as a DataFrame), `significance` (significance.json), `costs` (costs.json),
-    `score_summary` (status counts, may be empty), `jobs{jkey: {job_id, state}}`, `config_hash`.
+    `score_summary` (status counts, may be empty), `jobs{jkey: {job_id, state}}`, `config_hash`, and optionally
+    `unanswerable` (unanswerable_rules.json).
     """
     items = _prepare_items(ctx.get("per_item"))
     temps = _sorted_temps(_temp_key(t) for t in ctx.get("temps") or [])
@@ -632,8 +656,9 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
         sig_at_temp = significance.get(temp)
         sections.append({
             "temp": temp,
+            "rules": _rules_view(ctx.get("unanswerable"), temp),
             "family": _family_view(family, temp),
-            "types": [{"title": TYPE_TITLES[t], "rows": _results_rows(items, temp, t),
+            "types": [{"key": t, "title": TYPE_TITLES[t], "rows": _results_rows(items, temp, t),
                        "table": _metric_table(items, temp, t, _get(sig_at_temp, t), family),
                        "significance": _significance_view(_get(sig_at_temp, t), f"T={temp}/{t}", family, cfg)}
                       for t in TYPES],
@@ -652,6 +677,7 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
         "jobs": _job_rows(ctx.get("jobs")),
         "methods": _methods_lines(ctx.get("significance")),
         "selective_definition": SELECTIVE_DEFINITION,
+        "unanswerable_rule": UNANSWERABLE_RULE,
     }
     return view
 
