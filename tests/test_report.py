@@ -325,9 +325,13 @@ def test_significance_of_a_real_stats_run_is_printed_for_every_temperature_and_t
             assert re.search(r"at least half of them\): b = \d+, c = \d+, exact p = [0-9.e<-]+, q = — "
                              r"\(per-item EM is binary: the same hypothesis as T=\d\.\d/\w+/all/em/wilcoxon", block)
             assert "95% CI: percentile bootstrap over the paired items, B = 200 resamples" in block
-            for metric in ("EM", "F1", "Abstain"):
+            key = "closed" if type_ == "Closed-book" else "open"
+            for metric, name in (("EM", "em"), ("F1", "f1"), ("Abstain", "abstain_rate")):
                 row = _table_row(block, metric)
                 assert re.fullmatch(r"[+-]\d+\.\d\d pp", row[1]) and row[2].startswith("[") and row[3] != "n/a"
+                # the current names (d_z, cliffs_delta_unpaired) are read, as the old ones are
+                computed = doc["results"][temp][key]["metrics"][name]
+                assert row[6:8] == [f"{computed['d_z']:.3f}", f"{computed['cliffs_delta_unpaired']:.3f}"]
             assert ("False-Ans" in block) == (type_ == "Open-book")
             assert "AURC (risk over coverage" in block and "Non-inferiority (one-sided t test" in block
         assert f"q: Benjamini–Hochberg adjusted p (false discovery rate) over one family of {doc['fdr']['n_tests']} " in sig
