@@ -169,10 +169,11 @@ def test_significance_section_is_printed_with_mcnemar_and_metric_rows() -> None:
                   "<1e-4"]
     # a metric block with None entries renders n/a instead of raising
     assert _table_row(closed, "Abstain")[2:5] == ["n/a", "n/a", "n/a"]
-    assert "TOST non-inferiority, EM: margin 1.00 pp, α = 0.05, p = 0.02 → non-inferior" in closed
+    assert "Non-inferiority (one-sided t test, H0: Δ ≤ −margin), EM: margin 1.00 pp, α = 0.05, p = 0.02 → non-inferior" in closed
     assert "control 0.2500 · treatment 0.1250" in closed
     opened = _section(sig, "#### Open-book")
-    assert "McNemar on EM ≥ 0.5: n/a" in opened and "Per-metric tests: n/a" in opened
+    assert "binarised at ≥ 0.5 (K > 1 samples: EM on at least half of them): n/a" in opened
+    assert "Per-metric tests: n/a" in opened
 
 
 @pytest.mark.parametrize("significance", [{}, {"results": None}, {"results": {"0.0": None}}, None])
@@ -221,27 +222,35 @@ def test_aggregate_report_rows_per_trial_and_temperature() -> None:
     text = render_aggregate_report({"rid": "run-1", "trials": [_trial("a"), _trial("b", costs={}, significance={})]})
     assert text.startswith("# Aggregate Trial Comparison\n")
     assert "Run ID: `run-1`" in text
-    rows = [line for line in text.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
+    means = _section(text, "## Means", "## Deltas")
+    rows = [line for line in means.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
     assert len(rows) == 4
-    first = _table_row(text, "a")
-    assert first[3:] == ["0.0", "50.0% → 100.0%", "75.0% → 87.5%", "50.0% → 100.0%", "60.0% → 100.0%", "n/a",
-                         "$0.0123"]
+    first = _table_row(means, "a")
+    assert first[3:] == ["0.0", "50.0% → 100.0%", "75.0% → 87.5%", "50.0% → 100.0%", "60.0% → 100.0%", "$0.0123"]
     assert "Total cost: $0.0246 over the run's distinct parts, across 2 trials (1 without costs.json data)." in text
     assert render_aggregate_report({"rid": "run-1", "trials": [_trial("a")]}) == render_aggregate_report(
         {"rid": "run-1", "trials": [_trial("a")]})
 
 
-def test_aggregate_report_shows_open_em_delta_with_ci() -> None:
+def test_aggregate_report_shows_closed_and_open_deltas_with_cis_and_their_method() -> None:
     sig = significance()
+    sig["stats_config"] = {"bootstrap_samples": 5000}
+    sig["results"]["0.0"]["closed"]["metrics"]["em"]["ci_method"] = "percentile_bootstrap"
     sig["results"]["0.0"]["open"] = {"metrics": {"em": {"delta_mean": -0.025, "ci_95": [-0.05, 0.0]}}}
     text = render_aggregate_report({"rid": "r", "trials": [_trial("a", significance=sig)]})
-    assert _table_row(text, "a")[8] == "-2.50 pp [-5.00, +0.00] pp"
+    deltas = _section(text, "## Deltas")
+    assert "| Trial | T | ΔEM (closed) | 95% CI | ΔF1 (closed) | 95% CI | ΔEM (open) | 95% CI | ΔF1 (open) | 95% CI |" \
+        in deltas
+    assert _table_row(deltas, "a")[1:] == ["0.0", "+50.00 pp", "[+0.00, +100.00] pp", "n/a", "n/a",
+                                           "-2.50 pp", "[-5.00, +0.00] pp", "n/a", "n/a"]
+    assert "95% CIs: percentile bootstrap over the paired items, B = 5,000 resamples." in deltas
 
 
 def test_aggregate_report_keeps_a_trial_without_data() -> None:
     text = render_aggregate_report({"rid": "r", "trials": [_trial("empty", per_item=pd.DataFrame(), costs={},
                                                                   significance={})]})
-    assert _table_row(text, "empty")[3:] == ["n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a", "n/a"]
+    assert _table_row(text, "empty")[3:] == ["n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a → n/a", "n/a"]
+    assert _table_row(_section(text, "## Deltas"), "empty")[1:] == ["n/a"] * 9
     assert "Total cost: n/a" in text
 
 
@@ -281,7 +290,12 @@ def test_provenance_names_the_statistical_methods() -> None:
     provenance = _section(text, "## Provenance")
     assert "Delta CIs: percentile bootstrap over paired items, B = 5,000 resamples, seed 1337" in provenance
     assert "Permutation p: sign-flip, R = 2,000" in provenance
-    assert "q-values: Benjamini–Hochberg over 12 tests; scope: every p in this file" in provenance
+    assert "q-values: Benjamini–Hochberg over a family of 12 tests; family: every p in this file" in provenance
+    # an older file without a member list: the q note near the tables falls back to its scope
+    assert "q: Benjamini–Hochberg-adjusted p over 12 tests; scope: every p in this file" in text
+    for named in ("d_z: mean ÷ standard deviation", "Cliff's δ (unpaired)", "binarised at ≥ 0.5",
+                  "only the lower test of a TOST", "abstentions included", "official SQuAD v2 rule"):
+        assert named in provenance, named
     assert "McNemar odds-ratio CI: exact_cp: long explanation" in provenance
     # the explanation is given once, the McNemar lines name the method only
     assert text.count("long explanation") == 1 and "method: exact_cp)" in text
@@ -307,12 +321,27 @@ def test_significance_of_a_real_stats_run_is_printed_for_every_temperature_and_t
         for type_ in ("Closed-book", "Open-book"):
             block = _section(sig, f"#### {type_}", "#### Open-book" if type_ == "Closed-book" else None)
             assert "- Paired items: 12" in block
-            assert re.search(r"McNemar on EM ≥ 0.5: b = \d+, c = \d+, exact p = [0-9.e<-]+, q = [0-9.e<-]+;", block)
-            for metric in ("EM", "F1", "Abstain"):
+            # one sample per item: per-item EM is binary, so McNemar is the EM Wilcoxon hypothesis, left out of BH
+            assert re.search(r"at least half of them\): b = \d+, c = \d+, exact p = [0-9.e<-]+, q = — "
+                             r"\(per-item EM is binary: the same hypothesis as T=\d\.\d/\w+/all/em/wilcoxon", block)
+            assert "95% CI: percentile bootstrap over the paired items, B = 200 resamples" in block
+            key = "closed" if type_ == "Closed-book" else "open"
+            for metric, name in (("EM", "em"), ("F1", "f1"), ("Abstain", "abstain_rate")):
                 row = _table_row(block, metric)
                 assert re.fullmatch(r"[+-]\d+\.\d\d pp", row[1]) and row[2].startswith("[") and row[3] != "n/a"
+                # the current names (d_z, cliffs_delta_unpaired) are read, as the old ones are
+                computed = doc["results"][temp][key]["metrics"][name]
+                assert row[6:8] == [f"{computed['d_z']:.3f}", f"{computed['cliffs_delta_unpaired']:.3f}"]
             assert ("False-Ans" in block) == (type_ == "Open-book")
-            assert "AURC (risk over coverage" in block and "TOST non-inferiority, EM" in block
+            assert "AURC (risk over coverage" in block and "Non-inferiority (one-sided t test" in block
+        assert f"q: Benjamini–Hochberg adjusted p (false discovery rate) over one family of {doc['fdr']['n_tests']} " in sig
+        members = [m.split("/", 1)[1] for m in doc["fdr"]["family"] if m.startswith(f"T={temp}/")]
+        assert f"BH family members at T={temp} ({len(members)}): {', '.join(members)}" in sig
+    # open-book has one dataset: its row repeats the block's test with the same interval, and is not in the family
+    opened = _section(text, "## Results @ T=0.0", "## Results @ T=0.7")
+    opened = _section(_section(opened, "### Significance"), "#### Open-book")
+    squad, overall = _table_row(opened, "squad_v2"), _table_row(opened, "EM")
+    assert squad[3] == overall[2] and squad[4] == overall[3] and squad[5] == "—" and overall[4] != "—"
     closed = _section(text, "## Results @ T=0.0", "### Open-book")
     # closed-book F1 is the scored value, neither blank nor 0.0% (the original's report printed 0.0% here)
     assert _table_row(closed, "Control")[2] == "43.3%" and _table_row(closed, "Treatment")[2] == "48.3%"
@@ -350,3 +379,20 @@ def test_without_a_provider_the_one_costs_json_records_is_shown_never_the_rates_
     old = render_trial_report(context())
     assert "- Provider: n/a" in old and "SIMULATED" not in old
     assert "priced with the fireworks rates" in _section(old, "## Cost", "## Provenance")
+
+
+def test_open_book_results_show_the_official_unanswerable_rule_beside_the_detector_one() -> None:
+    ctx = context()
+    cond = {"n_unanswerable": 2, "unanswerable_em_detector": 1.0, "unanswerable_em_official": 0.5,
+            "em_detector": 0.75, "em_official": 0.5, "f1_detector": 0.8, "f1_official": 0.55}
+    ctx["unanswerable"] = {"results": {"0.0": {"control": cond, "treatment": cond,
+                                               "delta": {"em_detector": 0.0, "em_official": -0.125}}}}
+    text = render_trial_report(ctx)
+    at_zero = _section(text, "## Results @ T=0.0", "## Results @ T=0.7")
+    rules = _section(at_zero, "#### Open-book under the official unanswerable rule", "### Significance")
+    assert "only when the prediction normalizes to the empty string" in rules
+    assert _table_row(rules, "Control") == ["Control", "2", "100.0%", "50.0%", "75.0%", "50.0%", "80.0%", "55.0%"]
+    assert _table_row(rules, "Δ (trt − ctrl)")[4:6] == ["+0.00 pp", "-12.50 pp"]
+    # T=0.7 has no entry, and a report without the file says so instead of raising
+    assert "Official-rule scores: n/a" in _section(text, "## Results @ T=0.7")
+    assert "Official-rule scores: n/a" in render_trial_report(context())

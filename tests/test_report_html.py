@@ -219,3 +219,95 @@ def test_the_browser_checks_catch_a_bad_page(tmp_path: Path, body: str, catches:
         assert any("noisy page" in line for line in console) and not requests
     else:
         assert requests == ["http://reports.invalid/y.png", "https://reports.invalid/x.png"], found
+
+
+# ---------------------------------------------------------------- no horizontal overflow at 1280 px
+
+# Written into the page after it laid out: the document's overflow, and every scroll box whose content is wider
+# than the box (a table whose right columns are hidden until the reader scrolls the box).
+_MEASURE = """<script>
+const boxes = [...document.querySelectorAll(".scroll, table")].filter(e => e.scrollWidth > e.clientWidth + 1);
+const out = document.createElement("pre");
+out.id = "overflow-measure";
+out.textContent = JSON.stringify({scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+  wide: boxes.map(e => `${e.tagName}: ${e.scrollWidth} > ${e.clientWidth}: ${e.textContent.slice(0, 60)}`)});
+document.body.appendChild(out);
+</script>"""
+
+
+def markdown_page(text: str) -> str:
+    """Markdown as a viewer shows it: headings, paragraphs, list items, `code` and pipe tables become HTML with the
+    browser's default styles (cells wrap at spaces, as GitHub's do; nothing is scrolled)."""
+    def inline(s: str) -> str:
+        s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", s)
+
+    html, table = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                table.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if table:
+            html.append("<table>" + "".join(table) + "</table>")
+            table = []
+        heading = re.match(r"(#+) (.*)", line)
+        if heading:
+            html.append(f"<h{len(heading.group(1))}>{inline(heading.group(2))}</h{len(heading.group(1))}>")
+        elif line.startswith("- "):
+            html.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            html.append(f"<p>{inline(line)}</p>")
+    return "<!DOCTYPE html><html><body>" + "\n".join(html) + "</body></html>"
+
+
+def overflow(page: Path, profile: Path) -> dict[str, Any]:
+    """The measurement of `page` (HTML, or Markdown shown as `markdown_page`) in a 1280 px wide window."""
+    text = page.read_text(encoding="utf-8")
+    html = markdown_page(text) if page.suffix == ".md" else text
+    probe = profile.parent / f"{profile.name}-{page.name}.probe.html"
+    probe.write_text(html.replace("</body>", f"{_MEASURE}</body>"), encoding="utf-8")
+    loaded = chromium(probe, profile, "--window-size=1280,900", "--dump-dom")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    found = re.search(r'<pre id="overflow-measure">(.*?)</pre>', loaded.stdout, re.S)
+    assert found, "the measuring script did not run"
+    return json.loads(found.group(1).replace("&gt;", ">").replace("&lt;", "<").replace("&amp;", "&"))
+
+
+@pytest.mark.e2e
+@needs_chromium
+def test_no_report_overflows_a_1280px_window(reports: dict[str, Path]) -> None:
+    run_dir = reports["run"].parent
+    pages = [reports["trial"].parent / "report.md", reports["trial"], run_dir / "aggregate_report.md", reports["run"]]
+    for page in pages:
+        measured = overflow(page, reports["base"] / "profile-overflow")
+        assert measured["innerWidth"] == 1280, measured
+        assert measured["scrollWidth"] <= measured["innerWidth"] and not measured["wide"], (page.name, measured)
+
+
+def test_a_finished_run_reports_the_official_unanswerable_rule(reports: dict[str, Path]) -> None:
+    """OptionalAnalyses writes unanswerable_rules.json and the report shows it (not n/a) in md and html."""
+    text = (reports["trial"].parent / "report.md").read_text(encoding="utf-8")
+    html = reports["trial"].read_text(encoding="utf-8")
+    rules = re.findall(r"#### Open-book under the official unanswerable rule\n.*?\n\| Control \| (\d+) \| ([^|]+) \|",
+                       text, re.S)
+    assert len(rules) == 2 and all(re.fullmatch(r"\d+\.\d%", em.strip()) for _, em in rules), rules
+    assert "Official-rule scores: n/a" not in text
+    assert "EM (official)" in html and "Official-rule scores: n/a" not in html
+
+
+@needs_chromium
+def test_the_overflow_check_catches_a_wide_page(tmp_path: Path) -> None:
+    wide = tmp_path / "wide.html"
+    wide.write_text('<!DOCTYPE html><html><body><div class="scroll" style="overflow-x:auto">'
+                    '<table><tr><td style="white-space:nowrap">' + "x" * 400 + "</td></tr></table></div>"
+                    '<p style="width:1500px">wide</p></body></html>')
+    measured = overflow(wide, tmp_path / "profile")
+    assert measured["scrollWidth"] > 1280 and len(measured["wide"]) == 1
+    assert overflow(_write(tmp_path / "wide.md", "| " + "y" * 300 + " |\n|---|\n"), tmp_path / "p2")["scrollWidth"] > 1280
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

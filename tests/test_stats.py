@@ -31,6 +31,7 @@ from pipeline.stats.paired import (
 )
 from pipeline.stats.selective import selective_risk
 from pipeline.stats.significance import compute_significance
+from pipeline.stats.unanswerable import unanswerable_rules
 
 TOL = 1e-9
 
@@ -405,40 +406,94 @@ def test_significance_structure_and_json_safety() -> None:
     closed, open_ = doc["results"]["0.0"]["closed"], doc["results"]["0.0"]["open"]
     assert set(closed["metrics"]) == {"em", "f1", "abstain_rate"}
     assert set(open_["metrics"]) == {"em", "f1", "abstain_rate", "false_answer_rate", "unsupported_rate"}
-    for key in ("n_items", "counts", "mcnemar", "metrics", "selective_risk", "subgroups", "meta", "tost"):
+    for key in ("n_items", "counts", "mcnemar", "metrics", "selective_risk", "subgroups", "meta", "noninferiority"):
         assert key in closed
     assert closed["n_items"] == 100 and set(closed["subgroups"]["dataset"]) == {"nq_open", "triviaqa"}
     assert closed["counts"]["control"]["n_samples"] == 400
     assert "subgroups" not in closed["subgroups"]["dataset"]["nq_open"]
     assert closed["meta"]["em"]["status"] == "ok" and closed["meta"]["em"]["heterogeneity"]["df"] == 1
     assert open_["meta"]["em"]["status"] == "insufficient_groups"
-    assert closed["tost"]["em"]["margin"] == 0.01 and closed["tost"]["em"]["ci_level"] == pytest.approx(0.9)
+    assert closed["noninferiority"]["em"]["margin"] == 0.01
+    assert closed["noninferiority"]["em"]["ci_level"] == pytest.approx(0.9)
     metric = closed["metrics"]["em"]
-    for key in ("n_items", "delta_mean", "ci_95", "wilcoxon", "hodges_lehmann", "cohens_d", "cliffs_delta",
-                "perm_p_value"):
+    for key in ("n_items", "delta_mean", "ci_95", "wilcoxon", "hodges_lehmann", "d_z", "cliffs_delta_unpaired",
+                "perm_p_value", "ci_method", "bootstrap_samples"):
         assert key in metric
     assert set(closed["selective_risk"]["points"]) == {"control", "treatment"}
 
 
-def test_significance_q_values_are_bh_over_the_whole_file() -> None:
+def _all_tests(results: dict) -> dict[str, dict]:
+    """Every McNemar and Wilcoxon test of a results tree by its family id (as `_family` names them)."""
+    found = {}
+    for tkey, by_type in results.items():
+        for type_, block in by_type.items():
+            for scope, data in [("all", block), *((f"dataset={n}", b) for n, b in block["subgroups"]["dataset"].items())]:
+                found[f"T={tkey}/{type_}/{scope}/mcnemar"] = data["mcnemar"]
+                for m, res in data["metrics"].items():
+                    found[f"T={tkey}/{type_}/{scope}/{m}/wilcoxon"] = res["wilcoxon"]
+    return found
+
+
+def _p(test: dict) -> float | None:
+    return test.get("p_exact", test.get("p_value"))
+
+
+def test_significance_q_values_are_statsmodels_bh_over_exactly_the_family() -> None:
     doc = compute_significance(per_item_frame(0.05), temps=[0.0, 0.7], stats_cfg=CFG)
-    found: list[dict] = []
-
-    def walk(obj: object) -> None:
-        if isinstance(obj, dict):
-            if "q_value" in obj:
-                found.append(obj)
-            for value in obj.values():
-                walk(value)
-
-    walk(doc["results"])
-    pvals = [t.get("p_exact", t.get("p_value")) for t in found]
-    assert len(found) == doc["fdr"]["n_tests"] > 20
-    assert [t["q_value"] for t in found] == pytest.approx(benjamini_hochberg(pvals), abs=TOL)
+    tests = _all_tests(doc["results"])
+    family = doc["fdr"]["family"]
+    excluded = {e["test"] for e in doc["fdr"]["excluded"]}
+    assert len(family) == len(set(family)) == doc["fdr"]["n_tests"] > 20
+    assert set(family) | excluded == set(tests) and not set(family) & excluded
+    expected = multipletests([_p(tests[t]) for t in family], method="fdr_bh")[1]
+    assert [tests[t]["q_value"] for t in family] == pytest.approx(expected, abs=TOL)
+    assert all(tests[t]["q_value"] is None for t in excluded)
     off = compute_significance(per_item_frame(0.05), temps=[0.0], stats_cfg={**CFG, "enable_fdr": False,
                                                                               "enable_permutation": False})
     block = off["results"]["0.0"]["closed"]
     assert block["mcnemar"]["q_value"] is None and block["metrics"]["em"]["perm_p_value"] is None
+    assert off["fdr"]["n_tests"] == 0 and off["fdr"]["family"] == []
+
+
+def test_significance_family_has_no_duplicate_hypotheses() -> None:
+    """A subgroup with its parent's items and McNemar on binary EM (K = 1) are not separate hypotheses."""
+    frame = per_item_frame(0.1, seed=4)
+    binary = frame.assign(em=(frame["em"] >= 0.5).astype(float), n_samples=1)  # one sample per item
+    for data, mcnemar_kept in ((frame, True), (binary, False)):
+        doc = compute_significance(data, temps=[0.0], stats_cfg=CFG)
+        results = doc["results"]["0.0"]
+        family = doc["fdr"]["family"]
+        # open-book has one dataset (squad_v2): its subgroup is the block itself
+        assert not [t for t in family if "/open/dataset=" in t]
+        assert results["open"]["subgroups"]["dataset"]["squad_v2"]["item_set"] == results["open"]["item_set"]
+        assert ("T=0.0/closed/all/mcnemar" in family) is mcnemar_kept
+        assert "T=0.0/closed/all/em/wilcoxon" in family
+        # no two members test the same hypothesis on the same items
+        scopes = {f"{type_}/all": block for type_, block in results.items()}
+        scopes |= {f"{type_}/dataset={name}": sub for type_, block in results.items()
+                   for name, sub in block["subgroups"]["dataset"].items()}
+        hypotheses = [(scopes["/".join(t.split("/")[1:3])]["item_set"], t.split("/", 3)[3]) for t in family]
+        assert len(hypotheses) == len(set(hypotheses))
+    excluded = {e["test"]: e["reason"] for e in doc["fdr"]["excluded"]}
+    assert "em/wilcoxon" in excluded["T=0.0/closed/all/mcnemar"]
+
+
+def test_identical_item_sets_get_identical_intervals_and_p_values() -> None:
+    doc = compute_significance(per_item_frame(0.05, seed=2), temps=[0.0], stats_cfg=CFG)
+    block = doc["results"]["0.0"]["open"]
+    sub = block["subgroups"]["dataset"]["squad_v2"]
+    for metric in block["metrics"]:
+        for key in ("ci_95", "ci_95_bca", "perm_p_value"):
+            assert sub["metrics"][metric][key] == block["metrics"][metric][key]
+        assert sub["metrics"][metric]["wilcoxon"]["p_value"] == block["metrics"][metric]["wilcoxon"]["p_value"]
+    # the same items with the same values at another temperature: the same resamples again
+    frame = per_item_frame(0.05, seed=2, temps=(0.0,))
+    twice = pd.concat([frame, frame.assign(temp=0.7)])
+    both = compute_significance(twice, temps=[0.0, 0.7], stats_cfg=CFG)["results"]
+    assert json.dumps(both["0.0"], sort_keys=True) == json.dumps(both["0.7"], sort_keys=True)
+    # different items get different streams: dropping one item changes the digest
+    fewer = compute_significance(frame[frame["item_key"] != "squad_v2|0"], temps=[0.0], stats_cfg=CFG)
+    assert fewer["results"]["0.0"]["open"]["item_set"] != block["item_set"]
 
 
 def test_significance_is_deterministic_and_order_independent() -> None:
@@ -475,3 +530,39 @@ def test_significance_pairing_missing_values_and_temp_keys() -> None:
     assert closed["metrics"]["em"]["n_items"] == 99 and closed["metrics"]["f1"]["n_items"] == 98
     with pytest.raises(ValueError, match="duplicate"):
         compute_significance(pd.concat([frame, frame.head(1)]), temps=[0.25], stats_cfg=CFG)
+
+
+# --- unanswerable items: the detector rule beside the official SQuAD v2 rule ----------------------------------------
+def test_official_unanswerable_rule_matches_a_hand_computed_case() -> None:
+    items = pd.DataFrame([
+        {"dataset": "squad_v2", "id": "u1", "type": "open", "is_unanswerable": True},
+        {"dataset": "squad_v2", "id": "u2", "type": "open", "is_unanswerable": True},
+        {"dataset": "squad_v2", "id": "a1", "type": "open", "is_unanswerable": False},
+        {"dataset": "triviaqa", "id": "c1", "type": "closed", "is_unanswerable": float("nan")},
+    ])
+
+    def row(key: str, cond: str, resp: str, em: float, f1: float, status: str = "ok", type_: str = "open") -> dict:
+        return {"item_key": key, "type": type_, "condition": cond, "temp": 0.0, "status": status, "em": em,
+                "f1": f1, "response_text": resp}
+
+    rows = pd.DataFrame([
+        # control: u1 empty (both rules 1), u2 answered (both 0), a1 right
+        row("squad_v2|u1", "control", "", 1, 1), row("squad_v2|u2", "control", "Paris", 0, 0),
+        row("squad_v2|a1", "control", "Paris", 1, 1),
+        # treatment: u1 an abstention phrase (detector 1, official 0), u2 "The." normalizes to "" (official 1),
+        # two samples on a1 (EM 0 and 1, F1 0.5 and 1), and a provider error that does not count
+        row("squad_v2|u1", "treatment", "unknown", 1, 1), row("squad_v2|u2", "treatment", "The.", 1, 1),
+        row("squad_v2|a1", "treatment", "paris france", 0, 0.5), row("squad_v2|a1", "treatment", "Paris", 1, 1),
+        row("squad_v2|a1", "treatment", "", float("nan"), float("nan"), status="provider_error"),
+        row("triviaqa|c1", "control", "", 0, 0, type_="closed"),
+    ])
+    doc = unanswerable_rules(rows, items, temps=[0.0, 0.7])
+    assert doc["results"]["0.7"] == {}
+    ctrl, trt, delta = (doc["results"]["0.0"][k] for k in ("control", "treatment", "delta"))
+    assert ctrl["n_items"] == 3 and ctrl["n_unanswerable"] == 2
+    assert ctrl["em_detector"] == ctrl["em_official"] == pytest.approx(2 / 3)
+    assert trt["unanswerable_em_detector"] == 1.0 and trt["unanswerable_em_official"] == 0.5
+    assert trt["em_detector"] == pytest.approx((1 + 1 + 0.5) / 3) and trt["em_official"] == pytest.approx(1.5 / 3)
+    assert trt["f1_detector"] == pytest.approx((1 + 1 + 0.75) / 3) and trt["f1_official"] == pytest.approx(1.75 / 3)
+    assert delta["n_items"] == 3 and delta["em_official"] == pytest.approx(1.5 / 3 - 2 / 3)
+    assert delta["em_detector"] == pytest.approx(2.5 / 3 - 2 / 3)

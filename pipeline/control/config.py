@@ -169,11 +169,12 @@ class Stats(_Model):
     enable_permutation: bool = True
     """Compute the sign-flip permutation test."""
     enable_fdr: bool = True
-    """Add Benjamini–Hochberg q-values over the run's tests."""
+    """Add Benjamini–Hochberg q-values over each trial's hypothesis family (one test per hypothesis, listed in
+    significance.json's `fdr.family`)."""
     risk_thresholds: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Abstention thresholds at which selective risk (risk over coverage) is evaluated."""
     tost_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    """Significance level of the TOST non-inferiority test."""
+    """Significance level of the one-sided non-inferiority t test (the lower test of a TOST; the name is kept)."""
     tost_margins: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"em": 0.01, "f1": 0.01})
     """Non-inferiority margin per metric, as a rate (0.01 = 1 percentage point)."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,15 @@ _TEMPLATES = Path(__file__).resolve().parent / "templates"
 # treatment effect, so its numbers must never pass for a real model's.
 SIMULATED_LABEL = "SIMULATED — offline emulator, not model output"
 SIMULATED_PROVIDERS = frozenset({"emulator"})
+SELECTIVE_DEFINITION = (
+    "Coverage at threshold τ is the share of all paired items whose abstention rate is ≤ τ (kept by the gate, not "
+    "necessarily answered: at τ = 1 every item is kept, abstentions included); risk is 1 − mean EM over the kept items."
+)
+UNANSWERABLE_RULE = (
+    "Unanswerable (SQuAD v2) items: EM = F1 = 1 when the answer is an abstention by the abstention detector "
+    "(a configured phrase such as “unknown”, or an empty answer), else 0. The official SQuAD v2 rule scores 1 only "
+    "when the prediction normalizes to the empty string."
+)
 
 
 @lru_cache(maxsize=1)
@@ -223,7 +233,86 @@ def _status_line(summary: Any) -> str:
     return " · ".join(f"{name} {fmt_int(counts[name])}" for name in names) or NA
 
 
+# ---------------------------------------------------------------- unanswerable rules
+
+
+def _rules_view(document: Any, temp: str) -> dict[str, Any]:
+    """Open-book EM/F1 under the abstention-detector rule beside the official SQuAD v2 rule at `temp`, from
+    unanswerable_rules.json (`pipeline.stats.unanswerable`); `available` False when the file or the entry is absent."""
+    entry = _by_temp(_get(document, "results")).get(temp)
+    if not isinstance(entry, dict) or not entry:
+        return {"available": False}
+    rows = []
+    for condition in CONDITIONS:
+        block = entry.get(condition) if isinstance(entry.get(condition), dict) else {}
+        rows.append({"label": condition.capitalize(), "n": fmt_int(block.get("n_unanswerable")),
+                     "cells": [fmt_pct(block.get(k)) for k in ("unanswerable_em_detector", "unanswerable_em_official",
+                                                               "em_detector", "em_official", "f1_detector",
+                                                               "f1_official")]})
+    delta = entry.get("delta") if isinstance(entry.get("delta"), dict) else {}
+    rows.append({"label": "Δ (trt − ctrl)", "n": NOT_APPLICABLE,
+                 "cells": [NOT_APPLICABLE, NOT_APPLICABLE,
+                           *(fmt_pp(delta.get(k)) for k in ("em_detector", "em_official", "f1_detector", "f1_official"))]})
+    return {"available": True, "rows": rows}
+
+
 # ---------------------------------------------------------------- significance
+
+
+@dataclass(frozen=True)
+class Family:
+    """The BH hypothesis family significance.json's `fdr` block lists (empty for files that list none)."""
+
+    method: str | None = None
+    n_tests: Any = None
+    scope: str | None = None
+    members: tuple[str, ...] = ()
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+def _family(significance: Any) -> Family:
+    fdr = _get(significance, "fdr")
+    if not isinstance(fdr, dict):
+        return Family()
+    members = fdr.get("family") if isinstance(fdr.get("family"), list) else []
+    excluded = fdr.get("excluded") if isinstance(fdr.get("excluded"), list) else []
+    return Family(method=fdr.get("method"), n_tests=fdr.get("n_tests"), scope=fdr.get("scope"),
+                  members=tuple(str(m) for m in members),
+                  excluded={str(e.get("test")): str(e.get("reason") or NA) for e in excluded if isinstance(e, dict)})
+
+
+def _family_view(family: Family, temp: str) -> dict[str, Any]:
+    """What a results section says about q: the definition, the family's size, and its members at `temp`."""
+    if not family.method:
+        note = ("q: not computed (FDR disabled)" if family.scope == "disabled" else
+                "q: n/a (significance.json defines no FDR family)")
+        return {"note": note, "members": [], "excluded": []}
+    prefix = f"T={temp}/"
+    members = [m[len(prefix):] for m in family.members if m.startswith(prefix)]
+    excluded = [f"{t[len(prefix):]}: {why}" for t, why in sorted(family.excluded.items()) if t.startswith(prefix)]
+    if not family.members:  # an older file: the family is every test in it
+        note = (f"q: {str(family.method).replace('_', '–').title()}-adjusted p over {fmt_int(family.n_tests)} tests; "
+                f"scope: {family.scope or NA}")
+        return {"note": note, "members": [], "excluded": []}
+    note = (f"q: Benjamini–Hochberg adjusted p (false discovery rate) over one family of {fmt_int(family.n_tests)} "
+            f"hypotheses across all temperatures and task types, one test per hypothesis: the Wilcoxon test of each "
+            f"metric and McNemar on binarised EM, for all items and for each dataset whose items differ from all "
+            f"items. `—` in a q column: not a separate hypothesis (a repeat of a member's test). "
+            f"{len(members)} of the members are at T = {temp}.")
+    return {"note": note, "members": members, "excluded": excluded}
+
+
+def _ci_note(block: Any, cfg: dict[str, Any]) -> str:
+    """The CI method and resample count of a significance block's metric tables."""
+    metrics = _get(block, "metrics")
+    methods = sorted({str(m.get("ci_method")).replace("_", " ") for m in metrics.values()
+                      if isinstance(m, dict) and m.get("ci_method")}) if isinstance(metrics, dict) else []
+    counts = sorted({m.get("bootstrap_samples") for m in metrics.values()
+                     if isinstance(m, dict) and _number(m.get("bootstrap_samples")) is not None}
+                    ) if isinstance(metrics, dict) else []
+    resamples = counts[0] if len(counts) == 1 else cfg.get("bootstrap_samples")
+    return (f"95% CI: {', '.join(methods) or NA} over the paired items, B = {fmt_int(resamples)} resamples "
+            f"(seeded by the item set, so the same items get the same interval)")
 
 
 def _metric_names(metrics: Any) -> list[str]:
@@ -233,28 +322,37 @@ def _metric_names(metrics: Any) -> list[str]:
     return [m for m in METRICS if m in metrics] + sorted(m for m in metrics if m not in METRICS)
 
 
-def _metric_stats(block: Any) -> dict[str, Any]:
-    """The display strings of one metric's paired tests; `excludes_zero` says whether its 95% CI excludes 0."""
+def _q(value: Any, test_id: str, family: Family) -> str:
+    """A q-value cell: `—` for a test the file's BH family leaves out (not a separate hypothesis), else the value."""
+    return NOT_APPLICABLE if test_id in family.excluded else fmt_p(value)
+
+
+def _metric_stats(block: Any, test_id: str, family: Family) -> dict[str, Any]:
+    """The display strings of one metric's paired tests; `excludes_zero` says whether its 95% CI excludes 0.
+
+    Reads the current names (`d_z`, `cliffs_delta_unpaired`) and those of older files (`cohens_d`, `cliffs_delta`).
+    """
     block = block if isinstance(block, dict) else {}
     ci = _pair(block.get("ci_95"))
     return {
         "delta": fmt_pp(block.get("delta_mean")),
         "ci": fmt_ci_pp(block.get("ci_95")),
         "p": fmt_p(_get(block, "wilcoxon", "p_value")),
-        "q": fmt_p(_get(block, "wilcoxon", "q_value")),
+        "q": _q(_get(block, "wilcoxon", "q_value"), f"{test_id}/wilcoxon", family),
         "hl": fmt_pp(block.get("hodges_lehmann")),
-        "d": fmt_num(block.get("cohens_d"), ".3f"),
-        "cliff": fmt_num(block.get("cliffs_delta"), ".3f"),
+        "d": fmt_num(block.get("d_z", block.get("cohens_d")), ".3f"),
+        "cliff": fmt_num(block.get("cliffs_delta_unpaired", block.get("cliffs_delta")), ".3f"),
         "perm": fmt_p(block.get("perm_p_value")),
         "excludes_zero": ci is not None and (ci[0] > 0 or ci[1] < 0),
     }
 
 
-def _metric_rows(metrics: Any) -> list[dict[str, Any]]:
-    return [{"metric": METRICS.get(name, name), **_metric_stats(metrics[name])} for name in _metric_names(metrics)]
+def _metric_rows(metrics: Any, scope_id: str, family: Family) -> list[dict[str, Any]]:
+    return [{"metric": METRICS.get(name, name), **_metric_stats(metrics[name], f"{scope_id}/{name}", family)}
+            for name in _metric_names(metrics)]
 
 
-def _metric_table(items: pd.DataFrame, temp: str, type_: str, sig_block: Any) -> list[dict[str, Any]]:
+def _metric_table(items: pd.DataFrame, temp: str, type_: str, sig_block: Any, family: Family) -> list[dict[str, Any]]:
     """One row per metric that applies to `type_`: control and treatment means beside the paired delta and tests."""
     metrics = _get(sig_block, "metrics")
     names = [m for m in METRICS if m not in _UNDEFINED.get(type_, ()) and (m in items.columns or _get(metrics, m))]
@@ -264,7 +362,7 @@ def _metric_table(items: pd.DataFrame, temp: str, type_: str, sig_block: Any) ->
     for name in names:
         means = [_metric_cell(block[block["condition"] == c], name, type_, items.columns) for c in CONDITIONS]
         rows.append({"metric": METRICS.get(name, name), "control": means[0], "treatment": means[1],
-                     **_metric_stats(_get(metrics, name))})
+                     **_metric_stats(_get(metrics, name), f"T={temp}/{type_}/all/{name}", family)})
     return rows
 
 
@@ -282,27 +380,35 @@ def _method_name(method: Any) -> str:
     return (str(method).split(":", 1)[0].strip() or NA) if method else NA
 
 
-def _mcnemar_line(mcnemar: Any) -> str:
+MCNEMAR_RULE = "per-item EM binarised at ≥ 0.5 (with K > 1 samples per item: EM on at least half of them)"
+
+
+def _mcnemar_line(mcnemar: Any, test_id: str, family: Family) -> str:
     if not isinstance(mcnemar, dict) or not mcnemar:
         return NA
     p_value = mcnemar.get("p_exact", mcnemar.get("p_value"))
+    left_out = family.excluded.get(test_id)
     return (f"b = {fmt_int(mcnemar.get('b'))}, c = {fmt_int(mcnemar.get('c'))}, exact p = {fmt_p(p_value)}, "
-            f"q = {fmt_p(mcnemar.get('q_value'))}; odds ratio = {fmt_num(mcnemar.get('odds_ratio'))} "
+            f"q = {_q(mcnemar.get('q_value'), test_id, family)}{f' ({left_out})' if left_out else ''}; "
+            f"odds ratio = {fmt_num(mcnemar.get('odds_ratio'))} "
             f"(95% CI {_or_ci(mcnemar)}; method: {_method_name(mcnemar.get('or_ci_method'))})")
 
 
-def _tost_lines(tost: Any) -> list[str]:
-    if not isinstance(tost, dict):
+def _noninferiority_lines(block: Any) -> list[str]:
+    """One line per metric of the one-sided non-inferiority t test (`noninferiority`, `tost` in older files)."""
+    tests = _get(block, "noninferiority")
+    tests = tests if isinstance(tests, dict) else _get(block, "tost")
+    if not isinstance(tests, dict):
         return []
     lines = []
-    for name in [m for m in METRICS if m in tost] + sorted(m for m in tost if m not in METRICS):
-        block = tost[name] if isinstance(tost[name], dict) else {}
+    for name in [m for m in METRICS if m in tests] + sorted(m for m in tests if m not in METRICS):
+        block = tests[name] if isinstance(tests[name], dict) else {}
         verdict = {True: "non-inferior", False: "non-inferiority not shown"}.get(block.get("non_inferior"), NA)
         margin = _number(block.get("margin"))
         level = _number(block.get("ci_level"))
         ci = (f", {level * 100:.0f}% CI {fmt_ci_pp(block['ci'])}"
               if _pair(block.get("ci")) and level is not None else "")
-        lines.append(f"TOST non-inferiority, {METRICS.get(name, name)}: margin "
+        lines.append(f"Non-inferiority (one-sided t test, H0: Δ ≤ −margin), {METRICS.get(name, name)}: margin "
                      f"{NA if margin is None else f'{margin * 100:.2f} pp'}, α = {fmt_num(block.get('alpha'))}, "
                      f"p = {fmt_p(block.get('p_value'))} → {verdict} (mean Δ {fmt_pp(block.get('mean_delta'))}{ci})")
     return lines
@@ -313,7 +419,7 @@ def _aurc_line(selective: Any) -> str | None:
     if not isinstance(aurc, dict):
         return None
     return (f"AURC (risk over coverage, lower is better): control {fmt_num(aurc.get('control'), '.4f')} · "
-            f"treatment {fmt_num(aurc.get('treatment'), '.4f')}")
+            f"treatment {fmt_num(aurc.get('treatment'), '.4f')}. {SELECTIVE_DEFINITION}")
 
 
 def _meta_lines(meta: Any) -> list[str]:
@@ -336,7 +442,7 @@ def _meta_lines(meta: Any) -> list[str]:
     return lines
 
 
-def _subgroup_rows(subgroups: Any) -> list[dict[str, str]]:
+def _subgroup_rows(subgroups: Any, scope_prefix: str, family: Family) -> list[dict[str, str]]:
     datasets = _get(subgroups, "dataset")
     if not isinstance(datasets, dict):
         return []
@@ -346,7 +452,8 @@ def _subgroup_rows(subgroups: Any) -> list[dict[str, str]]:
         em = _get(block, "metrics", "em")
         rows.append({"dataset": str(name), "n": fmt_int(block.get("n_items")),
                      "delta": fmt_pp(_get(em, "delta_mean")), "ci": fmt_ci_pp(_get(em, "ci_95")),
-                     "p": fmt_p(_get(em, "wilcoxon", "p_value")), "q": fmt_p(_get(em, "wilcoxon", "q_value")),
+                     "p": fmt_p(_get(em, "wilcoxon", "p_value")),
+                     "q": _q(_get(em, "wilcoxon", "q_value"), f"{scope_prefix}/dataset={name}/em/wilcoxon", family),
                      "mcnemar_p": fmt_p(_get(block, "mcnemar", "p_exact"))})
     return rows
 
@@ -379,24 +486,36 @@ def _methods_lines(significance: Any) -> list[str]:
     if fdr:
         method = fdr.get("method")
         lines.append("q-values: disabled" if not method else
-                     f"q-values: {str(method).replace('_', '–').title()} over {fmt_int(fdr.get('n_tests'))} tests; "
-                     f"scope: {fdr.get('scope') or NA}")
+                     f"q-values: {str(method).replace('_', '–').title()} over a family of {fmt_int(fdr.get('n_tests'))} "
+                     f"tests; family: {fdr.get('scope') or NA}")
+    lines += [
+        "d_z: mean ÷ standard deviation of the paired deltas (Cohen's d for paired data).",
+        "Cliff's δ (unpaired): P(treatment > control) − P(treatment < control) over all treatment × control pairs "
+        "of per-item values, treating the two conditions as independent samples (the pairing is ignored).",
+        f"McNemar: exact test on {MCNEMAR_RULE}.",
+        "Non-inferiority: one-sided paired t test of H0: mean Δ ≤ −margin (only the lower test of a TOST); "
+        "the interval shown is the two-sided (1 − 2α) t interval.",
+        SELECTIVE_DEFINITION,
+        UNANSWERABLE_RULE,
+    ]
     lines += [f"McNemar odds-ratio CI: {m}" for m in sorted(_values_of(significance.get("results"), "or_ci_method"))]
     return lines
 
 
-def _significance_view(block: Any) -> dict[str, Any]:
+def _significance_view(block: Any, scope_prefix: str, family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Display strings of one temperature × type block; `scope_prefix` is its `T=<temp>/<type>` family id prefix."""
     if not isinstance(block, dict) or not block:
         return {"available": False}
     return {
         "available": True,
         "n_items": fmt_int(block.get("n_items")),
-        "mcnemar": _mcnemar_line(block.get("mcnemar")),
-        "metrics": _metric_rows(block.get("metrics")),
-        "tost": _tost_lines(block.get("tost")),
+        "mcnemar": _mcnemar_line(block.get("mcnemar"), f"{scope_prefix}/all/mcnemar", family),
+        "metrics": _metric_rows(block.get("metrics"), f"{scope_prefix}/all", family),
+        "ci_note": _ci_note(block, cfg),
+        "noninferiority": _noninferiority_lines(block),
         "aurc": _aurc_line(block.get("selective_risk")),
         "meta": _meta_lines(block.get("meta")),
-        "subgroups": _subgroup_rows(block.get("subgroups")),
+        "subgroups": _subgroup_rows(block.get("subgroups"), scope_prefix, family),
     }
 
 
@@ -523,19 +642,26 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
     `trial{slug, model, prompt_set, top_p, top_k, max_new_tokens{closed_book, open_book}}`,
     `temps` [float], `samples_per_item{temp_str: int}`, `prompts{condition: {path, sha256, tokens}}`,
     `per_item` (per_item_scores.csv as a DataFrame), `significance` (significance.json), `costs` (costs.json),
-    `score_summary` (status counts, may be empty), `jobs{jkey: {job_id, state}}`, `config_hash`.
+    `score_summary` (status counts, may be empty), `jobs{jkey: {job_id, state}}`, `config_hash`, and optionally
+    `unanswerable` (unanswerable_rules.json).
     """
     items = _prepare_items(ctx.get("per_item"))
     temps = _sorted_temps(_temp_key(t) for t in ctx.get("temps") or [])
     significance = _by_temp(_get(ctx.get("significance"), "results"))
+    family = _family(ctx.get("significance"))
+    cfg = _get(ctx.get("significance"), "stats_config")
+    cfg = cfg if isinstance(cfg, dict) else {}
     sections = []
     for temp in temps:
         sig_at_temp = significance.get(temp)
         sections.append({
             "temp": temp,
-            "types": [{"title": TYPE_TITLES[t], "rows": _results_rows(items, temp, t),
-                       "table": _metric_table(items, temp, t, _get(sig_at_temp, t)),
-                       "significance": _significance_view(_get(sig_at_temp, t))} for t in TYPES],
+            "rules": _rules_view(ctx.get("unanswerable"), temp),
+            "family": _family_view(family, temp),
+            "types": [{"key": t, "title": TYPE_TITLES[t], "rows": _results_rows(items, temp, t),
+                       "table": _metric_table(items, temp, t, _get(sig_at_temp, t), family),
+                       "significance": _significance_view(_get(sig_at_temp, t), f"T={temp}/{t}", family, cfg)}
+                      for t in TYPES],
         })
     view = {
         "rid": ctx.get("rid") or NA,
@@ -550,6 +676,8 @@ def trial_view(ctx: dict[str, Any]) -> dict[str, Any]:
         "config_hash": ctx.get("config_hash") or NA,
         "jobs": _job_rows(ctx.get("jobs")),
         "methods": _methods_lines(ctx.get("significance")),
+        "selective_definition": SELECTIVE_DEFINITION,
+        "unanswerable_rule": UNANSWERABLE_RULE,
     }
     return view
 
@@ -562,7 +690,16 @@ def _arrow(group: pd.DataFrame, metric: str, type_: str, columns: pd.Index) -> s
     return " → ".join(cells)
 
 
-def _aggregate_rows(trial: dict[str, Any]) -> list[dict[str, str]]:
+# the (task type, metric) deltas of the run report, in column order
+AGGREGATE_DELTAS: tuple[tuple[str, str], ...] = (("closed", "em"), ("closed", "f1"), ("open", "em"), ("open", "f1"))
+
+
+def _delta_cells(block: Any) -> dict[str, str]:
+    """A delta and its 95% CI as two display strings (the run report shows them in separate columns)."""
+    return {"delta": fmt_pp(_get(block, "delta_mean")), "ci": fmt_ci_pp(_get(block, "ci_95"))}
+
+
+def _aggregate_rows(trial: dict[str, Any]) -> list[dict[str, Any]]:
     items = _prepare_items(trial.get("per_item"))
     significance = _by_temp(_get(trial.get("significance"), "results"))
     costs = trial.get("costs") if isinstance(trial.get("costs"), dict) else {}
@@ -572,9 +709,6 @@ def _aggregate_rows(trial: dict[str, Any]) -> list[dict[str, str]]:
     for temp in temps or [NA]:  # a trial without any data still gets its row
         scored = items[(items["temp_key"] == temp) & items["scored"]]
         closed, opened = scored[scored["type"] == "closed"], scored[scored["type"] == "open"]
-        em_open = _get(significance.get(temp), "open", "metrics", "em")
-        delta = fmt_pp(_get(em_open, "delta_mean"))
-        ci = _get(em_open, "ci_95")
         rows.append({
             "slug": trial.get("slug") or NA, "model": trial.get("model") or NA,
             "prompt_set": trial.get("prompt_set") or NA, "temp": temp,
@@ -582,10 +716,21 @@ def _aggregate_rows(trial: dict[str, Any]) -> list[dict[str, str]]:
             "f1_closed": _arrow(closed, "f1", "closed", items.columns),
             "em_open": _arrow(opened, "em", "open", items.columns),
             "f1_open": _arrow(opened, "f1", "open", items.columns),
-            "delta_em_open": delta if _pair(ci) is None else f"{delta} {fmt_ci_pp(ci)}",
+            "deltas": [_delta_cells(_get(significance.get(temp), type_, "metrics", metric))
+                       for type_, metric in AGGREGATE_DELTAS],
             "usd": fmt_usd(_get(cost_by_temp.get(temp), "usd")),
         })
     return rows
+
+
+def _aggregate_ci_note(trials: list[dict[str, Any]]) -> str:
+    """The CI method and resample counts the trials' significance.json files record."""
+    methods = sorted({m.replace("_", " ") for t in trials for m in _values_of(_get(t.get("significance"), "results"),
+                                                                              "ci_method")})
+    counts = sorted({int(n) for t in trials
+                     if (n := _number(_get(t.get("significance"), "stats_config", "bootstrap_samples"))) is not None})
+    return (f"Deltas are treatment − control in percentage points with 95% CIs: {', '.join(methods) or NA} over "
+            f"the paired items, B = {', '.join(f'{n:,}' for n in counts) or NA} resamples.")
 
 
 def render_aggregate_report(ctx: dict[str, Any]) -> str:
@@ -611,6 +756,8 @@ def aggregate_view(ctx: dict[str, Any]) -> dict[str, Any]:
     recorded = {str(name) for name in (_get(c, "provider") for c in costs) if name}
     provider = ctx.get("provider") or (recorded.pop() if len(recorded) == 1 else None)
     return {"rid": ctx.get("rid") or NA, "provider": provider_view(provider), "rows": rows, "total_usd": fmt_usd(total),
+            "delta_columns": [f"Δ{METRICS[m]} ({t})" for t, m in AGGREGATE_DELTAS],
+            "ci_note": _aggregate_ci_note(trials),
             "n_trials": len(trials),
             "unpriced": sum(owned_usd(c) is None for c in costs),
             "shared_usd": fmt_usd(sum(u for u in shared if u is not None)) if total is not None else NA}

@@ -1,9 +1,11 @@
-"""Selective prediction: accuracy on the items a condition answers, as the abstention gate loosens.
+"""Selective prediction: accuracy on the items the abstention gate keeps, as the gate loosens.
 
 Definitions, per threshold τ (items are the paired items of one block; `em` and `abstain` are per-item rates):
-- answered(τ) = items with abstain_rate ≤ τ;
-- coverage = |answered| / |all items| (the original divided by the kept items, so coverage was always ~1);
-- selective_accuracy = mean EM over the answered items (≤ 1 by construction; None when none is answered);
+- kept(τ) = items with abstain_rate ≤ τ. Kept is not "answered": at τ = 1 every item is kept, abstentions
+  included (an abstention then counts with its EM: 0, or 1 on an unanswerable item under the detector rule);
+  `n_answered` keeps its historical name for |kept(τ)|;
+- coverage = |kept| / |all items| (the original divided by the kept items, so coverage was always ~1);
+- selective_accuracy = mean EM over the kept items (≤ 1 by construction; None when none is kept);
 - risk = 1 − selective_accuracy.
 AURC = trapezoid area of risk over coverage through the points with a defined risk, sorted by coverage
 (ties in coverage keep threshold order); None when fewer than two distinct coverages are available.

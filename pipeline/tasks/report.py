@@ -204,11 +204,16 @@ class TrialReport(TrialTask):
     def _load(self, slug: str) -> dict[str, Any]:
         import pandas as pd
 
+        from pipeline.stats.optional.analyses import OUTPUT_FILES
+
         layout = self.layout
+        # written by OptionalAnalyses from the same scores; a run whose optional stage predates it has none (n/a)
+        rules = layout.results_dir(slug) / OUTPUT_FILES["unanswerable_rules"]
         return {
             "per_item": pd.read_csv(layout.per_item_scores(slug), dtype={"item_key": str, "condition": str, "type": str}),
             "significance": json.loads(layout.significance(slug).read_text(encoding="utf-8")),
             "costs": json.loads(layout.costs(slug).read_text(encoding="utf-8")),
+            "unanswerable": json.loads(rules.read_text(encoding="utf-8")) if rules.is_file() else None,
         }
 
     def _trial_report(self, inputs: dict[str, Any]) -> None:

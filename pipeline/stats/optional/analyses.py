@@ -1,4 +1,5 @@
-"""Entry point of the optional analyses: one JSON document per enabled analysis, written next to significance.json.
+"""Entry point of the optional analyses: one JSON document per enabled analysis, written next to significance.json,
+plus unanswerable_rules.json (the report's official SQuAD v2 rule column) whenever the scored rows are given.
 
 `optional_analyses(...)` returns `{name: document}` for the enabled analyses; the file of each is
 `OUTPUT_FILES[name]` (the original's names). `cfg` keys (all optional, unknown keys refused):
@@ -23,12 +24,14 @@ from pipeline.stats.optional.cost import cost_effectiveness
 from pipeline.stats.optional.mixed import DEFAULT_MAX_ROWS, mixed_effects
 from pipeline.stats.optional.power import DEFAULT_TARGETS, power_analysis
 from pipeline.stats.optional.sensitivity import DEFAULT_THRESHOLDS, unsupported_sensitivity
+from pipeline.stats.unanswerable import unanswerable_rules
 
 OUTPUT_FILES: dict[str, str] = {
     "power_analysis": "power_analysis.json",
     "cost_effectiveness": "cost_effectiveness.json",
     "unsupported_sensitivity": "unsupported_sensitivity.json",
     "mixed_models": "mixed_models.json",
+    "unanswerable_rules": "unanswerable_rules.json",
 }
 DEFAULT_CFG: dict[str, Any] = {
     "enable_power_analysis": True,
@@ -65,7 +68,9 @@ def optional_analyses(
     temps: Sequence[float],
     cfg: dict[str, Any] | None,
 ) -> dict[str, dict[str, Any]]:
-    """`{"power_analysis", "cost_effectiveness", "unsupported_sensitivity", "mixed_models"}` → document, enabled only.
+    """`{"power_analysis", "cost_effectiveness", "unsupported_sensitivity", "mixed_models"}` → document, enabled only,
+    and `unanswerable_rules` (`pipeline.stats.unanswerable`) whenever scored rows are given: it is not an optional
+    analysis but the official-rule column of the report, computed here because this stage reads the responses.
 
     `scored_rows` is `score_predictions` output with `response_text` added (needed by the sensitivity sweep);
     `costs` is the trial's costs.json (needed by cost-effectiveness).
@@ -93,4 +98,6 @@ def optional_analyses(
             scored_rows if scored_rows is not None else per_item, enabled=True, max_rows=int(c["mixed_max_rows"]),
             seed=int(c["seed"]),
         )
+    if scored_rows is not None:
+        out["unanswerable_rules"] = unanswerable_rules(scored_rows, items, temps=temps)
     return out
