@@ -12,11 +12,13 @@ import io
 import json
 import os
 import shutil
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import orjson
 
 from pipeline.naming import parse_custom_id
@@ -281,6 +283,88 @@ class _CsvLines:
         return self._buffer.getvalue()
 
 
+class PredictionColumns:
+    """The predictions.csv fields scoring reads, kept columnar while `write_predictions` writes the CSV.
+
+    Per row: `cell` (code of its distinct `(dataset, item_id, type, condition, temp)`), `status` (index into
+    `STATUSES`: `provider_error` when the error text is not blank, else `truncated` when the finish_reason is
+    "length", else `ok`: the rule scoring applies to the CSV) and `response` (code of its distinct response text).
+    Each distinct value is stored once, so memory is a few bytes per row plus the distinct texts.
+    """
+
+    STATUSES = ("ok", "provider_error", "truncated")
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[str, str, str, str, str], int] = {}
+        self.responses: dict[str, int] = {}
+        self.cell = array("i")
+        self.status = array("b")
+        self.response = array("i")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (no pickled objects): what `save` writes and `load_prediction_columns` reads back."""
+        cells = list(self.cells)
+        out = {"cell": np.frombuffer(self.cell, dtype=np.int32), "status": np.frombuffer(self.status, dtype=np.int8),
+               "response": np.frombuffer(self.response, dtype=np.int32)}
+        for k, name in enumerate(CELL_FIELDS):
+            out[f"{name}_bytes"], out[f"{name}_offsets"] = _pack([c[k] for c in cells])
+        out["responses_bytes"], out["responses_offsets"] = _pack(list(self.responses))
+        return out
+
+    def save(self, fh: IO[bytes]) -> None:
+        np.savez(fh, **self.arrays())
+
+
+CELL_FIELDS = ("dataset", "item_id", "type", "condition", "temp")
+
+
+def _pack(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of `texts` back to back, and the offsets where each starts (plus the end)."""
+    encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = data.tobytes()
+    bounds = offsets.tolist()
+    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+@dataclass
+class LoadedColumns:
+    """`PredictionColumns` read back: per-row codes and the distinct values they index."""
+
+    cell: np.ndarray
+    status: np.ndarray
+    response: np.ndarray
+    cells: dict[str, list[str]]
+    responses: list[str]
+
+    def __len__(self) -> int:
+        return len(self.cell)
+
+
+def load_prediction_columns(path: Path) -> LoadedColumns:
+    """The file `PredictionColumns.save` wrote; ValueError when it is not one (missing arrays, codes out of range)."""
+    with np.load(path, allow_pickle=False) as z:
+        try:
+            arrays = {name: z[name] for name in z.files}
+            cells = {name: _unpack(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in CELL_FIELDS}
+            loaded = LoadedColumns(arrays["cell"], arrays["status"], arrays["response"], cells,
+                                   _unpack(arrays["responses_bytes"], arrays["responses_offsets"]))
+        except KeyError as exc:
+            raise ValueError(f"{path}: not a predictions columns file ({exc})") from None
+    n_cells = len(loaded.cells["dataset"])
+    if (len({len(v) for v in loaded.cells.values()}) != 1 or not len(loaded.cell) == len(loaded.status) == len(loaded.response)
+            or (len(loaded) and (loaded.cell.min() < 0 or loaded.cell.max() >= n_cells
+                                 or loaded.response.min() < 0 or loaded.response.max() >= len(loaded.responses)
+                                 or loaded.status.min() < 0 or loaded.status.max() >= len(PredictionColumns.STATUSES)))):
+        raise ValueError(f"{path}: inconsistent predictions columns")
+    return loaded
+
+
 @dataclass
 class ParsedResults:
     """What `write_predictions` wrote: one prediction row per result line, `errors` of them without an answer."""
@@ -320,9 +404,10 @@ def _chunks(path: Path) -> Iterator[tuple[bytes, int]]:
         yield carry, lineno
 
 
-def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tuple[str, int]:
+def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str],
+                columns: PredictionColumns | None = None) -> tuple[str, int]:
     """predictions.csv text of the non-blank result lines in `data` (see `_chunks`) and how many are error rows;
-    their custom_ids are added to `seen`.
+    their custom_ids are added to `seen`, their rows to `columns` when given.
 
     Lines are as `iter_jsonl` reads them: split on "\\n", at most `MAX_LINE_BYTES` long counting the newline,
     whitespace-only lines skipped. Raises ResultsError / ValueError naming the file and line, for the first bad line.
@@ -332,6 +417,9 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tup
     errors = 0
     lines = data.split(b"\n")
     last = len(lines) - 1  # the only one without a newline (empty when `data` ends with one)
+    if columns is not None:  # locals: this runs once per result line
+        cells, responses = columns.cells, columns.responses
+        add_cell, add_status, add_response = columns.cell.append, columns.status.append, columns.response.append
     for k, raw in enumerate(lines):
         if len(raw) >= MAX_LINE_BYTES and (k < last or len(raw) > MAX_LINE_BYTES):
             raise _too_long(path, first_line + k)
@@ -353,6 +441,10 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tup
         seen.add(cid)
         errors += fields[13] != ""
         text.append(csv_lines.line(fields))
+        if columns is not None:
+            add_cell(cells.setdefault((fields[1], fields[2], fields[6], fields[3], fields[4]), len(cells)))
+            add_status(1 if fields[13].strip() else 2 if fields[8].strip() == "length" else 0)
+            add_response(responses.setdefault(fields[9], len(responses)))
     return "".join(text), errors
 
 
@@ -368,9 +460,10 @@ def combine_results(sources: Iterable[Path], out: IO[bytes]) -> None:
                 shutil.copyfileobj(src, out, _BLOCK_BYTES)
 
 
-def write_predictions(sources: Iterable[Path], out: IO[str],
-                      progress: Callable[[int], None] | None = None) -> ParsedResults:
-    """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order.
+def write_predictions(sources: Iterable[Path], out: IO[str], progress: Callable[[int], None] | None = None,
+                      columns: PredictionColumns | None = None) -> ParsedResults:
+    """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order;
+    the same rows go to `columns` when given (the columnar hand-off to scoring).
 
     Streamed in pieces of about `_BLOCK_BYTES`: only the custom_ids are kept in memory. `progress(n)` is told after
     each of the n first files.
@@ -382,7 +475,7 @@ def write_predictions(sources: Iterable[Path], out: IO[str],
     out.write(",".join(PREDICTION_COLUMNS) + "\n")
     for done, path in enumerate(sources, 1):
         for data, first_line in _chunks(path):
-            text, errors = _chunk_rows(path, data, first_line, seen)
+            text, errors = _chunk_rows(path, data, first_line, seen, columns)
             parsed.errors += errors
             out.write(text)
         if progress:

@@ -101,6 +101,14 @@ class _Codes:
         self.codes = merged[codes] if len(merged) else codes
         self.texts = np.asarray(distinct, dtype=object)
 
+    @classmethod
+    def of(cls, codes: np.ndarray, texts: Sequence[str]) -> _Codes:
+        """Codes into `texts`, which must be distinct (as `PredictionColumns` keeps them)."""
+        column = cls.__new__(cls)
+        column.codes = codes
+        column.texts = np.asarray(texts, dtype=object)
+        return column
+
     def values(self) -> np.ndarray:
         return self.texts[self.codes]
 
@@ -373,6 +381,31 @@ def _groups(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np
     return group, first
 
 
+def _aggregate(metrics: pd.DataFrame, group: np.ndarray, ok: np.ndarray, keys: pd.DataFrame) -> pd.DataFrame:
+    """Per-group means, stds and counts of the `ROW_METRICS` columns of `metrics` (see `per_item_scores`), unsorted.
+
+    `group` codes the rows 0..G-1 (every code used); `keys` holds the `KEY_COLUMNS` of each group, in code order.
+    """
+    # pandas' grouped mean/std over integer group codes: the same per-group arithmetic as grouping by the key columns
+    grouped = metrics.loc[:, list(ROW_METRICS)].groupby(group, sort=True)
+    means = grouped.mean()
+    stds = grouped.std(ddof=1)
+    counts = grouped.count()
+    stds = stds.mask((counts <= 1) & means.notna(), 0.0)
+    result = keys.loc[:, list(KEY_COLUMNS)].reset_index(drop=True)
+    for metric, stem in ITEM_METRICS.items():
+        result[stem] = means[metric].to_numpy()
+        result[f"{stem}_std"] = stds[metric].to_numpy()
+    result["n_samples"] = np.bincount(group, weights=ok, minlength=len(keys)).astype(np.int64)
+    result["n_excluded"] = np.bincount(group, weights=~ok, minlength=len(keys)).astype(np.int64)
+    return result
+
+
+def _sorted_per_item(result: pd.DataFrame) -> pd.DataFrame:
+    result = result.sort_values(["temp", "type", "condition", "item_key"], kind="mergesort")
+    return result.loc[:, list(PER_ITEM_COLUMNS)].reset_index(drop=True)
+
+
 def per_item_scores(scored: pd.DataFrame) -> pd.DataFrame:
     """Aggregate scored rows per (item_key, type, condition, temp) over the ok rows.
 
@@ -383,21 +416,8 @@ def per_item_scores(scored: pd.DataFrame) -> pd.DataFrame:
     """
     _require(scored, (*KEY_COLUMNS, "status", *ROW_METRICS), "scored predictions")
     group, first = _groups(scored, KEY_COLUMNS)
-    # pandas' grouped mean/std over integer group codes: the same per-group arithmetic as grouping by the key columns
-    grouped = scored.loc[:, list(ROW_METRICS)].groupby(group, sort=True)
-    means = grouped.mean()
-    stds = grouped.std(ddof=1)
-    counts = grouped.count()
-    stds = stds.mask((counts <= 1) & means.notna(), 0.0)
-    result = scored.loc[:, list(KEY_COLUMNS)].iloc[first].reset_index(drop=True)
-    for metric, stem in ITEM_METRICS.items():
-        result[stem] = means[metric].to_numpy()
-        result[f"{stem}_std"] = stds[metric].to_numpy()
     ok = scored["status"].to_numpy() == "ok"
-    result["n_samples"] = np.bincount(group, weights=ok, minlength=len(first)).astype(np.int64)
-    result["n_excluded"] = np.bincount(group, weights=~ok, minlength=len(first)).astype(np.int64)
-    result = result.sort_values(["temp", "type", "condition", "item_key"], kind="mergesort")
-    return result.loc[:, list(PER_ITEM_COLUMNS)].reset_index(drop=True)
+    return _sorted_per_item(_aggregate(scored, group, ok, scored.loc[:, list(KEY_COLUMNS)].iloc[first]))
 
 
 def _plain_text(values: list[Any]) -> bool:
@@ -440,23 +460,30 @@ def score_summary(scored: pd.DataFrame) -> dict[str, Any]:
     """
     _require(scored, (*KEY_COLUMNS, "status", *ROW_METRICS), "scored predictions")
     status_code, status_names = _factorize(scored["status"].to_numpy())
+    keys = ["temp", "type", "condition"]
+    group, first = _groups(scored, keys)
+    key_rows = scored.loc[:, keys].iloc[first]
+    complete = key_rows.notna().all(axis=1).to_numpy()
+    group_keys = [tuple(key_rows.iloc[g]) if complete[g] else None for g in range(len(first))]
+    return _summary(status_code, status_names, group, group_keys, _factorize(scored["item_key"].to_numpy())[0],
+                    {m: scored[m].to_numpy(dtype=float) for m in ROW_METRICS})
+
+
+def _summary(status_code: np.ndarray, status_names: list[Any], group: np.ndarray, group_keys: list[tuple | None],
+             item_code: np.ndarray, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`score_summary` from per-row codes: `group` indexes `group_keys` ((temp, type, condition), None when one is
+    missing), `status_code` indexes `status_names`, `item_code` tells the items apart."""
 
     def counts(codes: np.ndarray) -> dict[str, int]:
         found = np.bincount(codes, minlength=len(status_names))
         return {s: int(found[status_names.index(s)]) if s in status_names else 0 for s in STATUSES}
 
-    keys = ["temp", "type", "condition"]
-    group, first = _groups(scored, keys)
-    key_rows = scored.loc[:, keys].iloc[first]
-    complete = key_rows.notna().all(axis=1).to_numpy()
-    order = sorted(np.flatnonzero(complete).tolist(), key=lambda g: tuple(key_rows.iloc[g]))
-    item_code = _factorize(scored["item_key"].to_numpy())[0]
-    ok = scored["status"].to_numpy() == "ok"
-    values = {m: scored[m].to_numpy(dtype=float) for m in ROW_METRICS}
+    ok = status_code == status_names.index("ok") if "ok" in status_names else np.zeros(len(status_code), dtype=bool)
+    order = sorted((g for g, key in enumerate(group_keys) if key is not None), key=lambda g: group_keys[g])
     groups = []
     for g in order:
         rows = group == g
-        temp, type_, condition = key_rows.iloc[g]
+        temp, type_, condition = group_keys[g]  # type: ignore[misc]
         ok_rows = rows & ok
         groups.append(
             {
@@ -469,4 +496,94 @@ def score_summary(scored: pd.DataFrame) -> dict[str, Any]:
                 "means": {ITEM_METRICS[m]: _mean_or_none(values[m][ok_rows]) for m in ROW_METRICS},
             }
         )
-    return {"n_rows": int(len(scored)), "status_counts": counts(status_code), "groups": groups}
+    return {"n_rows": int(len(status_code)), "status_counts": counts(status_code), "groups": groups}
+
+
+class ScoredColumns:
+    """Scores of predictions given as `pipeline.parsing.LoadedColumns` (the columnar hand-off): the same per-row
+    metrics, per-item table, summary and row arrays as `score_predictions` and the functions over its frame give
+    for the same predictions.csv, without a per-row Python object.
+
+    Memory is about 60 bytes per row (codes and the five float64 metrics); the per-item table is built per
+    (temp, condition), whose groups never span two of them, with pandas' per-group arithmetic on the rows in
+    file order, so its numbers are the ones `per_item_scores` gives.
+    """
+
+    def __init__(self, columns: Any, items: pd.DataFrame, *, markers: Sequence[str] = DEFAULT_MARKERS,
+                 unsupported_strategy: str = "baseline", unsupported_threshold: float = 0.5,
+                 min_token_overlap: float = 0.6) -> None:
+        if unsupported_strategy not in STRATEGIES:
+            raise ValueError(f"unknown unsupported strategy {unsupported_strategy!r}; expected one of {STRATEGIES}")
+        cells = columns.cells
+        bad_types = sorted(set(cells["type"]) - set(TYPES))
+        if bad_types:
+            raise ValueError(f"predictions have unknown type(s) {bad_types[:5]}; expected {TYPES}")
+        self.n_rows = len(columns.cell)
+        self.status = np.asarray(columns.status, dtype=np.int8)
+        cell = np.asarray(columns.cell, dtype=np.int64)
+        temps = [float(t) for t in cells["temp"]]
+        item_keys = [f"{d}|{i}" for d, i in zip(cells["dataset"], cells["item_id"], strict=True)]
+        # cells are distinct texts; their groups are distinct values (e.g. temps "0.7" and "0.70" are one group)
+        cell_item, first_of_item = _factorize_keys([f"{k}\x1f{t}" for k, t in zip(item_keys, cells["type"], strict=True)])
+        cell_group, first_cell = _factorize_keys([f"{i}\x1f{c}\x1f{t!r}" for i, c, t in zip(
+            cell_item.tolist(), cells["condition"], temps, strict=True)])
+        self.group = cell_group[cell]  # per row: its (item_key, type, condition, temp)
+        self.group_keys = pd.DataFrame({
+            "item_key": [item_keys[c] for c in first_cell], "type": [cells["type"][c] for c in first_cell],
+            "condition": [cells["condition"][c] for c in first_cell], "temp": [temps[c] for c in first_cell]})
+        keys = [item_keys[c] for c in first_of_item]
+        types = [cells["type"][c] for c in first_of_item]
+        self._item_of_row = cell_item[cell]
+        with _gc_paused():
+            positions = _item_positions(keys, types, np.bincount(self._item_of_row, minlength=len(keys)), items)
+            self.metrics = {m: np.full(self.n_rows, np.nan) for m in ROW_METRICS}
+            ok = np.flatnonzero(self.status == 0)
+            if len(ok):
+                _score_ok_rows(
+                    ok, self._item_of_row[ok], positions,
+                    _Codes.of(np.asarray(columns.response), columns.responses), items, self.metrics,
+                    markers=tuple(markers), strategy=unsupported_strategy, threshold=unsupported_threshold,
+                    min_token_overlap=min_token_overlap,
+                )
+        self._summary_group, self._summary_keys = self._summary_groups(cell, cells, temps)
+
+    @staticmethod
+    def _summary_groups(cell: np.ndarray, cells: dict[str, list[str]], temps: list[float]
+                        ) -> tuple[np.ndarray, list[tuple | None]]:
+        """Per row, the code of its (temp, type, condition); the keys in code order."""
+        code, firsts = _factorize_keys([f"{t!r}\x1f{y}\x1f{c}" for t, y, c in zip(
+            temps, cells["type"], cells["condition"], strict=True)])
+        return code[cell], [(temps[f], cells["type"][f], cells["condition"][f]) for f in firsts]
+
+    def row_arrays(self) -> dict[str, np.ndarray]:
+        """`scored_row_arrays` of the scored predictions."""
+        return {"status": self.status, **self.metrics}
+
+    def per_item_scores(self) -> pd.DataFrame:
+        """`per_item_scores` of the scored predictions."""
+        keys = self.group_keys
+        part_of_group, parts = pd.factorize(pd.Series(list(zip(keys["temp"], keys["condition"], strict=True)),
+                                                      dtype=object))
+        row_part = part_of_group[self.group]
+        tables = []
+        for part in range(len(parts)):  # one (temp, condition) at a time: bounded memory
+            rows = np.flatnonzero(row_part == part)
+            local, groups = pd.factorize(self.group[rows])
+            metrics = pd.DataFrame({m: self.metrics[m][rows] for m in ROW_METRICS})
+            tables.append(_aggregate(metrics, local, self.status[rows] == 0, keys.iloc[groups]))
+        if not tables:
+            return pd.DataFrame(columns=list(PER_ITEM_COLUMNS))
+        return _sorted_per_item(pd.concat(tables, ignore_index=True))
+
+    def summary(self) -> dict[str, Any]:
+        """`score_summary` of the scored predictions."""
+        return _summary(self.status, list(STATUSES), self._summary_group, self._summary_keys, self._item_of_row,
+                        self.metrics)
+
+
+def _factorize_keys(keys: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Codes of `keys` in order of first appearance, and the position of each code's first key."""
+    codes, uniques = pd.factorize(np.asarray(keys, dtype=object))
+    firsts = np.full(len(uniques), len(keys), dtype=np.int64)
+    np.minimum.at(firsts, codes, np.arange(len(keys)))
+    return codes, firsts.tolist()
