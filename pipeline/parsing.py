@@ -139,6 +139,21 @@ def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str
             prompt, completion, total, "" if text is not None else _error_text(obj))
 
 
+_NOT_JSON = object()
+
+
+def _decode_line(raw: bytes) -> object:
+    """`json.loads(raw)`, or `_NOT_JSON` when it fails; orjson first (about 3x faster), json for what it refuses
+    (NaN, big integers, lone surrogates), so the accepted lines and their values are json's."""
+    try:
+        return _loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return _NOT_JSON
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; raises ResultsError naming the file and line."""
     with open(path, "rb") as fh:
@@ -147,11 +162,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 raise ResultsError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes; the file is not a results file")
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ResultsError(f"{path}:{lineno}: not valid JSON ({exc.__class__.__name__}); "
-                                   "delete the file to download the part again") from None
+            obj = _decode_line(raw)
+            if obj is _NOT_JSON:
+                _decode_with_json(raw, path, lineno)  # raises the ResultsError that names the failure
             if not isinstance(obj, dict):
                 raise ResultsError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -220,9 +233,8 @@ def iter_jsonl_lenient(path: Path, problems: list[str]) -> Iterator[tuple[int, d
             if len(raw) > MAX_LINE_BYTES:
                 problems.append(f"{path.name}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
                 continue
-            try:
-                obj = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = _decode_line(raw)
+            if obj is _NOT_JSON:
                 problems.append(f"{path.name}:{lineno}: not valid JSON")
                 continue
             if not isinstance(obj, dict):
