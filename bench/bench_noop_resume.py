@@ -107,7 +107,7 @@ def medians(cmds: list[list[str]], env: dict[str, str], repeats: int) -> list[fl
     """Median wall time of each command, alternating between them `repeats` times (the machine is noisy)."""
     times: list[list[float]] = [[] for _ in cmds]
     for _ in range(repeats):
-        for cmd, series in zip(cmds, times):
+        for cmd, series in zip(cmds, times, strict=True):
             series.append(timed(cmd, env))
     return [statistics.median(series) for series in times]
 
