@@ -416,10 +416,11 @@ def _chunks(path: Path) -> Iterator[tuple[bytes, int]]:
         yield carry, lineno
 
 
-def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str],
+def _chunk_rows(path: Path, data: bytes, first_line: int, ids: set[str] | array,
                 columns: PredictionColumns | None = None) -> tuple[str, int]:
     """predictions.csv text of the non-blank result lines in `data` (see `_chunks`) and how many are error rows;
-    their custom_ids are added to `seen`, their rows to `columns` when given.
+    their rows go to `columns` when given. `ids` is either the set of custom_ids seen so far (a repeated one raises
+    here) or an `array("q")` that collects `hash(custom_id)` per row, for `_check_unique` to check afterwards.
 
     Lines are as `iter_jsonl` reads them: split on "\\n", at most `MAX_LINE_BYTES` long counting the newline,
     whitespace-only lines skipped. Raises ResultsError / ValueError naming the file and line, for the first bad line.
@@ -429,6 +430,7 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str],
     errors = 0
     lines = data.split(b"\n")
     last = len(lines) - 1  # the only one without a newline (empty when `data` ends with one)
+    add_hash = ids.append if isinstance(ids, array) else None
     if columns is not None:  # locals: this runs once per result line
         cells, responses = columns.cells, columns.responses
         add_cell, add_status, add_response = columns.cell.append, columns.status.append, columns.response.append
@@ -448,9 +450,12 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str],
         except ValueError as exc:
             raise ValueError(f"{path}:{first_line + k}: {exc}") from None
         cid = fields[0]
-        if cid in seen:
+        if add_hash is not None:
+            add_hash(hash(cid))
+        elif cid in ids:
             raise ValueError(f"{path}:{first_line + k}: custom_id {cid} appears twice in the results")
-        seen.add(cid)
+        else:
+            ids.add(cid)  # type: ignore[union-attr]
         errors += fields[13] != ""
         text.append(csv_lines.line(fields))
         if columns is not None:
@@ -472,25 +477,49 @@ def combine_results(sources: Iterable[Path], out: IO[bytes]) -> None:
                 shutil.copyfileobj(src, out, _BLOCK_BYTES)
 
 
+def _check_rows(sources: list[Path]) -> None:
+    """Read `sources` as `write_predictions` does, keeping every custom_id: raises the first error in file order."""
+    seen: set[str] = set()
+    for path in sources:
+        for data, first_line in _chunks(path):
+            _chunk_rows(path, data, first_line, seen)
+
+
+def _check_unique(hashes: array, sources: list[Path]) -> None:
+    """ValueError naming the first repeated custom_id when two rows' custom_id hashes are equal (a repeat, or in a
+    few per billion files a collision, which the exact re-read then clears)."""
+    ordered = np.sort(np.frombuffer(hashes, dtype=np.int64))
+    if len(ordered) > 1 and not (ordered[1:] != ordered[:-1]).all():
+        _check_rows(sources)
+
+
 def write_predictions(sources: Iterable[Path], out: IO[str], progress: Callable[[int], None] | None = None,
                       columns: PredictionColumns | None = None) -> ParsedResults:
     """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order;
     the same rows go to `columns` when given (the columnar hand-off to scoring).
 
-    Streamed in pieces of about `_BLOCK_BYTES`: only the custom_ids are kept in memory. `progress(n)` is told after
-    each of the n first files.
+    Streamed in pieces of about `_BLOCK_BYTES`: only a 64-bit hash per custom_id is kept to find repeats (8 bytes a
+    row instead of the string in a set; a repeat found at the end, or any error, is reported as a read that keeps
+    every custom_id reports it: the first problem in file order). `progress(n)` is told after each of the n first
+    files.
     Raises ResultsError naming the file and line for an unreadable line, ValueError for a line without a valid
     custom_id and for a custom_id seen twice.
     """
-    seen: set[str] = set()
+    sources = list(sources)
+    hashes = array("q")
     parsed = ParsedResults()
     out.write(",".join(PREDICTION_COLUMNS) + "\n")
-    for done, path in enumerate(sources, 1):
-        for data, first_line in _chunks(path):
-            text, errors = _chunk_rows(path, data, first_line, seen, columns)
-            parsed.errors += errors
-            out.write(text)
-        if progress:
-            progress(done)
-    parsed.rows = len(seen)
+    try:
+        for done, path in enumerate(sources, 1):
+            for data, first_line in _chunks(path):
+                text, errors = _chunk_rows(path, data, first_line, hashes, columns)
+                parsed.errors += errors
+                out.write(text)
+            if progress:
+                progress(done)
+    except ValueError:  # ResultsError too: a repeated custom_id before the bad line is the first problem
+        _check_unique(hashes, sources)
+        raise
+    _check_unique(hashes, sources)
+    parsed.rows = len(hashes)
     return parsed

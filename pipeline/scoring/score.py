@@ -520,20 +520,20 @@ class ScoredColumns:
             raise ValueError(f"predictions have unknown type(s) {bad_types[:5]}; expected {TYPES}")
         self.n_rows = len(columns.cell)
         self.status = np.asarray(columns.status, dtype=np.int8)
-        cell = np.asarray(columns.cell, dtype=np.int64)
+        cell = np.asarray(columns.cell)
         temps = [float(t) for t in cells["temp"]]
         item_keys = [f"{d}|{i}" for d, i in zip(cells["dataset"], cells["item_id"], strict=True)]
         # cells are distinct texts; their groups are distinct values (e.g. temps "0.7" and "0.70" are one group)
         cell_item, first_of_item = _factorize_keys([f"{k}\x1f{t}" for k, t in zip(item_keys, cells["type"], strict=True)])
         cell_group, first_cell = _factorize_keys([f"{i}\x1f{c}\x1f{t!r}" for i, c, t in zip(
             cell_item.tolist(), cells["condition"], temps, strict=True)])
-        self.group = cell_group[cell]  # per row: its (item_key, type, condition, temp)
+        self.group = cell_group.astype(np.int32)[cell]  # per row: its (item_key, type, condition, temp)
         self.group_keys = pd.DataFrame({
             "item_key": [item_keys[c] for c in first_cell], "type": [cells["type"][c] for c in first_cell],
             "condition": [cells["condition"][c] for c in first_cell], "temp": [temps[c] for c in first_cell]})
         keys = [item_keys[c] for c in first_of_item]
         types = [cells["type"][c] for c in first_of_item]
-        self._item_of_row = cell_item[cell]
+        self._item_of_row = cell_item.astype(np.int32)[cell]
         with _gc_paused():
             positions = _item_positions(keys, types, np.bincount(self._item_of_row, minlength=len(keys)), items)
             self.metrics = {m: np.full(self.n_rows, np.nan) for m in ROW_METRICS}
@@ -553,7 +553,7 @@ class ScoredColumns:
         """Per row, the code of its (temp, type, condition); the keys in code order."""
         code, firsts = _factorize_keys([f"{t!r}\x1f{y}\x1f{c}" for t, y, c in zip(
             temps, cells["type"], cells["condition"], strict=True)])
-        return code[cell], [(temps[f], cells["type"][f], cells["condition"][f]) for f in firsts]
+        return code.astype(np.int32)[cell], [(temps[f], cells["type"][f], cells["condition"][f]) for f in firsts]
 
     def row_arrays(self) -> dict[str, np.ndarray]:
         """`scored_row_arrays` of the scored predictions."""
