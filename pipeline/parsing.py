@@ -339,9 +339,12 @@ def _pack(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The texts `_pack` packed; equal texts are one object (cell fields repeat: a million cells, a few datasets)."""
     raw = data.tobytes()
     bounds = offsets.tolist()
-    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    shared: dict[str, str] = {}
+    return [shared.setdefault(text, text)
+            for text in (raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:], strict=True))]
 
 
 @dataclass
@@ -364,8 +367,9 @@ def load_prediction_columns(path: Path) -> LoadedColumns:
         try:
             arrays = {name: z[name] for name in z.files}
             cells = {name: _unpack(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in CELL_FIELDS}
-            loaded = LoadedColumns(arrays["cell"], arrays["status"], arrays["response"], cells,
-                                   _unpack(arrays["responses_bytes"], arrays["responses_offsets"]))
+            raw, offsets = arrays["responses_bytes"].tobytes(), arrays["responses_offsets"].tolist()
+            responses = [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+            loaded = LoadedColumns(arrays["cell"], arrays["status"], arrays["response"], cells, responses)
         except KeyError as exc:
             raise ValueError(f"{path}: not a predictions columns file ({exc})") from None
     n_cells = len(loaded.cells["dataset"])

@@ -57,6 +57,7 @@ _REQUIRED_ITEM_COLUMNS = ("dataset", "id", "type", "answers")
 _CSV_SPECIAL = re.compile(r'[,"\r\n]')
 # every predictions column score_predictions reads (`error` is optional, `custom_id` is only passed through)
 SCORING_INPUT_COLUMNS: tuple[str, ...] = (*_REQUIRED_PREDICTION_COLUMNS, "error")
+_ROW_BLOCK = 1 << 20  # rows (or pairs) whose temporaries are held at once
 
 
 def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
@@ -312,7 +313,7 @@ def _score_ok_rows(
 
     `ok_item` are the ok rows' item codes (their rows of `items` are in `positions`).
     """
-    item_code, used_codes = pd.factorize(ok_item)
+    item_code, used_codes = _in_use(ok_item, len(positions))
     used_items = positions[used_codes]
     item_type = _text(items["type"]).to_numpy()[used_items]
     is_open = item_type == "open"
@@ -328,47 +329,89 @@ def _score_ok_rows(
         _Item(answers[i], contexts[i] if is_open[i] else None, strategy == "overlap") for i in range(len(used_items))
     ]
 
-    resp_code, resp_distinct = pd.factorize(response.codes[ok])
+    resp_code, resp_distinct = _in_use(response.codes[ok], len(response.texts))
     responses = response.texts[resp_distinct].tolist()
     resp_abst = np.array([is_abstention(r, markers) for r in responses], dtype=bool)
     # em, f1 and unsupported depend on the normalized text only: one pair per (normalized response, item)
     norm_of_resp, norms = pd.factorize(np.array([normalize_answer(r) for r in responses], dtype=object))
+    norm_of_resp = norm_of_resp.astype(np.int64)
     norm_texts: list[str] = norms.tolist()
 
     n_used = len(used_items)
-    pair_code, pairs = pd.factorize(norm_of_resp[resp_code].astype(np.int64) * n_used + item_code)
+    pair_code, pairs = _factorize_blocks(lambda rows: norm_of_resp[resp_code[rows]] * n_used + item_code[rows], len(ok))
     pair_em = np.zeros(len(pairs))
     pair_f1 = np.zeros(len(pairs))
     pair_unsup = np.zeros(len(pairs))
     bags: dict[int, tuple[dict[str, int], int]] = {}
     baseline = strategy == "baseline"
-    for p, (r, i) in enumerate(zip((pairs // n_used).tolist(), (pairs % n_used).tolist(), strict=True)):
-        item = prepared[i]
-        norm = norm_texts[r]
-        if not unanswerable[i]:  # unanswerable em/f1 follow abstention, set below
-            if norm in item.gold_norms:
-                pair_em[p] = pair_f1[p] = 1.0  # equal normalized text has equal tokens
-            elif not item.gold_vocab.isdisjoint(norm.split()):  # no shared token: F1 is 0
-                bag = bags.get(r)
-                if bag is None:
-                    bag = bags[r] = _bag(norm)
-                pair_f1[p] = max(bag_f1(bag[0], bag[1], gold, n_gold) for gold, n_gold in item.gold_bags)
-        if is_open[i]:  # abstained rows get unsupported = 0 below, whatever this says
-            if baseline:  # unsupported_normalized's baseline rule, against the context padded once per item
-                pair_unsup[p] = not norm or f" {norm} " not in item.context_padded
-            else:
-                pair_unsup[p] = unsupported_normalized(
-                    norm, item.context_norm, item.context_tokens, strategy=strategy, min_token_overlap=min_token_overlap
-                )
+    for start in range(0, len(pairs), _ROW_BLOCK):  # Python ints for a block of pairs at a time
+        block = pairs[start:start + _ROW_BLOCK]
+        for p, r, i in zip(range(start, start + len(block)), (block // n_used).tolist(), (block % n_used).tolist(),
+                           strict=True):
+            item = prepared[i]
+            norm = norm_texts[r]
+            if not unanswerable[i]:  # unanswerable em/f1 follow abstention, set below
+                if norm in item.gold_norms:
+                    pair_em[p] = pair_f1[p] = 1.0  # equal normalized text has equal tokens
+                elif not item.gold_vocab.isdisjoint(norm.split()):  # no shared token: F1 is 0
+                    bag = bags.get(r)
+                    if bag is None:
+                        bag = bags[r] = _bag(norm)
+                    pair_f1[p] = max(bag_f1(bag[0], bag[1], gold, n_gold) for gold, n_gold in item.gold_bags)
+            if is_open[i]:  # abstained rows get unsupported = 0 below, whatever this says
+                if baseline:  # unsupported_normalized's baseline rule, against the context padded once per item
+                    pair_unsup[p] = not norm or f" {norm} " not in item.context_padded
+                else:
+                    pair_unsup[p] = unsupported_normalized(
+                        norm, item.context_norm, item.context_tokens, strategy=strategy,
+                        min_token_overlap=min_token_overlap)
 
-    abst = resp_abst[resp_code].astype(float)
+    for start in range(0, len(ok), _ROW_BLOCK):  # row-level temporaries for a block of rows at a time
+        block = slice(start, start + _ROW_BLOCK)
+        _fill_rows(metrics, ok[block], item_code[block], resp_abst[resp_code[block]].astype(float), pair_code[block],
+                   is_open, unanswerable, (pair_em, pair_f1, pair_unsup), threshold)
+
+
+def _fill_rows(metrics: dict[str, np.ndarray], rows: np.ndarray, item_code: np.ndarray, abst: np.ndarray,
+               pair_code: np.ndarray, is_open: np.ndarray, unanswerable: np.ndarray,
+               pair_scores: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float) -> None:
+    """The metrics of ok `rows` from their item, abstention and (response, item) pair scores."""
+    pair_em, pair_f1, pair_unsup = pair_scores
     row_open = is_open[item_code]
     row_unans = unanswerable[item_code]
-    metrics["abstained"][ok] = abst
-    metrics["em"][ok] = np.where(row_unans, abst, pair_em[pair_code])
-    metrics["f1"][ok] = np.where(row_unans, abst, pair_f1[pair_code])
-    metrics["false_answer"][ok] = np.where(row_open, np.where(row_unans, 1.0 - abst, 0.0), np.nan)
-    metrics["unsupported"][ok] = np.where(row_open, np.where(abst >= threshold, 0.0, pair_unsup[pair_code]), np.nan)
+    metrics["abstained"][rows] = abst
+    metrics["em"][rows] = np.where(row_unans, abst, pair_em[pair_code])
+    metrics["f1"][rows] = np.where(row_unans, abst, pair_f1[pair_code])
+    metrics["false_answer"][rows] = np.where(row_open, np.where(row_unans, 1.0 - abst, 0.0), np.nan)
+    metrics["unsupported"][rows] = np.where(row_open, np.where(abst >= threshold, 0.0, pair_unsup[pair_code]), np.nan)
+
+
+def _in_use(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(new code per row, old code of each new code) for the codes 0..n-1 that occur, in increasing order: a
+    factorization without a hash table as large as the rows."""
+    used = np.flatnonzero(np.bincount(codes, minlength=n))
+    remap = np.zeros(max(n, 1), dtype=np.int32)
+    remap[used] = np.arange(len(used), dtype=np.int32)
+    return remap[codes], used
+
+
+def _factorize_blocks(keys: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pd.factorize` of the int64 keys of rows 0..n_rows-1, `keys(slice)` giving a block of them: codes (int32)
+    and distinct keys, without the whole key array and a hash table sized for every row at once."""
+    codes = np.empty(n_rows, dtype=np.int32)
+    block_uniques = []
+    for start in range(0, n_rows, _ROW_BLOCK):
+        block = slice(start, min(start + _ROW_BLOCK, n_rows))
+        local, uniques = pd.factorize(keys(block))
+        codes[block] = local
+        block_uniques.append(uniques)
+    merged, distinct = pd.factorize(np.concatenate(block_uniques) if block_uniques else np.zeros(0, dtype=np.int64))
+    offset = 0
+    for start, uniques in zip(range(0, n_rows, _ROW_BLOCK), block_uniques, strict=True):
+        block = slice(start, min(start + _ROW_BLOCK, n_rows))
+        codes[block] = merged[offset + codes[block]]
+        offset += len(uniques)
+    return codes, np.asarray(distinct, dtype=np.int64)
 
 
 def _groups(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -521,18 +564,25 @@ class ScoredColumns:
         self.n_rows = len(columns.cell)
         self.status = np.asarray(columns.status, dtype=np.int8)
         cell = np.asarray(columns.cell)
-        temps = [float(t) for t in cells["temp"]]
-        item_keys = [f"{d}|{i}" for d, i in zip(cells["dataset"], cells["item_id"], strict=True)]
-        # cells are distinct texts; their groups are distinct values (e.g. temps "0.7" and "0.70" are one group)
-        cell_item, first_of_item = _factorize_keys([f"{k}\x1f{t}" for k, t in zip(item_keys, cells["type"], strict=True)])
-        cell_group, first_cell = _factorize_keys([f"{i}\x1f{c}\x1f{t!r}" for i, c, t in zip(
-            cell_item.tolist(), cells["condition"], temps, strict=True)])
+        # integer codes per cell field; temps are grouped by value (cells "0.7" and "0.70" are one group)
+        dataset, item_id, type_, condition = (_codes(cells[name]) for name in ("dataset", "item_id", "type", "condition"))
+        temp_text, temp_texts = pd.factorize(np.asarray(cells["temp"], dtype=object))
+        temp_of_text, temp_values = pd.factorize(np.array([float(t) for t in temp_texts], dtype=float))
+        temp = (temp_of_text[temp_text], len(temp_values))
+        cell_item, first_of_item = _combine(dataset, item_id, type_)
+        item_keys = [f"{cells['dataset'][c]}|{cells['item_id'][c]}" for c in first_of_item.tolist()]
+        cell_group, first_cell = _combine((cell_item, len(first_of_item)), condition, temp)
         self.group = cell_group.astype(np.int32)[cell]  # per row: its (item_key, type, condition, temp)
+        first = first_cell.tolist()
         self.group_keys = pd.DataFrame({
-            "item_key": [item_keys[c] for c in first_cell], "type": [cells["type"][c] for c in first_cell],
-            "condition": [cells["condition"][c] for c in first_cell], "temp": [temps[c] for c in first_cell]})
-        keys = [item_keys[c] for c in first_of_item]
-        types = [cells["type"][c] for c in first_of_item]
+            "item_key": [item_keys[i] for i in cell_item[first_cell].tolist()], "type": [cells["type"][c] for c in first],
+            "condition": [cells["condition"][c] for c in first], "temp": temp_values[temp[0][first_cell]]})
+        summary_cell, summary_first = _combine(temp, type_, condition)
+        self._summary_group = summary_cell.astype(np.int32)[cell]
+        self._summary_keys = [(float(temp_values[temp[0][c]]), cells["type"][c], cells["condition"][c])
+                              for c in summary_first.tolist()]
+        keys = item_keys
+        types = [cells["type"][c] for c in first_of_item.tolist()]
         self._item_of_row = cell_item.astype(np.int32)[cell]
         with _gc_paused():
             positions = _item_positions(keys, types, np.bincount(self._item_of_row, minlength=len(keys)), items)
@@ -545,15 +595,6 @@ class ScoredColumns:
                     markers=tuple(markers), strategy=unsupported_strategy, threshold=unsupported_threshold,
                     min_token_overlap=min_token_overlap,
                 )
-        self._summary_group, self._summary_keys = self._summary_groups(cell, cells, temps)
-
-    @staticmethod
-    def _summary_groups(cell: np.ndarray, cells: dict[str, list[str]], temps: list[float]
-                        ) -> tuple[np.ndarray, list[tuple | None]]:
-        """Per row, the code of its (temp, type, condition); the keys in code order."""
-        code, firsts = _factorize_keys([f"{t!r}\x1f{y}\x1f{c}" for t, y, c in zip(
-            temps, cells["type"], cells["condition"], strict=True)])
-        return code.astype(np.int32)[cell], [(temps[f], cells["type"][f], cells["condition"][f]) for f in firsts]
 
     def row_arrays(self) -> dict[str, np.ndarray]:
         """`scored_row_arrays` of the scored predictions."""
@@ -581,9 +622,17 @@ class ScoredColumns:
                         self.metrics)
 
 
-def _factorize_keys(keys: list[str]) -> tuple[np.ndarray, list[int]]:
-    """Codes of `keys` in order of first appearance, and the position of each code's first key."""
-    codes, uniques = pd.factorize(np.asarray(keys, dtype=object))
-    firsts = np.full(len(uniques), len(keys), dtype=np.int64)
-    np.minimum.at(firsts, codes, np.arange(len(keys)))
-    return codes, firsts.tolist()
+def _codes(values: list[str]) -> tuple[np.ndarray, int]:
+    """Codes of `values` (first-appearance order) and how many distinct values there are."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    return codes, len(uniques)
+
+
+def _combine(*columns: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the distinct combinations of code columns (each with its number of codes), in first-appearance
+    order, and the position where each combination first appears."""
+    key = np.zeros(len(columns[0][0]), dtype=np.int64)
+    for codes, n in columns:
+        key = key * n + codes
+    combined, _ = pd.factorize(key)
+    return combined, np.unique(combined, return_index=True)[1]
