@@ -182,7 +182,7 @@ def phase_score(work: Path) -> dict[str, Any]:
 
     from pipeline.data.prepared import read_prepared
     from pipeline.parsing import load_prediction_columns
-    from pipeline.scoring.score import ScoredColumns, per_item_csv
+    from pipeline.scoring.score import ScoredColumns, per_item_csv_blocks
 
     columns = load_prediction_columns(work / "predictions.npz")
     rows = []
@@ -196,7 +196,8 @@ def phase_score(work: Path) -> dict[str, Any]:
     scored = ScoredColumns(columns, items)
     del columns
     table = scored.per_item_scores()
-    (work / "per_item_scores.csv").write_text(per_item_csv(table), encoding="utf-8")
+    with open(work / "per_item_scores.csv", "w", encoding="utf-8", newline="") as fh:
+        fh.writelines(per_item_csv_blocks(table))
     with open(work / "scored_rows.npz", "wb") as fh:
         np.savez(fh, **scored.row_arrays())
     scored.summary()

@@ -301,7 +301,7 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import pipeline.stats.significance as significance
     from pipeline.data.prepared import read_prepared
     from pipeline.parsing import PredictionColumns, combine_results, load_prediction_columns, write_predictions
-    from pipeline.scoring.score import ScoredColumns, per_item_csv
+    from pipeline.scoring.score import ScoredColumns, per_item_csv_blocks
     from targets.atomic import dumps_json
 
     timer = Timer()
@@ -340,8 +340,9 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         scored = ScoredColumns(loaded, items)
     with timer("score", "per_item_scores"):
         table = scored.per_item_scores()
-    with timer("score", "write per_item_scores.csv (per_item_csv)"):
-        per_item_path.write_text(per_item_csv(table), encoding="utf-8")
+    with timer("score", "write per_item_scores.csv (per_item_csv_blocks)"):
+        with open(per_item_path, "w", encoding="utf-8", newline="") as fh:
+            fh.writelines(per_item_csv_blocks(table))
     with timer("score", "write scored_rows.npz (for OptionalAnalyses)"):
         with open(work / "ours_scored_rows.npz", "wb") as fh:
             np.savez(fh, **scored.row_arrays())

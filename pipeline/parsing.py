@@ -347,6 +347,24 @@ def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[str]:
             for text in (raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:], strict=True))]
 
 
+class PackedTexts:
+    """Texts as UTF-8 bytes back to back with their offsets (a few bytes each instead of a Python str); indexing
+    with an array of positions decodes those texts into an object array."""
+
+    def __init__(self, data: bytes, offsets: np.ndarray) -> None:
+        self.data = data
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        raw = self.data
+        starts, ends = self.offsets[index].tolist(), self.offsets[np.asarray(index) + 1].tolist()
+        return np.array([raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends, strict=True)],
+                        dtype=object)
+
+
 @dataclass
 class LoadedColumns:
     """`PredictionColumns` read back: per-row codes and the distinct values they index."""
@@ -355,10 +373,14 @@ class LoadedColumns:
     status: np.ndarray
     response: np.ndarray
     cells: dict[str, list[str]]
-    responses: list[str]
+    responses: PackedTexts
 
     def __len__(self) -> int:
         return len(self.cell)
+
+
+def _valid_offsets(offsets: np.ndarray, size: int) -> bool:
+    return len(offsets) >= 1 and offsets[0] == 0 and offsets[-1] == size and bool((np.diff(offsets) >= 0).all())
 
 
 def load_prediction_columns(path: Path) -> LoadedColumns:
@@ -367,8 +389,7 @@ def load_prediction_columns(path: Path) -> LoadedColumns:
         try:
             arrays = {name: z[name] for name in z.files}
             cells = {name: _unpack(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in CELL_FIELDS}
-            raw, offsets = arrays["responses_bytes"].tobytes(), arrays["responses_offsets"].tolist()
-            responses = [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+            responses = PackedTexts(arrays.pop("responses_bytes").tobytes(), arrays["responses_offsets"])
             loaded = LoadedColumns(arrays["cell"], arrays["status"], arrays["response"], cells, responses)
         except KeyError as exc:
             raise ValueError(f"{path}: not a predictions columns file ({exc})") from None
@@ -376,7 +397,8 @@ def load_prediction_columns(path: Path) -> LoadedColumns:
     if (len({len(v) for v in loaded.cells.values()}) != 1 or not len(loaded.cell) == len(loaded.status) == len(loaded.response)
             or (len(loaded) and (loaded.cell.min() < 0 or loaded.cell.max() >= n_cells
                                  or loaded.response.min() < 0 or loaded.response.max() >= len(loaded.responses)
-                                 or loaded.status.min() < 0 or loaded.status.max() >= len(PredictionColumns.STATUSES)))):
+                                 or loaded.status.min() < 0 or loaded.status.max() >= len(PredictionColumns.STATUSES)))
+            or not _valid_offsets(loaded.responses.offsets, len(loaded.responses.data))):
         raise ValueError(f"{path}: inconsistent predictions columns")
     return loaded
 

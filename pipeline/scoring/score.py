@@ -58,6 +58,7 @@ _CSV_SPECIAL = re.compile(r'[,"\r\n]')
 # every predictions column score_predictions reads (`error` is optional, `custom_id` is only passed through)
 SCORING_INPUT_COLUMNS: tuple[str, ...] = (*_REQUIRED_PREDICTION_COLUMNS, "error")
 _ROW_BLOCK = 1 << 20  # rows (or pairs) whose temporaries are held at once
+_CSV_BLOCK = 100_000  # per-item rows formatted at once
 
 
 def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
@@ -103,11 +104,12 @@ class _Codes:
         self.texts = np.asarray(distinct, dtype=object)
 
     @classmethod
-    def of(cls, codes: np.ndarray, texts: Sequence[str]) -> _Codes:
-        """Codes into `texts`, which must be distinct (as `PredictionColumns` keeps them)."""
+    def of(cls, codes: np.ndarray, texts: Any) -> _Codes:
+        """Codes into `texts`, which must be distinct (as `PredictionColumns` keeps them) and, indexed with an array
+        of positions, give those texts (an object array, or `pipeline.parsing.PackedTexts`)."""
         column = cls.__new__(cls)
         column.codes = codes
-        column.texts = np.asarray(texts, dtype=object)
+        column.texts = texts
         return column
 
     def values(self) -> np.ndarray:
@@ -325,9 +327,6 @@ def _score_ok_rows(
     unanswerable &= is_open
     contexts = items["context"].to_numpy()[used_items] if "context" in items.columns else [None] * len(used_items)
     answers = items["answers"].to_numpy()[used_items]
-    prepared = [
-        _Item(answers[i], contexts[i] if is_open[i] else None, strategy == "overlap") for i in range(len(used_items))
-    ]
 
     resp_code, resp_distinct = _in_use(response.codes[ok], len(response.texts))
     responses = response.texts[resp_distinct].tolist()
@@ -336,28 +335,30 @@ def _score_ok_rows(
     norm_of_resp, norms = pd.factorize(np.array([normalize_answer(r) for r in responses], dtype=object))
     norm_of_resp = norm_of_resp.astype(np.int64)
     norm_texts: list[str] = norms.tolist()
+    del responses, norms  # only their normalized forms are needed from here
 
     n_used = len(used_items)
     pair_code, pairs = _factorize_blocks(lambda rows: norm_of_resp[resp_code[rows]] * n_used + item_code[rows], len(ok))
     pair_em = np.zeros(len(pairs))
     pair_f1 = np.zeros(len(pairs))
     pair_unsup = np.zeros(len(pairs))
-    bags: dict[int, tuple[dict[str, int], int]] = {}
     baseline = strategy == "baseline"
-    for start in range(0, len(pairs), _ROW_BLOCK):  # Python ints for a block of pairs at a time
-        block = pairs[start:start + _ROW_BLOCK]
-        for p, r, i in zip(range(start, start + len(block)), (block // n_used).tolist(), (block % n_used).tolist(),
-                           strict=True):
-            item = prepared[i]
+    # pairs item by item: one item's prepared text is alive at a time (all of them would take kilobytes per item)
+    order = np.argsort(pairs % n_used, kind="stable")
+    current, item = -1, None
+    for start in range(0, len(order), _ROW_BLOCK):  # Python ints for a block of pairs at a time
+        block = order[start:start + _ROW_BLOCK]
+        keys = pairs[block]
+        for p, r, i in zip(block.tolist(), (keys // n_used).tolist(), (keys % n_used).tolist(), strict=True):
+            if i != current:
+                current, item = i, _Item(answers[i], contexts[i] if is_open[i] else None, strategy == "overlap")
             norm = norm_texts[r]
             if not unanswerable[i]:  # unanswerable em/f1 follow abstention, set below
                 if norm in item.gold_norms:
                     pair_em[p] = pair_f1[p] = 1.0  # equal normalized text has equal tokens
                 elif not item.gold_vocab.isdisjoint(norm.split()):  # no shared token: F1 is 0
-                    bag = bags.get(r)
-                    if bag is None:
-                        bag = bags[r] = _bag(norm)
-                    pair_f1[p] = max(bag_f1(bag[0], bag[1], gold, n_gold) for gold, n_gold in item.gold_bags)
+                    bag, n_tokens = _bag(norm)
+                    pair_f1[p] = max(bag_f1(bag, n_tokens, gold, n_gold) for gold, n_gold in item.gold_bags)
             if is_open[i]:  # abstained rows get unsupported = 0 below, whatever this says
                 if baseline:  # unsupported_normalized's baseline rule, against the context padded once per item
                     pair_unsup[p] = not norm or f" {norm} " not in item.context_padded
@@ -366,6 +367,7 @@ def _score_ok_rows(
                         norm, item.context_norm, item.context_tokens, strategy=strategy,
                         min_token_overlap=min_token_overlap)
 
+    del norm_texts, item  # the text is done with: the row fill below needs only codes and scores
     for start in range(0, len(ok), _ROW_BLOCK):  # row-level temporaries for a block of rows at a time
         block = slice(start, start + _ROW_BLOCK)
         _fill_rows(metrics, ok[block], item_code[block], resp_abst[resp_code[block]].astype(float), pair_code[block],
@@ -468,14 +470,29 @@ def _plain_text(values: list[Any]) -> bool:
 
 
 def per_item_csv(table: pd.DataFrame) -> str:
-    """Exactly `table.to_csv(index=False, lineterminator="\\n")`, built column-wise when every cell is plain.
+    """Exactly `table.to_csv(index=False, lineterminator="\\n")`: the `per_item_csv_blocks` joined."""
+    return "".join(per_item_csv_blocks(table))
 
-    Plain: float64 columns (repr, NaN as empty, as pandas writes them), integer columns, and text cells without a
-    comma, quote or line break (which need no quoting). Anything else goes through pandas.
+
+def per_item_csv_blocks(table: pd.DataFrame) -> Iterator[str]:
+    """`table.to_csv(index=False, lineterminator="\\n")` in pieces: the header, then blocks of `_CSV_BLOCK` rows
+    (pandas formats each value on its own, so blocks join to its bytes); a million rows never become 17 million
+    strings at once.
+
+    A block is built column-wise when every cell is plain: float64 columns (repr, NaN as empty, as pandas writes
+    them), integer columns, and text cells without a comma, quote or line break (which need no quoting).
+    Anything else goes through pandas.
     """
+    names = [str(name) for name in table.columns]
+    yield ",".join(names) + "\n" if _plain_text(names) else table.iloc[:0].to_csv(index=False, lineterminator="\n")
+    for start in range(0, len(table), _CSV_BLOCK):
+        yield _csv_rows(table.iloc[start:start + _CSV_BLOCK])
+
+
+def _csv_rows(block: pd.DataFrame) -> str:
     columns: list[list[str]] = []
-    for name in table.columns:
-        values = table[name]
+    for name in block.columns:
+        values = block[name]
         kind = values.dtype.kind
         if values.dtype == np.float64:
             columns.append(["" if v != v else repr(v) for v in values.tolist()])
@@ -484,11 +501,8 @@ def per_item_csv(table: pd.DataFrame) -> str:
         elif kind == "O" and _plain_text(text := values.tolist()):
             columns.append(text)
         else:
-            return table.to_csv(index=False, lineterminator="\n")
-    if not _plain_text([str(name) for name in table.columns]):
-        return table.to_csv(index=False, lineterminator="\n")
-    header = ",".join(str(name) for name in table.columns) + "\n"
-    return header + "".join([",".join(row) + "\n" for row in zip(*columns, strict=True)])
+            return block.to_csv(index=False, header=False, lineterminator="\n")
+    return "".join([",".join(row) + "\n" for row in zip(*columns, strict=True)])
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:
@@ -547,9 +561,9 @@ class ScoredColumns:
     metrics, per-item table, summary and row arrays as `score_predictions` and the functions over its frame give
     for the same predictions.csv, without a per-row Python object.
 
-    Memory is about 60 bytes per row (codes and the five float64 metrics); the per-item table is built per
-    (temp, condition), whose groups never span two of them, with pandas' per-group arithmetic on the rows in
-    file order, so its numbers are the ones `per_item_scores` gives.
+    Memory is about 60 bytes per row (codes and the five float64 metrics) plus the distinct texts; the per-item
+    table is built a million rows at a time, each group's rows in one block and in file order, with pandas'
+    per-group arithmetic, so its numbers are the ones `per_item_scores` gives.
     """
 
     def __init__(self, columns: Any, items: pd.DataFrame, *, markers: Sequence[str] = DEFAULT_MARKERS,
@@ -586,8 +600,9 @@ class ScoredColumns:
         self._item_of_row = cell_item.astype(np.int32)[cell]
         with _gc_paused():
             positions = _item_positions(keys, types, np.bincount(self._item_of_row, minlength=len(keys)), items)
-            self.metrics = {m: np.full(self.n_rows, np.nan) for m in ROW_METRICS}
-            ok = np.flatnonzero(self.status == 0)
+            # untouched pages until the ok rows are filled, after the text work's peak; the other rows get NaN then
+            self.metrics = {m: np.empty(self.n_rows) for m in ROW_METRICS}
+            ok = np.flatnonzero(self.status == 0).astype(np.int32 if self.n_rows < 2**31 else np.int64)
             if len(ok):
                 _score_ok_rows(
                     ok, self._item_of_row[ok], positions,
@@ -595,6 +610,10 @@ class ScoredColumns:
                     markers=tuple(markers), strategy=unsupported_strategy, threshold=unsupported_threshold,
                     min_token_overlap=min_token_overlap,
                 )
+            del ok
+            failed = self.status != 0
+            for values in self.metrics.values():
+                values[failed] = np.nan
 
     def row_arrays(self) -> dict[str, np.ndarray]:
         """`scored_row_arrays` of the scored predictions."""
@@ -603,12 +622,13 @@ class ScoredColumns:
     def per_item_scores(self) -> pd.DataFrame:
         """`per_item_scores` of the scored predictions."""
         keys = self.group_keys
-        part_of_group, parts = pd.factorize(pd.Series(list(zip(keys["temp"], keys["condition"], strict=True)),
-                                                      dtype=object))
-        row_part = part_of_group[self.group]
+        n_parts = max(1, -(-self.n_rows // _ROW_BLOCK))
+        row_part = (self.group.astype(np.int64) * n_parts // max(len(keys), 1)).astype(np.int32)
         tables = []
-        for part in range(len(parts)):  # one (temp, condition) at a time: bounded memory
+        for part in range(n_parts):  # about a million rows at a time; a group's rows are all in one part
             rows = np.flatnonzero(row_part == part)
+            if not len(rows):
+                continue
             local, groups = pd.factorize(self.group[rows])
             metrics = pd.DataFrame({m: self.metrics[m][rows] for m in ROW_METRICS})
             tables.append(_aggregate(metrics, local, self.status[rows] == 0, keys.iloc[groups]))

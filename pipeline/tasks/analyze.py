@@ -90,7 +90,7 @@ class ScorePredictions(TrialTask):
         from pipeline.scoring.abstention import DEFAULT_MARKERS
         from pipeline.scoring.score import (
             ScoredColumns,
-            per_item_csv,
+            per_item_csv_blocks,
             per_item_scores,
             score_predictions,
             score_summary,
@@ -123,7 +123,8 @@ class ScorePredictions(TrialTask):
             row_arrays, n_scored = scored_row_arrays(scored), len(scored)
         progress.update(3, f"writing {len(table):,} per-item rows")
         path = self.layout.per_item_scores(self.trial)
-        write_text(path, per_item_csv(table))
+        with atomic_open(path, "w", newline="") as fh:
+            fh.writelines(per_item_csv_blocks(table))
         rows_path = self.layout.scored_rows(self.trial)
         with atomic_open(rows_path, "wb") as fh:
             np.savez(fh, **row_arrays)
