@@ -165,15 +165,20 @@ def phase_parse(work: Path) -> dict[str, Any]:
     from pipeline.parsing import PredictionColumns, combine_results, write_predictions
 
     sources = [work / "results" / name for name in _parts(work)]
+    steps = {}
+    start = time.perf_counter()
     with open(work / "results_combined.jsonl", "wb") as combined:
         combine_results(sources, combined)
+    steps["combine_results"] = time.perf_counter() - start
     columns = PredictionColumns()
     with open(work / "predictions.csv", "w", encoding="utf-8", newline="") as out:
         parsed = write_predictions(sources, out, columns=columns)
+    steps["write_predictions"] = time.perf_counter() - start - steps["combine_results"]
     with open(work / "predictions.npz", "wb") as fh:
         columns.save(fh)
+    steps["save predictions.npz"] = time.perf_counter() - start - sum(steps.values())
     (work / "results_combined.jsonl").unlink()  # a byte copy of the parts: disk, not memory
-    return {"rows": parsed.rows}
+    return {"rows": parsed.rows, "steps": steps}
 
 
 def phase_score(work: Path) -> dict[str, Any]:
@@ -303,6 +308,9 @@ def report(sizes: list[int], data: dict[int, dict[str, Any]], results: dict[int,
             cells.append(f"{per_million(size, phase):10.2f}   {peak / 1024**3:8.2f}")
         ratio = per_million(large, phase) / per_million(small, phase)
         print(f"{phase or 'total':<10}" + "".join(f"{c:>26}" for c in cells) + f"{ratio:7.2f}x")
+    for size in sizes:
+        steps = results[size]["parse"]["steps"]
+        print(f"  parse at {size:,}: " + ", ".join(f"{k} {v / (data[size]['lines'] / 1e6):.2f} s/M" for k, v in steps.items()))
     for size in sizes:
         print(f"  {size:,}: {data[size]}; rows parsed {results[size]['parse']['rows']:,}, per-item rows "
               f"{results[size]['score']['per_item_rows']:,}; download is a local-file merge (no HTTP)")

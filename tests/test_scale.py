@@ -138,3 +138,35 @@ def test_part_and_trial_paths_scale_linearly(tmp_path: Path) -> None:
     for name, a, b in zip(("merge_results", "check_part_results", "write_predictions"), times[small], times[large],
                           strict=True):
         assert b <= 12 * a, f"{name}: {b:.3f} s at {large} lines vs {a:.3f} s at {small}"
+
+
+@pytest.mark.slow
+def test_score_task_reads_the_recorded_columns_else_the_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import luigi
+
+    from pipeline import ScorePredictions, TrialReport
+    from pipeline.scoring import score as score_module
+    from tests.conftest import small_experiment
+
+    common = {"rid": "cols", "root": str(tmp_path / "exp"), "config": str(small_experiment(tmp_path))}
+    assert luigi.build([TrialReport(**common)], local_scheduler=True, log_level="WARNING")
+    results = next((tmp_path / "exp" / "run_cols").glob("*/results/trial_manifest.json")).parent
+    trial = results.parent.name
+    parsed = json.loads((results / "trial_manifest.json").read_text())["stage_status"]["parsed"]["artifacts"]
+    assert parsed["columns"]["path"].endswith("predictions.npz") and parsed["columns"]["rows"] == parsed["row_count"]
+    per_item = (results / "per_item_scores.csv").read_bytes()
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("this path must not run")
+
+    monkeypatch.setattr(score_module, "score_predictions", refuse)  # the recorded columns are read, not the CSV
+    (results / "per_item_scores.csv").unlink()
+    ScorePredictions(trial=trial, **common).run()
+    assert (results / "per_item_scores.csv").read_bytes() == per_item
+    monkeypatch.undo()
+
+    monkeypatch.setattr(score_module, "ScoredColumns", refuse)  # columns changed since parsing: the CSV is read
+    (results / "predictions.npz").write_bytes(b"not the recorded file")
+    (results / "per_item_scores.csv").unlink()
+    ScorePredictions(trial=trial, **common).run()
+    assert (results / "per_item_scores.csv").read_bytes() == per_item
