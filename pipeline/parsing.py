@@ -21,6 +21,7 @@ from typing import IO
 import numpy as np
 import orjson
 
+from pipeline.gcpause import gc_paused
 from pipeline.naming import parse_custom_id
 
 PREDICTION_COLUMNS = (
@@ -254,15 +255,16 @@ def merge_results(sources: Iterable[Path], expected: list[str]) -> tuple[list[di
     wanted = set(expected)
     found: dict[str, dict] = {}
     problems: list[str] = []
-    for source in sources:
-        for lineno, obj in iter_jsonl_lenient(source, problems):
-            cid = line_custom_id(obj)
-            if cid is None or cid not in wanted:
-                problems.append(f"{source.name}:{lineno}: custom_id {cid!r} is not in this part's input; dropped")
-                continue
-            prior = found.get(cid)
-            if prior is None or (not has_answer(prior) and has_answer(obj)):
-                found[cid] = obj
+    with gc_paused():  # every kept line is a few new acyclic dicts
+        for source in sources:
+            for lineno, obj in iter_jsonl_lenient(source, problems):
+                cid = line_custom_id(obj)
+                if cid is None or cid not in wanted:
+                    problems.append(f"{source.name}:{lineno}: custom_id {cid!r} is not in this part's input; dropped")
+                    continue
+                prior = found.get(cid)
+                if prior is None or (not has_answer(prior) and has_answer(obj)):
+                    found[cid] = obj
     return [found[c] for c in expected if c in found], problems
 
 

@@ -19,16 +19,15 @@ the same predictions does not score them again.
 
 from __future__ import annotations
 
-import gc
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.gcpause import gc_paused
 from pipeline.naming import TYPES
 from pipeline.scoring.abstention import DEFAULT_MARKERS, is_abstention
 from pipeline.scoring.squad import bag_f1, normalize_answer
@@ -225,19 +224,6 @@ class _Rows:
         )
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off: scoring allocates about a million short, acyclic containers (token bags,
-    tuples, lists), and the collector's repeated passes over them cost about a third of the time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def score_predictions(
     predictions: pd.DataFrame,
     items: pd.DataFrame,
@@ -250,7 +236,7 @@ def score_predictions(
     """One scored row per prediction (see module docstring); raises ValueError on unknown items or types."""
     if unsupported_strategy not in STRATEGIES:
         raise ValueError(f"unknown unsupported strategy {unsupported_strategy!r}; expected one of {STRATEGIES}")
-    with _gc_paused():
+    with gc_paused():
         rows = _Rows(predictions)
         _require(items, _REQUIRED_ITEM_COLUMNS, "items")
         positions = _item_positions(rows.keys, rows.types, np.bincount(rows.item, minlength=len(rows.keys)), items)
@@ -598,7 +584,7 @@ class ScoredColumns:
         keys = item_keys
         types = [cells["type"][c] for c in first_of_item.tolist()]
         self._item_of_row = cell_item.astype(np.int32)[cell]
-        with _gc_paused():
+        with gc_paused():
             positions = _item_positions(keys, types, np.bincount(self._item_of_row, minlength=len(keys)), items)
             # untouched pages until the ok rows are filled, after the text work's peak; the other rows get NaN then
             self.metrics = {m: np.empty(self.n_rows) for m in ROW_METRICS}

@@ -112,7 +112,7 @@ class ScorePredictions(TrialTask):
             del columns
             progress.update(2, "aggregating per item")
             table = scored.per_item_scores()
-            row_arrays, n_scored = scored.row_arrays(), scored.n_rows
+            row_arrays, n_scored, summary = scored.row_arrays(), scored.n_rows, scored.summary()
         else:
             predictions = read_predictions_for_scoring(self.layout.predictions(self.trial))
             progress.update(1, f"scoring {len(predictions):,} predictions")
@@ -120,7 +120,7 @@ class ScorePredictions(TrialTask):
             del predictions
             progress.update(2, "aggregating per item")
             table = per_item_scores(scored)
-            row_arrays, n_scored = scored_row_arrays(scored), len(scored)
+            row_arrays, n_scored, summary = scored_row_arrays(scored), len(scored), score_summary(scored)
         progress.update(3, f"writing {len(table):,} per-item rows")
         path = self.layout.per_item_scores(self.trial)
         with atomic_open(path, "w", newline="") as fh:
@@ -129,7 +129,6 @@ class ScorePredictions(TrialTask):
         with atomic_open(rows_path, "wb") as fh:
             np.savez(fh, **row_arrays)
         del row_arrays
-        summary = scored.summary() if isinstance(scored, ScoredColumns) else score_summary(scored)
         self.record_stage("scored", {"per_item_scores_csv": self.layout.rel(path), "row_count": len(table),
                                      "file": artifact_record(self.layout, path, rows=len(table)),
                                      "scored_rows": artifact_record(self.layout, rows_path, rows=n_scored),
