@@ -12,13 +12,16 @@ import io
 import json
 import os
 import shutil
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import orjson
 
+from pipeline.gcpause import gc_paused
 from pipeline.naming import parse_custom_id
 
 PREDICTION_COLUMNS = (
@@ -137,6 +140,21 @@ def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str
             prompt, completion, total, "" if text is not None else _error_text(obj))
 
 
+_NOT_JSON = object()
+
+
+def _decode_line(raw: bytes) -> object:
+    """`json.loads(raw)`, or `_NOT_JSON` when it fails; orjson first (about 3x faster), json for what it refuses
+    (NaN, big integers, lone surrogates), so the accepted lines and their values are json's."""
+    try:
+        return _loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return _NOT_JSON
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; raises ResultsError naming the file and line."""
     with open(path, "rb") as fh:
@@ -145,11 +163,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 raise ResultsError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes; the file is not a results file")
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ResultsError(f"{path}:{lineno}: not valid JSON ({exc.__class__.__name__}); "
-                                   "delete the file to download the part again") from None
+            obj = _decode_line(raw)
+            if obj is _NOT_JSON:
+                _decode_with_json(raw, path, lineno)  # raises the ResultsError that names the failure
             if not isinstance(obj, dict):
                 raise ResultsError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -218,9 +234,8 @@ def iter_jsonl_lenient(path: Path, problems: list[str]) -> Iterator[tuple[int, d
             if len(raw) > MAX_LINE_BYTES:
                 problems.append(f"{path.name}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
                 continue
-            try:
-                obj = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = _decode_line(raw)
+            if obj is _NOT_JSON:
                 problems.append(f"{path.name}:{lineno}: not valid JSON")
                 continue
             if not isinstance(obj, dict):
@@ -240,15 +255,16 @@ def merge_results(sources: Iterable[Path], expected: list[str]) -> tuple[list[di
     wanted = set(expected)
     found: dict[str, dict] = {}
     problems: list[str] = []
-    for source in sources:
-        for lineno, obj in iter_jsonl_lenient(source, problems):
-            cid = line_custom_id(obj)
-            if cid is None or cid not in wanted:
-                problems.append(f"{source.name}:{lineno}: custom_id {cid!r} is not in this part's input; dropped")
-                continue
-            prior = found.get(cid)
-            if prior is None or (not has_answer(prior) and has_answer(obj)):
-                found[cid] = obj
+    with gc_paused():  # every kept line is a few new acyclic dicts
+        for source in sources:
+            for lineno, obj in iter_jsonl_lenient(source, problems):
+                cid = line_custom_id(obj)
+                if cid is None or cid not in wanted:
+                    problems.append(f"{source.name}:{lineno}: custom_id {cid!r} is not in this part's input; dropped")
+                    continue
+                prior = found.get(cid)
+                if prior is None or (not has_answer(prior) and has_answer(obj)):
+                    found[cid] = obj
     return [found[c] for c in expected if c in found], problems
 
 
@@ -279,6 +295,114 @@ class _CsvLines:
         self._buffer.truncate()
         self._writer.writerow(fields)
         return self._buffer.getvalue()
+
+
+class PredictionColumns:
+    """The predictions.csv fields scoring reads, kept columnar while `write_predictions` writes the CSV.
+
+    Per row: `cell` (code of its distinct `(dataset, item_id, type, condition, temp)`), `status` (index into
+    `STATUSES`: `provider_error` when the error text is not blank, else `truncated` when the finish_reason is
+    "length", else `ok`: the rule scoring applies to the CSV) and `response` (code of its distinct response text).
+    Each distinct value is stored once, so memory is a few bytes per row plus the distinct texts.
+    """
+
+    STATUSES = ("ok", "provider_error", "truncated")
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[str, str, str, str, str], int] = {}
+        self.responses: dict[str, int] = {}
+        self.cell = array("i")
+        self.status = array("b")
+        self.response = array("i")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (no pickled objects): what `save` writes and `load_prediction_columns` reads back."""
+        cells = list(self.cells)
+        out = {"cell": np.frombuffer(self.cell, dtype=np.int32), "status": np.frombuffer(self.status, dtype=np.int8),
+               "response": np.frombuffer(self.response, dtype=np.int32)}
+        for k, name in enumerate(CELL_FIELDS):
+            out[f"{name}_bytes"], out[f"{name}_offsets"] = _pack([c[k] for c in cells])
+        out["responses_bytes"], out["responses_offsets"] = _pack(list(self.responses))
+        return out
+
+    def save(self, fh: IO[bytes]) -> None:
+        np.savez(fh, **self.arrays())
+
+
+CELL_FIELDS = ("dataset", "item_id", "type", "condition", "temp")
+
+
+def _pack(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of `texts` back to back, and the offsets where each starts (plus the end)."""
+    encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The texts `_pack` packed; equal texts are one object (cell fields repeat: a million cells, a few datasets)."""
+    raw = data.tobytes()
+    bounds = offsets.tolist()
+    shared: dict[str, str] = {}
+    return [shared.setdefault(text, text)
+            for text in (raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:], strict=True))]
+
+
+class PackedTexts:
+    """Texts as UTF-8 bytes back to back with their offsets (a few bytes each instead of a Python str); indexing
+    with an array of positions decodes those texts into an object array."""
+
+    def __init__(self, data: bytes, offsets: np.ndarray) -> None:
+        self.data = data
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        raw = self.data
+        starts, ends = self.offsets[index].tolist(), self.offsets[np.asarray(index) + 1].tolist()
+        return np.array([raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends, strict=True)],
+                        dtype=object)
+
+
+@dataclass
+class LoadedColumns:
+    """`PredictionColumns` read back: per-row codes and the distinct values they index."""
+
+    cell: np.ndarray
+    status: np.ndarray
+    response: np.ndarray
+    cells: dict[str, list[str]]
+    responses: PackedTexts
+
+    def __len__(self) -> int:
+        return len(self.cell)
+
+
+def _valid_offsets(offsets: np.ndarray, size: int) -> bool:
+    return len(offsets) >= 1 and offsets[0] == 0 and offsets[-1] == size and bool((np.diff(offsets) >= 0).all())
+
+
+def load_prediction_columns(path: Path) -> LoadedColumns:
+    """The file `PredictionColumns.save` wrote; ValueError when it is not one (missing arrays, codes out of range)."""
+    with np.load(path, allow_pickle=False) as z:
+        try:
+            arrays = {name: z[name] for name in z.files}
+            cells = {name: _unpack(arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]) for name in CELL_FIELDS}
+            responses = PackedTexts(arrays.pop("responses_bytes").tobytes(), arrays["responses_offsets"])
+            loaded = LoadedColumns(arrays["cell"], arrays["status"], arrays["response"], cells, responses)
+        except KeyError as exc:
+            raise ValueError(f"{path}: not a predictions columns file ({exc})") from None
+    n_cells = len(loaded.cells["dataset"])
+    if (len({len(v) for v in loaded.cells.values()}) != 1 or not len(loaded.cell) == len(loaded.status) == len(loaded.response)
+            or (len(loaded) and (loaded.cell.min() < 0 or loaded.cell.max() >= n_cells
+                                 or loaded.response.min() < 0 or loaded.response.max() >= len(loaded.responses)
+                                 or loaded.status.min() < 0 or loaded.status.max() >= len(PredictionColumns.STATUSES)))
+            or not _valid_offsets(loaded.responses.offsets, len(loaded.responses.data))):
+        raise ValueError(f"{path}: inconsistent predictions columns")
+    return loaded
 
 
 @dataclass
@@ -320,9 +444,11 @@ def _chunks(path: Path) -> Iterator[tuple[bytes, int]]:
         yield carry, lineno
 
 
-def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tuple[str, int]:
+def _chunk_rows(path: Path, data: bytes, first_line: int, ids: set[str] | array,
+                columns: PredictionColumns | None = None) -> tuple[str, int]:
     """predictions.csv text of the non-blank result lines in `data` (see `_chunks`) and how many are error rows;
-    their custom_ids are added to `seen`.
+    their rows go to `columns` when given. `ids` is either the set of custom_ids seen so far (a repeated one raises
+    here) or an `array("q")` that collects `hash(custom_id)` per row, for `_check_unique` to check afterwards.
 
     Lines are as `iter_jsonl` reads them: split on "\\n", at most `MAX_LINE_BYTES` long counting the newline,
     whitespace-only lines skipped. Raises ResultsError / ValueError naming the file and line, for the first bad line.
@@ -332,6 +458,10 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tup
     errors = 0
     lines = data.split(b"\n")
     last = len(lines) - 1  # the only one without a newline (empty when `data` ends with one)
+    add_hash = ids.append if isinstance(ids, array) else None
+    if columns is not None:  # locals: this runs once per result line
+        cells, responses = columns.cells, columns.responses
+        add_cell, add_status, add_response = columns.cell.append, columns.status.append, columns.response.append
     for k, raw in enumerate(lines):
         if len(raw) >= MAX_LINE_BYTES and (k < last or len(raw) > MAX_LINE_BYTES):
             raise _too_long(path, first_line + k)
@@ -348,11 +478,18 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, seen: set[str]) -> tup
         except ValueError as exc:
             raise ValueError(f"{path}:{first_line + k}: {exc}") from None
         cid = fields[0]
-        if cid in seen:
+        if add_hash is not None:
+            add_hash(hash(cid))
+        elif cid in ids:
             raise ValueError(f"{path}:{first_line + k}: custom_id {cid} appears twice in the results")
-        seen.add(cid)
+        else:
+            ids.add(cid)  # type: ignore[union-attr]
         errors += fields[13] != ""
         text.append(csv_lines.line(fields))
+        if columns is not None:
+            add_cell(cells.setdefault((fields[1], fields[2], fields[6], fields[3], fields[4]), len(cells)))
+            add_status(1 if fields[13].strip() else 2 if fields[8].strip() == "length" else 0)
+            add_response(responses.setdefault(fields[9], len(responses)))
     return "".join(text), errors
 
 
@@ -368,24 +505,49 @@ def combine_results(sources: Iterable[Path], out: IO[bytes]) -> None:
                 shutil.copyfileobj(src, out, _BLOCK_BYTES)
 
 
-def write_predictions(sources: Iterable[Path], out: IO[str],
-                      progress: Callable[[int], None] | None = None) -> ParsedResults:
-    """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order.
+def _check_rows(sources: list[Path]) -> None:
+    """Read `sources` as `write_predictions` does, keeping every custom_id: raises the first error in file order."""
+    seen: set[str] = set()
+    for path in sources:
+        for data, first_line in _chunks(path):
+            _chunk_rows(path, data, first_line, seen)
 
-    Streamed in pieces of about `_BLOCK_BYTES`: only the custom_ids are kept in memory. `progress(n)` is told after
-    each of the n first files.
+
+def _check_unique(hashes: array, sources: list[Path]) -> None:
+    """ValueError naming the first repeated custom_id when two rows' custom_id hashes are equal (a repeat, or in a
+    few per billion files a collision, which the exact re-read then clears)."""
+    ordered = np.sort(np.frombuffer(hashes, dtype=np.int64))
+    if len(ordered) > 1 and not (ordered[1:] != ordered[:-1]).all():
+        _check_rows(sources)
+
+
+def write_predictions(sources: Iterable[Path], out: IO[str], progress: Callable[[int], None] | None = None,
+                      columns: PredictionColumns | None = None) -> ParsedResults:
+    """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order;
+    the same rows go to `columns` when given (the columnar hand-off to scoring).
+
+    Streamed in pieces of about `_BLOCK_BYTES`: only a 64-bit hash per custom_id is kept to find repeats (8 bytes a
+    row instead of the string in a set; a repeat found at the end, or any error, is reported as a read that keeps
+    every custom_id reports it: the first problem in file order). `progress(n)` is told after each of the n first
+    files.
     Raises ResultsError naming the file and line for an unreadable line, ValueError for a line without a valid
     custom_id and for a custom_id seen twice.
     """
-    seen: set[str] = set()
+    sources = list(sources)
+    hashes = array("q")
     parsed = ParsedResults()
     out.write(",".join(PREDICTION_COLUMNS) + "\n")
-    for done, path in enumerate(sources, 1):
-        for data, first_line in _chunks(path):
-            text, errors = _chunk_rows(path, data, first_line, seen)
-            parsed.errors += errors
-            out.write(text)
-        if progress:
-            progress(done)
-    parsed.rows = len(seen)
+    try:
+        for done, path in enumerate(sources, 1):
+            for data, first_line in _chunks(path):
+                text, errors = _chunk_rows(path, data, first_line, hashes, columns)
+                parsed.errors += errors
+                out.write(text)
+            if progress:
+                progress(done)
+    except ValueError:  # ResultsError too: a repeated custom_id before the bad line is the first problem
+        _check_unique(hashes, sources)
+        raise
+    _check_unique(hashes, sources)
+    parsed.rows = len(hashes)
     return parsed

@@ -137,6 +137,10 @@ class RunLayout:
     def predictions(self, slug: str) -> Path:
         return self.results_dir(slug) / TRIAL_FILES.predictions
 
+    def prediction_columns(self, slug: str) -> Path:
+        """The predictions scoring reads, columnar (ParsePredictions writes it beside predictions.csv)."""
+        return self.results_dir(slug) / "predictions.npz"
+
     def per_item_scores(self, slug: str) -> Path:
         return self.results_dir(slug) / TRIAL_FILES.per_item_scores
 

@@ -19,16 +19,15 @@ the same predictions does not score them again.
 
 from __future__ import annotations
 
-import gc
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.gcpause import gc_paused
 from pipeline.naming import TYPES
 from pipeline.scoring.abstention import DEFAULT_MARKERS, is_abstention
 from pipeline.scoring.squad import bag_f1, normalize_answer
@@ -57,6 +56,8 @@ _REQUIRED_ITEM_COLUMNS = ("dataset", "id", "type", "answers")
 _CSV_SPECIAL = re.compile(r'[,"\r\n]')
 # every predictions column score_predictions reads (`error` is optional, `custom_id` is only passed through)
 SCORING_INPUT_COLUMNS: tuple[str, ...] = (*_REQUIRED_PREDICTION_COLUMNS, "error")
+_ROW_BLOCK = 1 << 20  # rows (or pairs) whose temporaries are held at once
+_CSV_BLOCK = 100_000  # per-item rows formatted at once
 
 
 def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
@@ -100,6 +101,15 @@ class _Codes:
         merged, distinct = pd.factorize(np.array(texts, dtype=object))  # e.g. 1 and "1" are the same text
         self.codes = merged[codes] if len(merged) else codes
         self.texts = np.asarray(distinct, dtype=object)
+
+    @classmethod
+    def of(cls, codes: np.ndarray, texts: Any) -> _Codes:
+        """Codes into `texts`, which must be distinct (as `PredictionColumns` keeps them) and, indexed with an array
+        of positions, give those texts (an object array, or `pipeline.parsing.PackedTexts`)."""
+        column = cls.__new__(cls)
+        column.codes = codes
+        column.texts = texts
+        return column
 
     def values(self) -> np.ndarray:
         return self.texts[self.codes]
@@ -214,19 +224,6 @@ class _Rows:
         )
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off: scoring allocates about a million short, acyclic containers (token bags,
-    tuples, lists), and the collector's repeated passes over them cost about a third of the time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def score_predictions(
     predictions: pd.DataFrame,
     items: pd.DataFrame,
@@ -239,7 +236,7 @@ def score_predictions(
     """One scored row per prediction (see module docstring); raises ValueError on unknown items or types."""
     if unsupported_strategy not in STRATEGIES:
         raise ValueError(f"unknown unsupported strategy {unsupported_strategy!r}; expected one of {STRATEGIES}")
-    with _gc_paused():
+    with gc_paused():
         rows = _Rows(predictions)
         _require(items, _REQUIRED_ITEM_COLUMNS, "items")
         positions = _item_positions(rows.keys, rows.types, np.bincount(rows.item, minlength=len(rows.keys)), items)
@@ -304,7 +301,7 @@ def _score_ok_rows(
 
     `ok_item` are the ok rows' item codes (their rows of `items` are in `positions`).
     """
-    item_code, used_codes = pd.factorize(ok_item)
+    item_code, used_codes = _in_use(ok_item, len(positions))
     used_items = positions[used_codes]
     item_type = _text(items["type"]).to_numpy()[used_items]
     is_open = item_type == "open"
@@ -316,51 +313,93 @@ def _score_ok_rows(
     unanswerable &= is_open
     contexts = items["context"].to_numpy()[used_items] if "context" in items.columns else [None] * len(used_items)
     answers = items["answers"].to_numpy()[used_items]
-    prepared = [
-        _Item(answers[i], contexts[i] if is_open[i] else None, strategy == "overlap") for i in range(len(used_items))
-    ]
 
-    resp_code, resp_distinct = pd.factorize(response.codes[ok])
+    resp_code, resp_distinct = _in_use(response.codes[ok], len(response.texts))
     responses = response.texts[resp_distinct].tolist()
     resp_abst = np.array([is_abstention(r, markers) for r in responses], dtype=bool)
     # em, f1 and unsupported depend on the normalized text only: one pair per (normalized response, item)
     norm_of_resp, norms = pd.factorize(np.array([normalize_answer(r) for r in responses], dtype=object))
+    norm_of_resp = norm_of_resp.astype(np.int64)
     norm_texts: list[str] = norms.tolist()
+    del responses, norms  # only their normalized forms are needed from here
 
     n_used = len(used_items)
-    pair_code, pairs = pd.factorize(norm_of_resp[resp_code].astype(np.int64) * n_used + item_code)
+    pair_code, pairs = _factorize_blocks(lambda rows: norm_of_resp[resp_code[rows]] * n_used + item_code[rows], len(ok))
     pair_em = np.zeros(len(pairs))
     pair_f1 = np.zeros(len(pairs))
     pair_unsup = np.zeros(len(pairs))
-    bags: dict[int, tuple[dict[str, int], int]] = {}
     baseline = strategy == "baseline"
-    for p, (r, i) in enumerate(zip((pairs // n_used).tolist(), (pairs % n_used).tolist(), strict=True)):
-        item = prepared[i]
-        norm = norm_texts[r]
-        if not unanswerable[i]:  # unanswerable em/f1 follow abstention, set below
-            if norm in item.gold_norms:
-                pair_em[p] = pair_f1[p] = 1.0  # equal normalized text has equal tokens
-            elif not item.gold_vocab.isdisjoint(norm.split()):  # no shared token: F1 is 0
-                bag = bags.get(r)
-                if bag is None:
-                    bag = bags[r] = _bag(norm)
-                pair_f1[p] = max(bag_f1(bag[0], bag[1], gold, n_gold) for gold, n_gold in item.gold_bags)
-        if is_open[i]:  # abstained rows get unsupported = 0 below, whatever this says
-            if baseline:  # unsupported_normalized's baseline rule, against the context padded once per item
-                pair_unsup[p] = not norm or f" {norm} " not in item.context_padded
-            else:
-                pair_unsup[p] = unsupported_normalized(
-                    norm, item.context_norm, item.context_tokens, strategy=strategy, min_token_overlap=min_token_overlap
-                )
+    # pairs item by item: one item's prepared text is alive at a time (all of them would take kilobytes per item)
+    order = np.argsort(pairs % n_used, kind="stable")
+    current, item = -1, None
+    for start in range(0, len(order), _ROW_BLOCK):  # Python ints for a block of pairs at a time
+        block = order[start:start + _ROW_BLOCK]
+        keys = pairs[block]
+        for p, r, i in zip(block.tolist(), (keys // n_used).tolist(), (keys % n_used).tolist(), strict=True):
+            if i != current:
+                current, item = i, _Item(answers[i], contexts[i] if is_open[i] else None, strategy == "overlap")
+            norm = norm_texts[r]
+            if not unanswerable[i]:  # unanswerable em/f1 follow abstention, set below
+                if norm in item.gold_norms:
+                    pair_em[p] = pair_f1[p] = 1.0  # equal normalized text has equal tokens
+                elif not item.gold_vocab.isdisjoint(norm.split()):  # no shared token: F1 is 0
+                    bag, n_tokens = _bag(norm)
+                    pair_f1[p] = max(bag_f1(bag, n_tokens, gold, n_gold) for gold, n_gold in item.gold_bags)
+            if is_open[i]:  # abstained rows get unsupported = 0 below, whatever this says
+                if baseline:  # unsupported_normalized's baseline rule, against the context padded once per item
+                    pair_unsup[p] = not norm or f" {norm} " not in item.context_padded
+                else:
+                    pair_unsup[p] = unsupported_normalized(
+                        norm, item.context_norm, item.context_tokens, strategy=strategy,
+                        min_token_overlap=min_token_overlap)
 
-    abst = resp_abst[resp_code].astype(float)
+    del norm_texts, item  # the text is done with: the row fill below needs only codes and scores
+    for start in range(0, len(ok), _ROW_BLOCK):  # row-level temporaries for a block of rows at a time
+        block = slice(start, start + _ROW_BLOCK)
+        _fill_rows(metrics, ok[block], item_code[block], resp_abst[resp_code[block]].astype(float), pair_code[block],
+                   is_open, unanswerable, (pair_em, pair_f1, pair_unsup), threshold)
+
+
+def _fill_rows(metrics: dict[str, np.ndarray], rows: np.ndarray, item_code: np.ndarray, abst: np.ndarray,
+               pair_code: np.ndarray, is_open: np.ndarray, unanswerable: np.ndarray,
+               pair_scores: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float) -> None:
+    """The metrics of ok `rows` from their item, abstention and (response, item) pair scores."""
+    pair_em, pair_f1, pair_unsup = pair_scores
     row_open = is_open[item_code]
     row_unans = unanswerable[item_code]
-    metrics["abstained"][ok] = abst
-    metrics["em"][ok] = np.where(row_unans, abst, pair_em[pair_code])
-    metrics["f1"][ok] = np.where(row_unans, abst, pair_f1[pair_code])
-    metrics["false_answer"][ok] = np.where(row_open, np.where(row_unans, 1.0 - abst, 0.0), np.nan)
-    metrics["unsupported"][ok] = np.where(row_open, np.where(abst >= threshold, 0.0, pair_unsup[pair_code]), np.nan)
+    metrics["abstained"][rows] = abst
+    metrics["em"][rows] = np.where(row_unans, abst, pair_em[pair_code])
+    metrics["f1"][rows] = np.where(row_unans, abst, pair_f1[pair_code])
+    metrics["false_answer"][rows] = np.where(row_open, np.where(row_unans, 1.0 - abst, 0.0), np.nan)
+    metrics["unsupported"][rows] = np.where(row_open, np.where(abst >= threshold, 0.0, pair_unsup[pair_code]), np.nan)
+
+
+def _in_use(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(new code per row, old code of each new code) for the codes 0..n-1 that occur, in increasing order: a
+    factorization without a hash table as large as the rows."""
+    used = np.flatnonzero(np.bincount(codes, minlength=n))
+    remap = np.zeros(max(n, 1), dtype=np.int32)
+    remap[used] = np.arange(len(used), dtype=np.int32)
+    return remap[codes], used
+
+
+def _factorize_blocks(keys: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pd.factorize` of the int64 keys of rows 0..n_rows-1, `keys(slice)` giving a block of them: codes (int32)
+    and distinct keys, without the whole key array and a hash table sized for every row at once."""
+    codes = np.empty(n_rows, dtype=np.int32)
+    block_uniques = []
+    for start in range(0, n_rows, _ROW_BLOCK):
+        block = slice(start, min(start + _ROW_BLOCK, n_rows))
+        local, uniques = pd.factorize(keys(block))
+        codes[block] = local
+        block_uniques.append(uniques)
+    merged, distinct = pd.factorize(np.concatenate(block_uniques) if block_uniques else np.zeros(0, dtype=np.int64))
+    offset = 0
+    for start, uniques in zip(range(0, n_rows, _ROW_BLOCK), block_uniques, strict=True):
+        block = slice(start, min(start + _ROW_BLOCK, n_rows))
+        codes[block] = merged[offset + codes[block]]
+        offset += len(uniques)
+    return codes, np.asarray(distinct, dtype=np.int64)
 
 
 def _groups(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -373,6 +412,31 @@ def _groups(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np
     return group, first
 
 
+def _aggregate(metrics: pd.DataFrame, group: np.ndarray, ok: np.ndarray, keys: pd.DataFrame) -> pd.DataFrame:
+    """Per-group means, stds and counts of the `ROW_METRICS` columns of `metrics` (see `per_item_scores`), unsorted.
+
+    `group` codes the rows 0..G-1 (every code used); `keys` holds the `KEY_COLUMNS` of each group, in code order.
+    """
+    # pandas' grouped mean/std over integer group codes: the same per-group arithmetic as grouping by the key columns
+    grouped = metrics.loc[:, list(ROW_METRICS)].groupby(group, sort=True)
+    means = grouped.mean()
+    stds = grouped.std(ddof=1)
+    counts = grouped.count()
+    stds = stds.mask((counts <= 1) & means.notna(), 0.0)
+    result = keys.loc[:, list(KEY_COLUMNS)].reset_index(drop=True)
+    for metric, stem in ITEM_METRICS.items():
+        result[stem] = means[metric].to_numpy()
+        result[f"{stem}_std"] = stds[metric].to_numpy()
+    result["n_samples"] = np.bincount(group, weights=ok, minlength=len(keys)).astype(np.int64)
+    result["n_excluded"] = np.bincount(group, weights=~ok, minlength=len(keys)).astype(np.int64)
+    return result
+
+
+def _sorted_per_item(result: pd.DataFrame) -> pd.DataFrame:
+    result = result.sort_values(["temp", "type", "condition", "item_key"], kind="mergesort")
+    return result.loc[:, list(PER_ITEM_COLUMNS)].reset_index(drop=True)
+
+
 def per_item_scores(scored: pd.DataFrame) -> pd.DataFrame:
     """Aggregate scored rows per (item_key, type, condition, temp) over the ok rows.
 
@@ -383,21 +447,8 @@ def per_item_scores(scored: pd.DataFrame) -> pd.DataFrame:
     """
     _require(scored, (*KEY_COLUMNS, "status", *ROW_METRICS), "scored predictions")
     group, first = _groups(scored, KEY_COLUMNS)
-    # pandas' grouped mean/std over integer group codes: the same per-group arithmetic as grouping by the key columns
-    grouped = scored.loc[:, list(ROW_METRICS)].groupby(group, sort=True)
-    means = grouped.mean()
-    stds = grouped.std(ddof=1)
-    counts = grouped.count()
-    stds = stds.mask((counts <= 1) & means.notna(), 0.0)
-    result = scored.loc[:, list(KEY_COLUMNS)].iloc[first].reset_index(drop=True)
-    for metric, stem in ITEM_METRICS.items():
-        result[stem] = means[metric].to_numpy()
-        result[f"{stem}_std"] = stds[metric].to_numpy()
     ok = scored["status"].to_numpy() == "ok"
-    result["n_samples"] = np.bincount(group, weights=ok, minlength=len(first)).astype(np.int64)
-    result["n_excluded"] = np.bincount(group, weights=~ok, minlength=len(first)).astype(np.int64)
-    result = result.sort_values(["temp", "type", "condition", "item_key"], kind="mergesort")
-    return result.loc[:, list(PER_ITEM_COLUMNS)].reset_index(drop=True)
+    return _sorted_per_item(_aggregate(scored, group, ok, scored.loc[:, list(KEY_COLUMNS)].iloc[first]))
 
 
 def _plain_text(values: list[Any]) -> bool:
@@ -405,14 +456,29 @@ def _plain_text(values: list[Any]) -> bool:
 
 
 def per_item_csv(table: pd.DataFrame) -> str:
-    """Exactly `table.to_csv(index=False, lineterminator="\\n")`, built column-wise when every cell is plain.
+    """Exactly `table.to_csv(index=False, lineterminator="\\n")`: the `per_item_csv_blocks` joined."""
+    return "".join(per_item_csv_blocks(table))
 
-    Plain: float64 columns (repr, NaN as empty, as pandas writes them), integer columns, and text cells without a
-    comma, quote or line break (which need no quoting). Anything else goes through pandas.
+
+def per_item_csv_blocks(table: pd.DataFrame) -> Iterator[str]:
+    """`table.to_csv(index=False, lineterminator="\\n")` in pieces: the header, then blocks of `_CSV_BLOCK` rows
+    (pandas formats each value on its own, so blocks join to its bytes); a million rows never become 17 million
+    strings at once.
+
+    A block is built column-wise when every cell is plain: float64 columns (repr, NaN as empty, as pandas writes
+    them), integer columns, and text cells without a comma, quote or line break (which need no quoting).
+    Anything else goes through pandas.
     """
+    names = [str(name) for name in table.columns]
+    yield ",".join(names) + "\n" if _plain_text(names) else table.iloc[:0].to_csv(index=False, lineterminator="\n")
+    for start in range(0, len(table), _CSV_BLOCK):
+        yield _csv_rows(table.iloc[start:start + _CSV_BLOCK])
+
+
+def _csv_rows(block: pd.DataFrame) -> str:
     columns: list[list[str]] = []
-    for name in table.columns:
-        values = table[name]
+    for name in block.columns:
+        values = block[name]
         kind = values.dtype.kind
         if values.dtype == np.float64:
             columns.append(["" if v != v else repr(v) for v in values.tolist()])
@@ -421,11 +487,8 @@ def per_item_csv(table: pd.DataFrame) -> str:
         elif kind == "O" and _plain_text(text := values.tolist()):
             columns.append(text)
         else:
-            return table.to_csv(index=False, lineterminator="\n")
-    if not _plain_text([str(name) for name in table.columns]):
-        return table.to_csv(index=False, lineterminator="\n")
-    header = ",".join(str(name) for name in table.columns) + "\n"
-    return header + "".join([",".join(row) + "\n" for row in zip(*columns, strict=True)])
+            return block.to_csv(index=False, header=False, lineterminator="\n")
+    return "".join([",".join(row) + "\n" for row in zip(*columns, strict=True)])
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:
@@ -440,23 +503,30 @@ def score_summary(scored: pd.DataFrame) -> dict[str, Any]:
     """
     _require(scored, (*KEY_COLUMNS, "status", *ROW_METRICS), "scored predictions")
     status_code, status_names = _factorize(scored["status"].to_numpy())
+    keys = ["temp", "type", "condition"]
+    group, first = _groups(scored, keys)
+    key_rows = scored.loc[:, keys].iloc[first]
+    complete = key_rows.notna().all(axis=1).to_numpy()
+    group_keys = [tuple(key_rows.iloc[g]) if complete[g] else None for g in range(len(first))]
+    return _summary(status_code, status_names, group, group_keys, _factorize(scored["item_key"].to_numpy())[0],
+                    {m: scored[m].to_numpy(dtype=float) for m in ROW_METRICS})
+
+
+def _summary(status_code: np.ndarray, status_names: list[Any], group: np.ndarray, group_keys: list[tuple | None],
+             item_code: np.ndarray, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`score_summary` from per-row codes: `group` indexes `group_keys` ((temp, type, condition), None when one is
+    missing), `status_code` indexes `status_names`, `item_code` tells the items apart."""
 
     def counts(codes: np.ndarray) -> dict[str, int]:
         found = np.bincount(codes, minlength=len(status_names))
         return {s: int(found[status_names.index(s)]) if s in status_names else 0 for s in STATUSES}
 
-    keys = ["temp", "type", "condition"]
-    group, first = _groups(scored, keys)
-    key_rows = scored.loc[:, keys].iloc[first]
-    complete = key_rows.notna().all(axis=1).to_numpy()
-    order = sorted(np.flatnonzero(complete).tolist(), key=lambda g: tuple(key_rows.iloc[g]))
-    item_code = _factorize(scored["item_key"].to_numpy())[0]
-    ok = scored["status"].to_numpy() == "ok"
-    values = {m: scored[m].to_numpy(dtype=float) for m in ROW_METRICS}
+    ok = status_code == status_names.index("ok") if "ok" in status_names else np.zeros(len(status_code), dtype=bool)
+    order = sorted((g for g, key in enumerate(group_keys) if key is not None), key=lambda g: group_keys[g])
     groups = []
     for g in order:
         rows = group == g
-        temp, type_, condition = key_rows.iloc[g]
+        temp, type_, condition = group_keys[g]  # type: ignore[misc]
         ok_rows = rows & ok
         groups.append(
             {
@@ -469,4 +539,106 @@ def score_summary(scored: pd.DataFrame) -> dict[str, Any]:
                 "means": {ITEM_METRICS[m]: _mean_or_none(values[m][ok_rows]) for m in ROW_METRICS},
             }
         )
-    return {"n_rows": int(len(scored)), "status_counts": counts(status_code), "groups": groups}
+    return {"n_rows": int(len(status_code)), "status_counts": counts(status_code), "groups": groups}
+
+
+class ScoredColumns:
+    """Scores of predictions given as `pipeline.parsing.LoadedColumns` (the columnar hand-off): the same per-row
+    metrics, per-item table, summary and row arrays as `score_predictions` and the functions over its frame give
+    for the same predictions.csv, without a per-row Python object.
+
+    Memory is about 60 bytes per row (codes and the five float64 metrics) plus the distinct texts; the per-item
+    table is built a million rows at a time, each group's rows in one block and in file order, with pandas'
+    per-group arithmetic, so its numbers are the ones `per_item_scores` gives.
+    """
+
+    def __init__(self, columns: Any, items: pd.DataFrame, *, markers: Sequence[str] = DEFAULT_MARKERS,
+                 unsupported_strategy: str = "baseline", unsupported_threshold: float = 0.5,
+                 min_token_overlap: float = 0.6) -> None:
+        if unsupported_strategy not in STRATEGIES:
+            raise ValueError(f"unknown unsupported strategy {unsupported_strategy!r}; expected one of {STRATEGIES}")
+        cells = columns.cells
+        bad_types = sorted(set(cells["type"]) - set(TYPES))
+        if bad_types:
+            raise ValueError(f"predictions have unknown type(s) {bad_types[:5]}; expected {TYPES}")
+        self.n_rows = len(columns.cell)
+        self.status = np.asarray(columns.status, dtype=np.int8)
+        cell = np.asarray(columns.cell)
+        # integer codes per cell field; temps are grouped by value (cells "0.7" and "0.70" are one group)
+        dataset, item_id, type_, condition = (_codes(cells[name]) for name in ("dataset", "item_id", "type", "condition"))
+        temp_text, temp_texts = pd.factorize(np.asarray(cells["temp"], dtype=object))
+        temp_of_text, temp_values = pd.factorize(np.array([float(t) for t in temp_texts], dtype=float))
+        temp = (temp_of_text[temp_text], len(temp_values))
+        cell_item, first_of_item = _combine(dataset, item_id, type_)
+        item_keys = [f"{cells['dataset'][c]}|{cells['item_id'][c]}" for c in first_of_item.tolist()]
+        cell_group, first_cell = _combine((cell_item, len(first_of_item)), condition, temp)
+        self.group = cell_group.astype(np.int32)[cell]  # per row: its (item_key, type, condition, temp)
+        first = first_cell.tolist()
+        self.group_keys = pd.DataFrame({
+            "item_key": [item_keys[i] for i in cell_item[first_cell].tolist()], "type": [cells["type"][c] for c in first],
+            "condition": [cells["condition"][c] for c in first], "temp": temp_values[temp[0][first_cell]]})
+        summary_cell, summary_first = _combine(temp, type_, condition)
+        self._summary_group = summary_cell.astype(np.int32)[cell]
+        self._summary_keys = [(float(temp_values[temp[0][c]]), cells["type"][c], cells["condition"][c])
+                              for c in summary_first.tolist()]
+        keys = item_keys
+        types = [cells["type"][c] for c in first_of_item.tolist()]
+        self._item_of_row = cell_item.astype(np.int32)[cell]
+        with gc_paused():
+            positions = _item_positions(keys, types, np.bincount(self._item_of_row, minlength=len(keys)), items)
+            # untouched pages until the ok rows are filled, after the text work's peak; the other rows get NaN then
+            self.metrics = {m: np.empty(self.n_rows) for m in ROW_METRICS}
+            ok = np.flatnonzero(self.status == 0).astype(np.int32 if self.n_rows < 2**31 else np.int64)
+            if len(ok):
+                _score_ok_rows(
+                    ok, self._item_of_row[ok], positions,
+                    _Codes.of(np.asarray(columns.response), columns.responses), items, self.metrics,
+                    markers=tuple(markers), strategy=unsupported_strategy, threshold=unsupported_threshold,
+                    min_token_overlap=min_token_overlap,
+                )
+            del ok
+            failed = self.status != 0
+            for values in self.metrics.values():
+                values[failed] = np.nan
+
+    def row_arrays(self) -> dict[str, np.ndarray]:
+        """`scored_row_arrays` of the scored predictions."""
+        return {"status": self.status, **self.metrics}
+
+    def per_item_scores(self) -> pd.DataFrame:
+        """`per_item_scores` of the scored predictions."""
+        keys = self.group_keys
+        n_parts = max(1, -(-self.n_rows // _ROW_BLOCK))
+        row_part = (self.group.astype(np.int64) * n_parts // max(len(keys), 1)).astype(np.int32)
+        tables = []
+        for part in range(n_parts):  # about a million rows at a time; a group's rows are all in one part
+            rows = np.flatnonzero(row_part == part)
+            if not len(rows):
+                continue
+            local, groups = pd.factorize(self.group[rows])
+            metrics = pd.DataFrame({m: self.metrics[m][rows] for m in ROW_METRICS})
+            tables.append(_aggregate(metrics, local, self.status[rows] == 0, keys.iloc[groups]))
+        if not tables:
+            return pd.DataFrame(columns=list(PER_ITEM_COLUMNS))
+        return _sorted_per_item(pd.concat(tables, ignore_index=True))
+
+    def summary(self) -> dict[str, Any]:
+        """`score_summary` of the scored predictions."""
+        return _summary(self.status, list(STATUSES), self._summary_group, self._summary_keys, self._item_of_row,
+                        self.metrics)
+
+
+def _codes(values: list[str]) -> tuple[np.ndarray, int]:
+    """Codes of `values` (first-appearance order) and how many distinct values there are."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    return codes, len(uniques)
+
+
+def _combine(*columns: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the distinct combinations of code columns (each with its number of codes), in first-appearance
+    order, and the position where each combination first appears."""
+    key = np.zeros(len(columns[0][0]), dtype=np.int64)
+    for codes, n in columns:
+        key = key * n + codes
+    combined, _ = pd.factorize(key)
+    return combined, np.unique(combined, return_index=True)[1]

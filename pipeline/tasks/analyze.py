@@ -89,7 +89,8 @@ class ScorePredictions(TrialTask):
 
         from pipeline.scoring.abstention import DEFAULT_MARKERS
         from pipeline.scoring.score import (
-            per_item_csv,
+            ScoredColumns,
+            per_item_csv_blocks,
             per_item_scores,
             score_predictions,
             score_summary,
@@ -98,30 +99,63 @@ class ScorePredictions(TrialTask):
 
         cfg = self.run_ctx.cfg
         inputs = self.current_inputs()
+        settings = {"markers": tuple(cfg.scoring.abstain_markers or DEFAULT_MARKERS),
+                    "unsupported_strategy": cfg.unsupported.strategy,
+                    "unsupported_threshold": cfg.unsupported.threshold,
+                    "min_token_overlap": cfg.unsupported.min_token_overlap}
         progress = Progress(self, f"score {self.trial}", 4, unit="steps")
         progress.update(0, "reading predictions")
-        predictions = read_predictions_for_scoring(self.layout.predictions(self.trial))
-        progress.update(1, f"scoring {len(predictions):,} predictions")
-        scored = score_predictions(
-            predictions, prepared_items(self),
-            markers=tuple(cfg.scoring.abstain_markers or DEFAULT_MARKERS),
-            unsupported_strategy=cfg.unsupported.strategy, unsupported_threshold=cfg.unsupported.threshold,
-            min_token_overlap=cfg.unsupported.min_token_overlap)
-        progress.update(2, "aggregating per item")
-        table = per_item_scores(scored)
+        columns = self._prediction_columns(inputs["predictions"])
+        if columns is not None:
+            progress.update(1, f"scoring {len(columns):,} predictions")
+            scored = ScoredColumns(columns, prepared_items(self), **settings)
+            del columns
+            progress.update(2, "aggregating per item")
+            table = scored.per_item_scores()
+            row_arrays, n_scored, summary = scored.row_arrays(), scored.n_rows, scored.summary()
+        else:
+            predictions = read_predictions_for_scoring(self.layout.predictions(self.trial))
+            progress.update(1, f"scoring {len(predictions):,} predictions")
+            scored = score_predictions(predictions, prepared_items(self), **settings)
+            del predictions
+            progress.update(2, "aggregating per item")
+            table = per_item_scores(scored)
+            row_arrays, n_scored, summary = scored_row_arrays(scored), len(scored), score_summary(scored)
         progress.update(3, f"writing {len(table):,} per-item rows")
         path = self.layout.per_item_scores(self.trial)
-        write_text(path, per_item_csv(table))
+        with atomic_open(path, "w", newline="") as fh:
+            fh.writelines(per_item_csv_blocks(table))
         rows_path = self.layout.scored_rows(self.trial)
         with atomic_open(rows_path, "wb") as fh:
-            np.savez(fh, **scored_row_arrays(scored))
-        summary = score_summary(scored)
+            np.savez(fh, **row_arrays)
+        del row_arrays
         self.record_stage("scored", {"per_item_scores_csv": self.layout.rel(path), "row_count": len(table),
                                      "file": artifact_record(self.layout, path, rows=len(table)),
-                                     "scored_rows": artifact_record(self.layout, rows_path, rows=len(scored)),
+                                     "scored_rows": artifact_record(self.layout, rows_path, rows=n_scored),
                                      "inputs": inputs, "summary": json.loads(json.dumps(summary, default=str))})
         progress.update(4, "done")
-        log.info("done scored trial=%s (%d per-item rows from %d predictions)", self.trial, len(table), len(scored))
+        log.info("done scored trial=%s (%d per-item rows from %d predictions)", self.trial, len(table), n_scored)
+
+    def _prediction_columns(self, predictions_sha: str | None):  # noqa: ANN202 - LoadedColumns, imported lazily
+        """The columnar predictions ParsePredictions recorded with the current predictions.csv, when that file is
+        unchanged and holds as many rows; else None (then the CSV is read)."""
+        from pipeline.parsing import load_prediction_columns
+
+        manifest = self.manifest(self.trial)
+        parsed = manifest.stage("parsed").artifacts if manifest else {}
+        record = parsed.get("columns")
+        ok, why = artifact_current(self.layout, record)
+        if ok and predictions_sha is not None and parsed.get("file", {}).get("sha256") == predictions_sha:
+            try:
+                columns = load_prediction_columns(self.layout.run_dir / record["path"])
+            except (OSError, ValueError) as exc:
+                why = str(exc)
+            else:
+                if len(columns) == parsed.get("row_count"):
+                    return columns
+                why = f"{len(columns)} columnar rows for {parsed.get('row_count')} predictions"
+        log.info("score trial=%s: reading predictions.csv (%s)", self.trial, why)
+        return None
 
 
 class ComputeStats(TrialTask):

@@ -12,7 +12,7 @@ from typing import Any
 import luigi
 
 from pipeline.naming import temp_label
-from pipeline.parsing import combine_results, write_predictions
+from pipeline.parsing import PredictionColumns, combine_results, write_predictions
 from pipeline.plan import PartRef
 from pipeline.progress import Progress
 from pipeline.tasks.base import (
@@ -129,15 +129,22 @@ class ParsePredictions(TrialTask):
         with atomic_open(combined_path, "wb") as combined:
             combine_results(sources, combined)
         progress = Progress(self, f"parse {self.trial}", len(sources), unit="parts")
+        columns = PredictionColumns()
         with atomic_open(predictions, "w", newline="") as out:
-            parsed = write_predictions(sources, out, progress.update)
+            parsed = write_predictions(sources, out, progress.update, columns)
+        # The same rows, columnar: ScorePredictions reads these instead of the CSV when they are the recorded ones.
+        columns_path = self.layout.prediction_columns(self.trial)
+        with atomic_open(columns_path, "wb") as fh:
+            columns.save(fh)
+        del columns
         rows = parsed.rows
         expected = sum(r.lines for r in refs)
         if rows != expected:
             raise ValueError(f"trial {self.trial}: {rows} predictions for {expected} requests; re-run to repair the parts")
         inputs = self.current_inputs()
         artifacts = {"predictions_csv": self.layout.rel(predictions), "row_count": rows,
-                     "file": artifact_record(self.layout, predictions, rows=rows), "inputs": inputs, "errors": parsed.errors}
+                     "file": artifact_record(self.layout, predictions, rows=rows), "inputs": inputs, "errors": parsed.errors,
+                     "columns": artifact_record(self.layout, columns_path, rows=rows)}
         self._record(refs, artifacts, combined_path)
         log.info("done parsed trial=%s (%d predictions from %d parts)", self.trial, rows, len(refs))
 
