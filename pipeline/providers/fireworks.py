@@ -14,10 +14,8 @@ Contract (wire format: shared/reference/batch_apis.md §1):
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
@@ -27,28 +25,17 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from pipeline.providers.download import check_url, fetch_url, is_loopback_url, redact_url
-from pipeline.providers.errors import (
-    AlreadyExists,
-    NotFound,
-    ProviderError,
-    ProviderUnavailable,
-    RateLimited,
-    error_for_status,
-)
+from pipeline.providers.errors import NotFound, ProviderError
+from pipeline.providers.http import RETRY_STATUSES, JsonApi
 from pipeline.providers.limits import Deadline, DownloadRefused
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai"
 MAX_MULTIPART_BYTES = 150 * 1024**2
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-AMBIGUOUS_STATUSES = frozenset({500, 502, 503, 504})
-MAX_BACKOFF_S = 120.0
-
-_Recover = Callable[[], "dict[str, Any] | None"]
 
 
-class FireworksClient:
+class FireworksClient(JsonApi):
     """One account of the Fireworks control plane (or the emulator); see the module docstring."""
 
     multipart_limit_bytes: int = MAX_MULTIPART_BYTES
@@ -61,20 +48,10 @@ class FireworksClient:
             raise ValueError("Fireworks API key is empty")
         if not account_id:
             raise ValueError("Fireworks account id is empty")
-        base = base_url.rstrip("/")
-        check_url(base, allow_loopback_http=allow_loopback_http)
-        self.base_url = base
+        super().__init__(base_url, allow_loopback_http=allow_loopback_http, timeout=timeout, max_retries=max_retries,
+                         backoff_s=backoff_s, sleep=sleep)
         self.account_id = account_id
-        self.allow_loopback_http = allow_loopback_http
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self._sleep = sleep
         self._api_key = api_key
-        self._rng = random.Random()
-        self._session = requests.Session()
-        # Environment proxies must not intercept traffic to the local emulator.
-        self._session.trust_env = not is_loopback_url(base)
 
     def __repr__(self) -> str:
         return f"FireworksClient(base_url={self.base_url!r}, account_id={self.account_id!r})"
@@ -98,8 +75,8 @@ class FireworksClient:
         return cls(base_url, environ["FIREWORKS_API_KEY"], environ["FIREWORKS_ACCOUNT_ID"],
                    allow_loopback_http=loopback_http)
 
-    def close(self) -> None:
-        self._session.close()
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"}
 
     # ------------------------------------------------------------------------------------------ names
 
@@ -260,131 +237,3 @@ class FireworksClient:
                 raise ValueError(f"dataset {bare}: two files share the basename {name!r}")
             urls[name] = url
         return urls
-
-    # ------------------------------------------------------------------------------------------ transport
-
-    def _create(self, path: str, body: dict[str, Any], *, params: dict[str, str] | None,
-                lookup: _Recover) -> tuple[dict[str, Any], bool]:
-        recovered: list[dict[str, Any]] = []
-
-        def recover() -> dict[str, Any] | None:
-            try:
-                found = lookup()
-            except ProviderError as exc:
-                log.info("lookup after an ambiguous create on %s failed too (%s)", path, exc)
-                return None
-            if found is not None:
-                recovered.append(found)
-            return found
-
-        try:
-            result = self._request("POST", path, params=params, json_body=body, recover=recover)
-        except AlreadyExists:
-            existing = lookup()
-            if existing is None:
-                raise
-            log.info("create %s: already exists, reusing it", path)
-            return existing, False
-        if recovered:
-            log.info("create %s: found after an ambiguous failure, reusing it", path)
-            return recovered[0], False
-        return result or {}, True
-
-    def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                 json_body: Any = None, upload: Path | None = None, allow_404: bool = False,
-                 recover: _Recover | None = None) -> dict[str, Any] | None:
-        """One API call under the retry policy; see `_with_retries`."""
-        url = self.base_url + path
-        return self._with_retries(f"{method} {path}",
-                                  lambda: self._send(method, url, params=params, json_body=json_body, upload=upload),
-                                  allow_404=allow_404, recover=recover)
-
-    def _with_retries(self, shown: str, send: Callable[[], requests.Response], *, allow_404: bool = False,
-                      recover: _Recover | None = None) -> dict[str, Any] | None:
-        """Call `send` until it succeeds; the JSON body, or None for a 404 when `allow_404`.
-
-        `recover` is called after an ambiguous failure (no response / 5xx); a non-None result ends the call.
-        """
-        attempt = 0
-        while True:
-            try:
-                resp = send()
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                failure: ProviderError = ProviderUnavailable(0, None, f"{shown}: {type(exc).__name__}")
-                retry_after = None
-            else:
-                log.debug("%s -> %s", shown, resp.status_code)
-                if resp.status_code < 300:
-                    return _json_body(resp, shown)
-                if resp.status_code == 404 and allow_404:
-                    return None
-                failure = _error_from(resp, shown)
-                if resp.status_code not in RETRY_STATUSES:
-                    raise failure
-                retry_after = _retry_after(resp)
-            if recover is not None and not isinstance(failure, RateLimited) and recover() is not None:
-                return None
-            if attempt >= self.max_retries:
-                raise failure
-            delay = self._delay(attempt, retry_after)
-            log.info("%s failed (%s), retry %d/%d in %.1f s", shown, failure, attempt + 1, self.max_retries, delay)
-            self._sleep(delay)
-            attempt += 1
-
-    def _send(self, method: str, url: str, *, params: Mapping[str, Any] | None, json_body: Any,
-              upload: Path | None) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
-        if upload is None:
-            return self._session.request(method, url, params=params, json=json_body, headers=headers,
-                                         timeout=self.timeout)
-        # Reopened per attempt so a retry sends the whole file again.
-        with open(upload, "rb") as fh:
-            return self._session.request(method, url, params=params, headers=headers, timeout=self.timeout,
-                                         files={"file": (upload.name, fh, "application/octet-stream")})
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), MAX_BACKOFF_S)
-        return min(self.backoff_s * 2**attempt, MAX_BACKOFF_S) * self._rng.uniform(0.5, 1.5)
-
-
-def _json_body(resp: requests.Response, shown: str) -> dict[str, Any]:
-    if not resp.content.strip():
-        return {}
-    try:
-        data = resp.json()
-    except ValueError as exc:
-        raise ProviderError(resp.status_code, None, f"{shown}: response is not JSON") from exc
-    if not isinstance(data, dict):
-        raise ProviderError(resp.status_code, None, f"{shown}: response is not a JSON object")
-    return data
-
-
-def _error_from(resp: requests.Response, shown: str) -> ProviderError:
-    """gRPC status `{code, message}` or OpenAI envelope `{error: {message, code}}`, else the raw text."""
-    code: int | str | None = None
-    detail = resp.text[:300].strip()
-    try:
-        data = resp.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        inner = data.get("error") if isinstance(data.get("error"), dict) else data
-        code = inner.get("code")
-        detail = str(inner.get("message") or detail)
-    return error_for_status(resp.status_code, code, f"{shown}: {detail or resp.reason}")
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return when.timestamp() - time.time()
