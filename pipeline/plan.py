@@ -69,6 +69,9 @@ def temp_for_label(run: Run, label: str) -> float:
 
 
 def inference_parameters(run: Run, trial: Trial, temp: float, type_: str) -> dict[str, Any]:
+    """A part's job-level parameters under their Fireworks names, plus `api` for every other provider API: the API
+    is part of what a request is (the same messages sent elsewhere are other requests), so it is in the part's
+    content address (`request_checksum`) without changing the address of any Fireworks part."""
     params: dict[str, Any] = {"maxTokens": trial.max_tokens_for(type_), "temperature": temp, "n": 1}
     if trial.top_p is not None:
         params["topP"] = trial.top_p
@@ -76,7 +79,14 @@ def inference_parameters(run: Run, trial: Trial, temp: float, type_: str) -> dic
         params["topK"] = trial.top_k
     if run.cfg.stop:
         params["extraBody"] = json.dumps({"stop": list(run.cfg.stop)})
+    if run.cfg.provider.api != "fireworks":
+        params["api"] = run.cfg.provider.api
     return params
+
+
+def wire_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a backend sends: `inference_parameters` without the `api` it was addressed with."""
+    return {key: value for key, value in params.items() if key != "api"}
 
 
 def _refs_for(run: Run, build: BuildManifest, trial: Trial) -> list[PartRef]:

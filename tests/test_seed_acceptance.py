@@ -38,9 +38,9 @@ def run(common: dict, *extra: str) -> list[str]:
     logger = logging.getLogger("pipeline")
     logger.addHandler(handler)
     try:
-        from pipeline.tasks import base
+        from pipeline import decisions
 
-        base._logged.clear()  # noqa: SLF001 - decisions are logged once per process; each build here is a new "process"
+        decisions._logged.clear()  # noqa: SLF001 - decisions are logged once per process; each build here is a new "process"
         assert luigi.build([TrialReport(**common)], local_scheduler=True, log_level="WARNING")
     finally:
         logger.removeHandler(handler)

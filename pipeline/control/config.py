@@ -70,11 +70,32 @@ class Paths(_Model):
 
 
 class Provider(_Model):
-    """Where batches go. `emulator` (default) starts a local Fireworks-compatible server per run."""
+    """Where batches go. `emulator` (default) starts a local server per run that speaks every provider's API."""
 
-    name: Literal["emulator", "fireworks"] = "emulator"
-    """Who answers the batches: `emulator` (offline, simulated answers priced with the Fireworks rates; reports are
-    labelled SIMULATED) or `fireworks` (the real API; needs FIREWORKS_API_KEY and FIREWORKS_ACCOUNT_ID)."""
+    name: Literal["emulator", "fireworks", "openai", "anthropic", "local"] = "emulator"
+    """Who answers the batches: `emulator` (offline, simulated answers; reports are labelled SIMULATED), `fireworks`
+    (FIREWORKS_API_KEY, FIREWORKS_ACCOUNT_ID), `openai` (OPENAI_API_KEY), `anthropic` (ANTHROPIC_API_KEY) or `local`
+    (an OpenAI-compatible server at `base_url`: Ollama, llama.cpp server, vLLM)."""
+    api: Literal["fireworks", "openai", "anthropic", "local"] = "fireworks"
+    """The wire format: for the emulator, which provider's API it speaks (the run then drives that provider's client
+    code, offline); for a real provider it is its own API (set from `name`; another value is an error)."""
+    base_url: str | None = None
+    """`local` only: the server's OpenAI-compatible base URL; null = http://127.0.0.1:11434/v1 (Ollama)."""
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=256)] = 4
+    """`local` only: requests in flight at once."""
+    prompt_caching: bool = False
+    """`anthropic` only: mark the system prompt for prompt caching (`cache_control`); cache reads and writes are
+    priced at their own rates."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_of_the_provider(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name", "emulator") != "emulator":
+            if data.get("api") not in (None, data["name"]):
+                raise ValueError(f"provider.api {data['api']!r} is for the emulator only; provider {data['name']!r} "
+                                 "speaks its own API (remove provider.api)")
+            data = {**data, "api": data["name"]}
+        return data
     latency_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
     """Emulator only: seconds a batch job takes to complete."""
     poll_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None

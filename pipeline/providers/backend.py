@@ -49,6 +49,8 @@ class PartSpec:
     display_name: str
     work_dir: Path
     """A durable directory of this part that only its backend writes (converted inputs, the local journal)."""
+    input_display_name: str = ""
+    """A readable name for the uploaded input, where the provider shows one."""
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,21 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from pipeline.decisions import decision
+from pipeline.providers import job_states
+from pipeline.providers.backend import JobStatus, PartSpec, Save
 from pipeline.providers.download import check_url, fetch_url, is_loopback_url, redact_url
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.providers.http import RETRY_STATUSES, JsonApi
 from pipeline.providers.limits import Deadline, DownloadRefused
+from targets.crashpoints import crashpoint
+from targets.manifest import PartRecord
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai"
 MAX_MULTIPART_BYTES = 150 * 1024**2
+ALREADY = "it already existed (409, or found after a lost response)"
 
 
 class FireworksClient(JsonApi):
@@ -237,3 +243,92 @@ class FireworksClient(JsonApi):
                 raise ValueError(f"dataset {bare}: two files share the basename {name!r}")
             urls[name] = url
         return urls
+
+
+class FireworksBackend:
+    """The Fireworks batch API as a `pipeline.providers.backend.Backend`: the input is a dataset, the batch a job,
+    both under ids we choose (`PartSpec.input_name`, `PartSpec.client_key`), so a create is re-attached by GET."""
+
+    name = "fireworks"
+
+    def __init__(self, client: FireworksClient, *, poll_s: float) -> None:
+        self.client = client
+        self.poll_s = poll_s
+
+    def upload(self, part: PartSpec, record: PartRecord, save: Save) -> None:
+        """Create the part's input dataset (or re-attach to it) and upload its lines, then wait until it is READY."""
+        client = self.client
+        crashpoint("before dataset create")
+        dataset = client.get_dataset(record.dataset_id)
+        if dataset is None:
+            dataset, created = client.create_dataset(record.dataset_id, display_name=part.input_display_name,
+                                                     example_count=part.lines)
+            decision("create" if created else "re-attach", f"dataset {record.dataset_id}",
+                     f"part {part.jkey}, {part.lines} lines" if created else ALREADY)
+        else:
+            decision("re-attach", f"dataset {record.dataset_id}", f"known remotely, state {dataset.get('state')}")
+        declared = int(dataset.get("exampleCount") or part.lines)
+        if declared != part.lines:
+            raise RuntimeError(f"remote dataset {record.dataset_id} declares {declared} examples but part {part.jkey} "
+                               f"has {part.lines}; it is not this part's content. Delete the remote dataset or start a "
+                               "new run id.")
+        crashpoint("after dataset create")
+        if dataset.get("state") != "READY":
+            try:
+                client.upload_dataset_file(record.dataset_id, part.requests_path)
+            except ProviderError as exc:
+                # A retried upload whose first attempt landed (response lost) is refused: READY means it did land.
+                again = client.get_dataset(record.dataset_id)
+                if not again or again.get("state") != "READY":
+                    raise
+                decision("re-attach", f"dataset {record.dataset_id}",
+                         f"upload answered {exc.status} but the dataset is READY")
+            crashpoint("after upload")
+            client.wait_dataset_ready(record.dataset_id, poll_s=self.poll_s)
+
+    def submit(self, part: PartSpec, record: PartRecord, save: Save, reserve: Callable[[], None]) -> JobStatus:
+        """GET the job by its id first; after an interrupted create also look for our display name (a provider that
+        did not keep our id); only then reserve and create (a 409 re-attaches)."""
+        client = self.client
+        interrupted = record.state == "submitting"  # a create may have been sent before a crash
+        crashpoint("before job create")
+        job = client.get_job(record.job_id)
+        if job is None and interrupted:
+            job = self._by_display_name(part.display_name, record.dataset_id)
+            if job is not None:  # the provider did not keep our id: adopt the one it chose
+                record.job_id = str(job.get("name", "")).rsplit("/", 1)[-1] or record.job_id
+        if job is not None:
+            decision("re-attach", f"job {record.job_id}", f"part {part.jkey} already submitted, state {job.get('state')}")
+        else:
+            reserve()
+            job, created = client.create_job(
+                record.job_id, model=part.model, input_dataset_id=record.dataset_id,
+                output_dataset_id=record.output_dataset_id, display_name=part.display_name,
+                inference_parameters=part.inference_parameters)
+            decision("submit" if created else "re-attach", f"job {record.job_id}",
+                     f"part {part.jkey}" if created else ALREADY)
+        crashpoint("after job create")
+        return self._status(job, record)
+
+    def _by_display_name(self, display_name: str, dataset_id: str) -> dict[str, Any] | None:
+        for job in self.client.list_jobs():
+            if job.get("displayName") == display_name and str(job.get("inputDatasetId", "")).endswith(f"/{dataset_id}"):
+                return job
+        return None
+
+    def status(self, part: PartSpec, record: PartRecord) -> JobStatus | None:
+        job = self.client.get_job(record.job_id)
+        return None if job is None else self._status(job, record)
+
+    @staticmethod
+    def _status(job: dict[str, Any], record: PartRecord) -> JobStatus:
+        state = str(job.get("state") or "")
+        progress = job.get("jobProgress") if isinstance(job.get("jobProgress"), dict) else None
+        status = job.get("status") if isinstance(job.get("status"), dict) else {}
+        return JobStatus(job_id=record.job_id, state=state, decided=job_states.classify(state),
+                         output=str(job.get("outputDatasetId") or record.output_dataset_id).split("/")[-1],
+                         progress=progress, message=str(status.get("message") or ""), snapshot=job)
+
+    def download(self, part: PartSpec, record: PartRecord, dest: Path, *, max_bytes: int,
+                 deadline: Deadline) -> dict[str, Path]:
+        return self.client.download_dataset(record.output_dataset_id, dest, max_bytes=max_bytes, deadline=deadline)

@@ -19,6 +19,7 @@ from luigi.task import flatten
 from pipeline.control import outcome
 from pipeline.control.layout import TRIAL_FILES, RunLayout, check_rid
 from pipeline.control.run import Run, open_run, resolve_root
+from pipeline.decisions import decision
 from pipeline.naming import temp_str
 from targets import store
 from targets.fingerprint import fingerprint
@@ -27,7 +28,6 @@ from targets.manifest import TrialManifest
 from targets.stage import StageTarget
 
 log = logging.getLogger("pipeline")
-_logged: set[tuple[str, str]] = set()
 # Task id -> complete(), shared by the nested checks of one outermost complete() call (which writes nothing), so a
 # stage that several downstream stages require is evaluated once per check instead of once per path to it.
 _memo = threading.local()
@@ -43,17 +43,6 @@ def run_layout(rid: str, root: str) -> RunLayout:
 @functools.lru_cache(maxsize=64)
 def _absolute_layout(rid: str, root: str) -> RunLayout:
     return RunLayout(resolve_root(root), check_rid(rid))
-
-
-def decision(verb: str, what: str, reason: str) -> None:
-    """One log line per idempotency decision, printed once per process.
-
-    A "skip" after a "run" / "re-run" of the same task is the post-run completeness check, not a decision.
-    """
-    if (what, verb) in _logged or (verb == "skip" and any((what, v) in _logged for v in ("run", "re-run"))):
-        return
-    _logged.add((what, verb))
-    log.info("%s %s (%s)", verb, what, reason)
 
 
 class PipelineTask(luigi.Task):

@@ -17,13 +17,13 @@ from typing import Any
 from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
 from pipeline.plan import build_key
 from pipeline.progress import Progress
-from pipeline.provider import make_client
+from pipeline.provider import make_backend
 from pipeline.providers.bounded_command import run_bounded
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.providers.limits import Deadline, DownloadLimits, DownloadRefused, ensure_free_space
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
-from pipeline.tasks.remote import OutputGone, PartTask, PollJob
+from pipeline.tasks.remote import OutputGone, PartTask, PollJob, part_spec
 from targets import store
 from targets.atomic import write_text, writer_tag
 from targets.crashpoints import crashpoint
@@ -167,9 +167,9 @@ class DownloadPart(PartTask):
         what = f"download of part {self.jkey} (output dataset {record.output_dataset_id})"
         try:
             ensure_free_space(self.scratch, limits.max_bytes, what)
-            files = make_client(self.run_ctx).download_dataset(record.output_dataset_id, self.scratch / "rest",
-                                                               max_bytes=limits.max_bytes,
-                                                               deadline=Deadline(limits.deadline_s, what))
+            files = make_backend(self.run_ctx).download(part_spec(self, self.ref(), record), record, self.scratch / "rest",
+                                                        max_bytes=limits.max_bytes,
+                                                        deadline=Deadline(limits.deadline_s, what))
             crashpoint("after download")
         except NotFound:
             files = self.cli_download(record, None, limits)

@@ -20,24 +20,21 @@ from pipeline import budget
 from pipeline.control.layout import TRIAL_FILES
 from pipeline.control.outcome import StopRequested, WaitingOnProvider, no_wait, record_failure
 from pipeline.control.stop import stop_requested
-from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label
+from pipeline.plan import PartRef, all_parts, remote_ids, temp_for_label, wire_parameters
 from pipeline.progress import Progress
-from pipeline.provider import make_client, poll_interval
+from pipeline.provider import make_backend, poll_interval
 from pipeline.providers import job_states
-from pipeline.providers.errors import ProviderError
-from pipeline.providers.fireworks import FireworksClient
+from pipeline.providers.backend import JobStatus, PartSpec
 from pipeline.tasks.base import PipelineTask, decision, unchanged_after_upstream
 from pipeline.tasks.build import BuildBatches
 from targets import store
 from targets.atomic import write_json, write_text
-from targets.crashpoints import crashpoint
 from targets.lifecycle import read_breadcrumbs
 from targets.manifest import BuildManifest, PartRecord, utcnow
 
 log = logging.getLogger("pipeline")
 _JKEY = re.compile(r"^t(?P<label>[0-9]+)_(?P<cond>control|treatment)_p(?P<index>[0-9]{2,})$")
 _parts_cache: dict[tuple[str, Any], dict[str, list[PartRef]]] = {}
-ALREADY = "it already existed (409, or found after a lost response)"
 POLL_BACKOFF = 1.5  # each quiet poll waits longer, up to POLL_BACKOFF_MAX times the configured interval
 POLL_BACKOFF_MAX = 4.0
 UPLOADED_OR_LATER = {"uploaded", "submitting", "submitted", "running", "completed", "failed", "expired", "cancelled"}
@@ -149,123 +146,99 @@ def check_stop(task: PartTask) -> None:
                             "state is saved, run the same command again to resume")
 
 
-def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
-    """Create the part's input dataset (or re-attach to it) and upload its lines; the intent is already recorded."""
-    client = make_client(task.run_ctx)
+def part_spec(task: PartTask, ref: PartRef, record: PartRecord) -> PartSpec:
+    """What the backend needs of the part's current generation."""
     ids = remote_ids(task.run_ctx, ref, record.generation)
-    crashpoint("before dataset create")
-    dataset = client.get_dataset(record.dataset_id)
-    if dataset is None:
-        check_stop(task)
-        dataset, created = client.create_dataset(record.dataset_id, display_name=ids["dataset_display_name"],
-                                                 example_count=ref.lines)
-        decision("create" if created else "re-attach", f"dataset {record.dataset_id}",
-                 f"part {task.jkey}, {ref.lines} lines" if created else ALREADY)
-    else:
-        decision("re-attach", f"dataset {record.dataset_id}", f"known remotely, state {dataset.get('state')}")
-    declared = int(dataset.get("exampleCount") or ref.lines)
-    if declared != ref.lines:
-        raise RuntimeError(f"remote dataset {record.dataset_id} declares {declared} examples but part {task.jkey} "
-                           f"has {ref.lines}; it is not this part's content. Delete the remote dataset or start a new run id.")
-    crashpoint("after dataset create")
-    if dataset.get("state") != "READY":
-        try:
-            client.upload_dataset_file(record.dataset_id, ref.path)
-        except ProviderError as exc:
-            # A retried upload whose first attempt landed (response lost) is refused: READY means it did land.
-            again = client.get_dataset(record.dataset_id)
-            if not again or again.get("state") != "READY":
-                raise
-            decision("re-attach", f"dataset {record.dataset_id}", f"upload answered {exc.status} but the dataset is READY")
-        crashpoint("after upload")
-        client.wait_dataset_ready(record.dataset_id, poll_s=poll_interval(task.run_ctx))
+    return PartSpec(jkey=task.jkey, requests_path=ref.path, lines=ref.lines, model=ref.model,
+                    inference_parameters=wire_parameters(ref.inference_parameters),
+                    request_sha256=ref.request_sha256, client_key=ids["job_id"], input_name=ids["dataset_id"],
+                    output_name=ids["output_dataset_id"], display_name=ids["job_display_name"],
+                    work_dir=task.layout.part_dir(task.trial, task.jkey) / f".{task.run_ctx.cfg.provider.api}",
+                    input_display_name=ids["dataset_display_name"])
+
+
+def upload(task: PartTask, ref: PartRef, record: PartRecord) -> None:
+    """Make the part's requests available to the provider (or re-attach); the intent is already recorded."""
+    make_backend(task.run_ctx).upload(part_spec(task, ref, record), record, task.save)
     record.state = "uploaded"
     task.save(record)
 
 
 def submit(task: PartTask, ref: PartRef, record: PartRecord) -> None:
-    """Create the part's batch job exactly once: write-ahead intent, GET first, 409 means re-attach."""
-    interrupted = record.state == "submitting"  # a create may have been sent before a crash
-    client = make_client(task.run_ctx)
-    crashpoint("before job create")
-    display_name = remote_ids(task.run_ctx, ref, record.generation)["job_display_name"]
-    job = client.get_job(record.job_id)
-    if job is None and interrupted:
-        job = find_by_display_name(client, display_name, record.dataset_id)
-        if job is not None:  # the provider did not keep our id: adopt the one it chose
-            record.job_id = str(job.get("name", "")).rsplit("/", 1)[-1] or record.job_id
-    if job is not None:
-        decision("re-attach", f"job {record.job_id}", f"part {task.jkey} already submitted, state {job.get('state')}")
-    else:
+    """Create the part's batch exactly once: the backend reconciles first, and only then calls `reserve` (stop and
+    budget checks, and the write-ahead `submitting` state) before its create."""
+
+    def reserve() -> None:
         check_stop(task)
-        # Write-ahead, after the budget check: if we die after the POST, the resume GETs this id instead of posting.
+        # Write-ahead, after the budget check: if we die after the create, the resume re-attaches instead.
         budget.reserve(task.run_ctx, ref, record, task.save)
-        job, created = client.create_job(
-            record.job_id, model=ref.model, input_dataset_id=record.dataset_id,
-            output_dataset_id=record.output_dataset_id, display_name=display_name,
-            inference_parameters=ref.inference_parameters)
-        decision("submit" if created else "re-attach", f"job {record.job_id}",
-                 f"part {task.jkey} of trial {task.trial}" if created else ALREADY)
-    crashpoint("after job create")
-    write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job)
+
+    job = make_backend(task.run_ctx).submit(part_spec(task, ref, record), record, task.save, reserve)
+    record.job_id = job.job_id
+    write_breadcrumb(task, job)
     record.state = "submitted"
-    record.provider_state = str(job.get("state") or "")
+    record.provider_state = job.state
     task.save(record)
 
 
-def find_by_display_name(client: FireworksClient, display_name: str, dataset_id: str) -> dict[str, Any] | None:
-    """Reconcile a create whose id the provider may not have kept: the job with our deterministic display name."""
-    for job in client.list_jobs():
-        if job.get("displayName") == display_name and str(job.get("inputDatasetId", "")).endswith(f"/{dataset_id}"):
-            return job
-    return None
+def write_breadcrumb(task: PartTask, job: JobStatus) -> None:
+    """The provider's view of the part's batch beside its results: the original system's `<jkey>_job.json` for
+    Fireworks jobs (the recovery of a lost manifest reads it), `batch.json` in the part's backend directory else."""
+    if job.snapshot is None:
+        return
+    if task.run_ctx.cfg.provider.api == "fireworks":
+        write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job.snapshot)
+    else:
+        write_json(task.layout.part_dir(task.trial, task.jkey) / f".{task.run_ctx.cfg.provider.api}" / "batch.json",
+                   job.snapshot)
 
 
-def wait(task: PartTask, record: PartRecord, status: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Poll the part's job until it ends; map every provider state to a decision."""
+def wait(task: PartTask, record: PartRecord, status: Callable[[JobStatus], None] | None = None) -> None:
+    """Poll the part's batch until it ends; map every provider state to a decision."""
     run = task.run_ctx
-    client = make_client(run)
+    backend = make_backend(run)
+    spec = part_spec(task, task.ref(), record)
     interval, deadline = poll_interval(run), time.monotonic() + run.cfg.provider.poll_timeout_s
     last_state = None
     while True:
-        job = client.get_job(record.job_id)
+        job = backend.status(spec, record)
         if job is None:
-            raise RuntimeError(f"job {record.job_id} of part {task.jkey} is not known to the provider although it was "
-                               "submitted; check the account, then delete the part's entry in the trial manifest to resubmit")
-        state = str(job.get("state") or "")
-        if state != last_state:
-            write_json(task.layout.job_breadcrumb(task.trial, task.jkey), job)
-            last_state = state
+            raise RuntimeError(f"batch {record.job_id} of part {task.jkey} is not known to the provider although it "
+                               "was submitted; check the account, then delete the part's entry in the trial manifest "
+                               "to resubmit")
+        if job.state != last_state:
+            write_breadcrumb(task, job)
+            last_state = job.state
         if status:
             status(job)
-        decided = job_states.classify(state)
-        if decided in (job_states.COMPLETED, job_states.EXPIRED):
+        if job.decided in (job_states.COMPLETED, job_states.EXPIRED):
             # EXPIRED / EARLY_STOPPED keep the rows done so far; the download accounts for the others.
-            output = str(job.get("outputDatasetId") or record.output_dataset_id).split("/")[-1]
+            output = job.output or record.output_dataset_id
             write_text(task.layout.output_dataset_breadcrumb(task.trial, task.jkey), output + "\n")
             record.output_dataset_id = output
-            record.state, record.provider_state = "completed", state
+            record.state, record.provider_state = "completed", job.state
             task.save(record)
-            if decided == job_states.EXPIRED:
-                decision("accept partial", f"job {record.job_id}", f"{state}: rows without a result are recorded as errors")
+            if job.decided == job_states.EXPIRED:
+                decision("accept partial", f"job {record.job_id}",
+                         f"{job.state}: rows without a result are recorded as errors")
             return
-        if decided in job_states.TERMINAL:
-            record.state, record.provider_state = decided, state  # type: ignore[assignment]
+        if job.decided in job_states.TERMINAL:
+            record.state, record.provider_state = job.decided, job.state  # type: ignore[assignment]
             task.save(record)
-            message = (job.get("status") or {}).get("message", "")
-            raise JobEnded(f"job {record.job_id} ended {state}: {message or 'no message'}")
-        progress = job.get("jobProgress") if isinstance(job.get("jobProgress"), dict) else None
-        if record.state != "running" or record.provider_state != state or (no_wait() and progress != record.progress):
-            record.state, record.provider_state, record.progress = "running", state, progress
+            raise JobEnded(f"job {record.job_id} ended {job.state}: {job.message or 'no message'}")
+        progress = job.progress
+        if (record.state != "running" or record.provider_state != job.state
+                or (no_wait() and progress != record.progress)):
+            record.state, record.provider_state, record.progress = "running", job.state, progress
             task.save(record)
         if no_wait():
-            raise WaitingOnProvider(f"job {record.job_id} of part {task.jkey} is {state}{_percent(progress)}; "
+            raise WaitingOnProvider(f"job {record.job_id} of part {task.jkey} is {job.state}{_percent(progress)}; "
                                     "checked once (--no-wait), the next run continues")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job {record.job_id} still {state} after {run.cfg.provider.poll_timeout_s:.0f}s; "
+            raise TimeoutError(f"job {record.job_id} still {job.state} after {run.cfg.provider.poll_timeout_s:.0f}s; "
                                "re-run later to keep waiting (nothing is resubmitted)")
         if stop_requested(task.layout):
-            raise StopRequested(f"stop requested while job {record.job_id} is {state}; it keeps running remotely "
+            raise StopRequested(f"stop requested while job {record.job_id} is {job.state}; it keeps running remotely "
                                 "and is re-attached on the next run")
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * POLL_BACKOFF, poll_interval(run) * POLL_BACKOFF_MAX)
@@ -400,12 +373,11 @@ class PollJob(PartTask):
             record_failure(self.layout, waiting)
             yield JobRunning(trial=self.trial, jkey=self.jkey, **self.common())
 
-    def _status(self, job: dict[str, Any]) -> None:
+    def _status(self, job: JobStatus) -> None:
         if self._progress is None:
-            self._progress = Progress(self, f"job {job.get('name', '').rsplit('/', 1)[-1]}", 100, unit="%",
-                                      terminal=False)
-        percent = (job.get("jobProgress") or {}).get("percent")
-        self._progress.update(int(percent) if isinstance(percent, int | float) else 0, str(job.get("state") or ""))
+            self._progress = Progress(self, f"job {job.job_id}", 100, unit="%", terminal=False)
+        percent = (job.progress or {}).get("percent")
+        self._progress.update(int(percent) if isinstance(percent, int | float) else 0, job.state)
 
 
 class JobRunning(luigi.ExternalTask):
