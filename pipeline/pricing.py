@@ -10,7 +10,8 @@ Rate rules (fixing the original):
 - with `use_batch_api`, an explicit batch rate is used as is (never discounted again); a side without one gets
   its standard rate times the entry's discount (else the global one);
 - a discount of None, 0 or 1 means "no discount" (0 never makes a run free);
-- without `use_batch_api`, standard rates are used; an entry that only has batch rates is priced at those.
+- without `use_batch_api`, standard rates are used; an entry that only has batch rates is priced at those;
+- a model served by a `local` server without an entry costs 0 (rate_type `local`): nothing is billed.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_bat
         # A mixed pair (one side explicit, the other derived) reports the most derived kind; `source` has the detail.
         rate_type = next(kind for kind in ("batch_discount", "batch", "standard") if kind in kinds)
         result.update(model_key=model_key, table_found=True)
+    elif provider == "local":
+        in_rate = out_rate = 0.0
+        in_source = out_source = "a local server bills nothing (add pricing.providers.local to price it)"
+        rate_type = "local"
+        result.update(model_key=model, table_found=False)
     else:
         discount = _effective_discount(global_discount) if use_batch_api else None
         in_rate = float(pricing.get("input_per_million", DEFAULT_INPUT_PER_MILLION))
@@ -104,15 +110,17 @@ def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_bat
 
 def pricing_args(cfg: Any, model: str) -> dict[str, Any]:
     """`resolve_rates` keyword arguments for a trial's `model` under an ExperimentConfig: the emulator is priced as
-    Fireworks, and `provider.pricing_key` (when set) replaces the model key."""
-    provider = "fireworks" if cfg.provider.name == "emulator" else cfg.provider.name
+    the provider whose API it speaks (`provider.api`), and `provider.pricing_key` (when set) replaces the model key."""
+    provider = cfg.provider.api
     return {"pricing": cfg.pricing.model_dump(), "provider": provider, "model": cfg.provider.pricing_key or model,
             "use_batch_api": cfg.use_batch_api}
 
 
 def unlisted_models(cfg: Any, models: Any) -> list[str]:
-    """The models among `models` that `pricing.providers` has no entry for (they would get the fallback rates)."""
-    return sorted({m for m in models if not resolve_rates(**pricing_args(cfg, m))["table_found"]})
+    """The models among `models` that `pricing.providers` has no entry for (they would get the fallback rates; a
+    local server's models cost 0 without one)."""
+    return sorted({m for m in models
+                   if resolve_rates(**pricing_args(cfg, m))["rate_type"] in ("default", "default_batch")})
 
 
 def unlisted_message(cfg: Any, models: list[str]) -> str:

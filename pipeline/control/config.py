@@ -87,6 +87,14 @@ class Provider(_Model):
     """`anthropic` only: mark the system prompt for prompt caching (`cache_control`); cache reads and writes are
     priced at their own rates."""
 
+    @property
+    def served_by(self) -> str:
+        """Who answers, as reports and costs.json name it: the provider, or `emulator/<api>` for the emulator
+        speaking another API than Fireworks'."""
+        if self.name == "emulator" and self.api != "fireworks":
+            return f"emulator/{self.api}"
+        return self.name
+
     @model_validator(mode="before")
     @classmethod
     def _api_of_the_provider(cls, data: Any) -> Any:
@@ -115,6 +123,10 @@ class Provider(_Model):
         description="CLI fallback when the REST download fails, held to the same byte and time bounds: one that "
                     "writes files, e.g. [firectl, download, dataset, '{dataset_id}', --output-dir, '{output_dir}'], "
                     "or one without '{output_dir}' whose stdout is the results file")
+
+
+API_MAX_LINES = {"openai": 50_000, "anthropic": 100_000}
+"""Most requests one batch may hold, per provider API."""
 
 
 class Budget(_Model):
@@ -360,7 +372,19 @@ class ExperimentConfig(_Model):
         for name in used:
             if name not in names:
                 raise ValueError(f"prompt set {name!r} is used but not defined in prompt_sets {sorted(names)}")
+        self._provider_limits()
         return self
+
+    def _provider_limits(self) -> None:
+        """What the chosen provider API cannot take, refused before anything is built (batch_apis.md §2-§3)."""
+        api = self.provider.api
+        most = API_MAX_LINES.get(api)
+        if most is not None and self.batching.lines_per_part > most:
+            raise ValueError(f"batching.lines_per_part {self.batching.lines_per_part} is over the {api} batch limit of "
+                             f"{most:,} requests; set it to at most {most}")
+        top_ks = [self.top_k, *(t.top_k for t in self.trials or []), *((self.sweep.top_k or []) if self.sweep else [])]
+        if api == "openai" and any(k is not None for k in top_ks):
+            raise ValueError("top_k is set but the OpenAI API has no top_k parameter; set top_k: null (and in trials)")
 
     def resolve_model(self, name: str) -> str:
         return self.model_aliases.get(name, name)

@@ -46,6 +46,9 @@ _TEMPLATES = Path(__file__).resolve().parent / "templates"
 # treatment effect, so its numbers must never pass for a real model's.
 SIMULATED_LABEL = "SIMULATED — offline emulator, not model output"
 SIMULATED_PROVIDERS = frozenset({"emulator"})
+API_TITLES = {"fireworks": "Fireworks", "openai": "OpenAI", "anthropic": "Anthropic",
+              "local": "local OpenAI-compatible server"}
+"""How a report names the API the emulator spoke (provider `emulator/<api>`; plain `emulator` is Fireworks')."""
 SELECTIVE_DEFINITION = (
     "Coverage at threshold τ is the share of all paired items whose abstention rate is ≤ τ (kept by the gate, not "
     "necessarily answered: at τ = 1 every item is kept, abstentions included); risk is 1 − mean EM over the kept items."
@@ -572,10 +575,12 @@ def _condition_order(name: str) -> tuple[int, str]:
 
 def provider_view(name: Any) -> dict[str, Any]:
     """Who answered the requests, as a report header shows it: `name` (n/a when unknown), `simulated` and `label`
-    (`SIMULATED_LABEL` for the offline emulator, else None)."""
+    (`SIMULATED_LABEL` for the offline emulator, else None), and `api`, the API it spoke."""
     shown = str(name) if name else NA
-    simulated = shown in SIMULATED_PROVIDERS
-    return {"name": shown, "simulated": simulated, "label": SIMULATED_LABEL if simulated else None}
+    provider, _, api = shown.partition("/")
+    simulated = provider in SIMULATED_PROVIDERS
+    return {"name": shown, "simulated": simulated, "label": SIMULATED_LABEL if simulated else None,
+            "api": API_TITLES.get(api or "fireworks", api)}
 
 
 def _provider_name(ctx: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+from pipeline.pricing import pricing_args
 from pipeline.progress import Progress
 from pipeline.tasks.base import artifact_current, artifact_record, inputs_changed, unchanged_after_upstream
 from pipeline.tasks.parse import ParsePredictions, TrialTask
@@ -210,10 +211,7 @@ class SummarizeCosts(TrialTask):
 
     def pricing_args(self) -> dict[str, Any]:
         cfg = self.run_ctx.cfg
-        trial = self.run_ctx.trial(self.trial)
-        provider = "fireworks" if cfg.provider.name == "emulator" else cfg.provider.name
-        return {"pricing": cfg.pricing.model_dump(), "provider": provider, "served_by": cfg.provider.name,
-                "model": cfg.provider.pricing_key or trial.model_id, "use_batch_api": cfg.use_batch_api}
+        return {**pricing_args(cfg, self.run_ctx.trial(self.trial).model_id), "served_by": cfg.provider.served_by}
 
     def ownership(self) -> str | None:
         """Fingerprint of which parts the trial reads (their request bytes) and who owns each; None before the batch

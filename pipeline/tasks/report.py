@@ -163,7 +163,7 @@ class TrialReport(TrialTask):
             jobs[ref.jkey if ref.owner == self.trial else f"{ref.owner}/{ref.jkey}"] = {
                 "job_id": record.job_id if record else None, "state": record.state if record else None}
         return {"prompts": dict(manifest.prompts) if manifest else {}, "jobs": jobs,
-                "config_hash": config_fingerprint(self.run_ctx.cfg), "provider": self.run_ctx.cfg.provider.name}
+                "config_hash": config_fingerprint(self.run_ctx.cfg), "provider": self.run_ctx.cfg.provider.served_by}
 
     def done(self) -> tuple[bool, str]:
         if self.force and self.task_id not in _forced:
@@ -256,7 +256,7 @@ class TrialReport(TrialTask):
         trials = [{"slug": t.slug, "model": t.model_id, "prompt_set": t.prompt_set, **self._load(t.slug),
                    "report_href": self.layout.report_html(t.slug).relative_to(html.parent).as_posix()}
                   for t in self.run_ctx.trials]
-        ctx = {"rid": self.rid, "provider": self.run_ctx.cfg.provider.name, "trials": trials}
+        ctx = {"rid": self.rid, "provider": self.run_ctx.cfg.provider.served_by, "trials": trials}
         write_text(path, render_aggregate_report(ctx))
         write_text(html, render_aggregate_html(ctx))
         record = {"file": artifact_record(self.layout, path), "html": artifact_record(self.layout, html), "inputs": inputs}
