@@ -382,14 +382,17 @@ class AnthropicBackend:
         """The part's requests in Anthropic form and their deterministic bytes (also kept in the work dir)."""
         base = wire_parameters(part.inference_parameters)
         problems: list[str] = []
-        requests = [convert_line(row, base, part.model, prompt_caching=self.prompt_caching,
-                                 where=f"{part.requests_path.name}:{lineno}")
-                    for lineno, row in iter_jsonl_lenient(part.requests_path, problems)]
+        ours: list[str] = []
+        requests = []
+        for lineno, row in iter_jsonl_lenient(part.requests_path, problems):
+            requests.append(convert_line(row, base, part.model, prompt_caching=self.prompt_caching,
+                                         where=f"{part.requests_path.name}:{lineno}"))
+            ours.append(row["custom_id"])
         if problems:
             raise ValueError(f"{part.jkey}: unreadable request lines: {'; '.join(problems[:3])}")
         if not requests:
             raise ValueError(f"{part.jkey}: {part.requests_path} holds no requests")
-        self._inverse[self._key(part)] = inverse_ids((r["custom_id"] for r in requests), part.jkey)
+        self._inverse[self._key(part)] = inverse_ids(ours, part.jkey)
         data = json.dumps(requests, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
         target = part.work_dir / REQUESTS_FILE
         if not target.exists() or target.read_bytes() != data:
