@@ -372,3 +372,29 @@ def test_anthropic_error_envelope_becomes_error_class(emu: EmulatorServer) -> No
     with pytest.raises(AuthError) as caught:
         list(client.list_batches())
     assert caught.value.code == "authentication_error" and "x-api-key" in caught.value.message
+
+
+def test_foreign_and_malformed_result_lines(run_dir: Path, tmp_path: Path) -> None:
+    backend = AnthropicBackend(AnthropicClient("https://api.anthropic.com", KEY), prompt_caching=False)
+    part = _part(run_dir, tmp_path)
+    ours = _our_ids(part)
+    raw = tmp_path / "raw.jsonl"
+    lines = [{"custom_id": "rforeign", "result": {"type": "succeeded", "message": {"content": []}}},
+             {"custom_id": anthropic_id(ours[0]), "result": {"type": "succeeded", "message": {
+                 "content": [{"type": "text", "text": "Tess"}, {"type": "tool_use"}, {"type": "text", "text": "1"}],
+                 "stop_reason": "max_tokens", "usage": {"input_tokens": 3, "output_tokens": 2,
+                                                        "cache_read_input_tokens": 5}}}},
+             {"custom_id": anthropic_id(ours[1]), "result": {"type": "succeeded", "message": "nonsense"}},
+             {"custom_id": anthropic_id(ours[2]), "result": {"type": "canceled"}}]
+    raw.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    target = tmp_path / "out.jsonl"
+    backend._convert_results(part, raw, target, backend.inverse(part), 1 << 20)
+    rows = [obj for _, obj in iter_jsonl(target)]
+    assert [row["custom_id"] for row in rows] == ours[:3]
+    first = prediction_fields(rows[0])
+    assert first[8:13] == ("length", "Tess1", 8, 2, 10)  # prompt = input + cache read
+    assert rows[1]["error"]["code"] == "malformed_result" and rows[2]["error"]["code"] == "canceled"
+    raw.write_text("not json\n")
+    with pytest.raises(ValueError, match="not valid JSONL"):
+        backend._convert_results(part, raw, tmp_path / "bad.jsonl", backend.inverse(part), 1 << 20)
+    assert not (tmp_path / "bad.jsonl").exists()

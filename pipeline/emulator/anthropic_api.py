@@ -102,7 +102,10 @@ class IdOracle:
             return {}
         with self._lock:
             files = sorted(self.directory.glob("*.jsonl"))
-            stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+            try:
+                stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+            except FileNotFoundError:  # a file replaced while we looked: keep the last map, retry next time
+                return self._map
             if stamp != self._stamp:
                 self._map = self._load(files)
                 self._stamp = stamp
@@ -112,14 +115,17 @@ class IdOracle:
     def _load(files: list[Path]) -> dict[str, str]:
         mapping: dict[str, str] = {}
         for path in files:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        cid = json.loads(line).get("custom_id")
-                    except (ValueError, AttributeError):
-                        continue
-                    if isinstance(cid, str) and cid:
-                        mapping[anthropic_id(cid)] = cid
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    for line in fh:
+                        try:
+                            cid = json.loads(line).get("custom_id")
+                        except (ValueError, AttributeError):
+                            continue
+                        if isinstance(cid, str) and cid:
+                            mapping[anthropic_id(cid)] = cid
+            except FileNotFoundError:
+                continue
         return mapping
 
 
