@@ -398,3 +398,41 @@ def test_foreign_and_malformed_result_lines(run_dir: Path, tmp_path: Path) -> No
     with pytest.raises(ValueError, match="not valid JSONL"):
         backend._convert_results(part, raw, tmp_path / "bad.jsonl", backend.inverse(part), 1 << 20)
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_fetch_url_headers_stay_on_their_origin(tmp_path: Path) -> None:
+    """The API key goes to the results URL's origin, not to a redirect target on another host."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline.providers.download import fetch_url
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            seen.append((self.headers.get("Host", ""), self.headers.get("x-api-key")))
+            if self.path == "/start":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/file")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "3")
+                self.end_headers()
+                self.wfile.write(b"ok\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        written = fetch_url(f"http://127.0.0.1:{server.server_address[1]}/start", tmp_path / "f", max_bytes=10,
+                            timeout=(5, 5), allow_loopback_http=True, headers={"x-api-key": KEY})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert written == 3 and (tmp_path / "f").read_bytes() == b"ok\n"
+    assert [key for _, key in seen] == [KEY, None]
