@@ -113,3 +113,15 @@ def remote_id(*parts: str, key: str, suffix: str = "") -> str:
     if not head[0].isalpha():
         head = ("ex-" + head)[:room].rstrip("-")
     return f"{head}-{tail}"
+
+
+ANTHROPIC_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+"""What the Anthropic Message Batches API accepts as a request's `custom_id`."""
+
+
+def anthropic_id(custom_id: str) -> str:
+    """Our custom_id (which holds `|` and `.`) as an Anthropic `custom_id`: `r` + 32 hex digits of its sha256.
+
+    Deterministic, so the client and the emulator map alike; 128 bits make a collision within a part practically
+    impossible, and the client still refuses one when it builds a part's inverse map."""
+    return "r" + hashlib.sha256(custom_id.encode("utf-8")).hexdigest()[:32]

@@ -4,9 +4,11 @@ This module is the HTTP layer and the entry points (`make_server`, `main`); the 
 `pipeline.emulator.api`, the persisted state in `.store`, the wire format in `.wire`, faults in `.faults`.
 Routes: `/v1/accounts/{acct}/datasets[/{id}[:verb]]` and `/v1/accounts/{acct}/batchInferenceJobs[/{id}]`
 (any non-empty Bearer key; without one a 403 OpenAI-style envelope), `/signed/<token>/<path>` (no auth: the local
-stand-in for cloud storage URLs), and inspection routes without auth that faults never touch: `GET /healthz`,
-`GET /emulator/calls`, `POST /emulator/reset-calls`, `GET|POST|DELETE /emulator/faults` (read / replace / clear the
-fault plan; POST and DELETE reset the rule counters; a bad plan is a 400 and leaves the current one).
+stand-in for cloud storage URLs), the Anthropic Message Batches routes `/v1/messages/batches[/{id}[/cancel|/results]]`
+(`x-api-key` and `anthropic-version` headers; semantics in `pipeline.emulator.anthropic_api`), and inspection
+routes without auth that faults never touch: `GET /healthz`, `GET /emulator/calls`, `POST /emulator/reset-calls`,
+`GET|POST|DELETE /emulator/faults` (read / replace / clear the fault plan; POST and DELETE reset the rule counters;
+a bad plan is a 400 and leaves the current one).
 
 The server binds loopback (127.0.0.1) unless told otherwise, and another address only with `--allow-remote`. The
 `/emulator/*` control routes answer 403 to any client that is not on loopback (`is_loopback_client`), whatever the
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from pipeline.emulator import anthropic_api
 from pipeline.emulator.api import Emulator
 from pipeline.emulator.faults import Rule, load_plan_arg
 from pipeline.emulator.payloads import Payload
@@ -304,6 +307,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._route_internal(method, path, body)
         elif path.startswith("/signed/"):
             self._route_signed(method, path, body)
+        elif path == anthropic_api.PREFIX or path.startswith(anthropic_api.PREFIX + "/"):
+            reply = anthropic_api.handle(self.server.emulator, method, path, query, self.headers, body)
+            if isinstance(reply, Payload):
+                self._send_payload(reply)
+            else:
+                self._send_json(*reply)
         elif (match := re.fullmatch(r"/v1/accounts/([^/]+)/(datasets|batchInferenceJobs)(?:/([^/:]+)(?::(\w+))?)?",
                                     path)) is None:
             raise not_found(path)

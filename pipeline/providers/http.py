@@ -160,7 +160,8 @@ def _json_body(resp: requests.Response, shown: str) -> dict[str, Any]:
 
 
 def _error_from(resp: requests.Response, shown: str) -> ProviderError:
-    """gRPC status `{code, message}` or OpenAI envelope `{error: {message, code}}`, else the raw text."""
+    """gRPC status `{code, message}`, OpenAI envelope `{error: {message, code}}` or Anthropic envelope `{type: "error",
+    error: {type, message}}` (its `error.type` is the code), else the raw text."""
     code: int | str | None = None
     detail = resp.text[:300].strip()
     try:
@@ -169,7 +170,7 @@ def _error_from(resp: requests.Response, shown: str) -> ProviderError:
         data = None
     if isinstance(data, dict):
         inner = data.get("error") if isinstance(data.get("error"), dict) else data
-        code = inner.get("code")
+        code = inner.get("type") if data.get("type") == "error" else inner.get("code")
         detail = str(inner.get("message") or detail)
     return error_for_status(resp.status_code, code, f"{shown}: {detail or resp.reason}")
 
