@@ -36,18 +36,27 @@ def sending_calls(run_dir: Path) -> dict[str, dict[str, int]]:
     return {kind: dict(calls.get(kind) or {}) for kind in SENDING}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for api in APIS:
-        base = tmp_path_factory.mktemp(api)
+class Runs(dict):
+    """The experiment run once per API, on first use: a run to the end, then a no-op re-run."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, api: str) -> dict[str, Any]:
+        base = self.factory.mktemp(api)
         config = provider_experiment(base, api)
         root = base / "experiments"
         run_dir = finished_run(root, config, RID)
         first = sending_calls(run_dir)
         again = run_luigi(root, config, RID)
-        out[api] = {"run_dir": run_dir, "first": first, "again": again, "after": sending_calls(run_dir)}
-    return out
+        self[api] = {"run_dir": run_dir, "first": first, "again": again, "after": sending_calls(run_dir)}
+        return self[api]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory)
 
 
 def trial_results(run_dir: Path) -> dict[str, Path]:
@@ -55,7 +64,7 @@ def trial_results(run_dir: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_every_api_finishes_with_its_reports_labelled(runs: dict[str, dict[str, Any]], api: str) -> None:
+def test_every_api_finishes_with_its_reports_labelled(runs: Runs, api: str) -> None:
     run_dir = runs[api]["run_dir"]
     trials = trial_results(run_dir)
     assert len(trials) == 2
@@ -66,7 +75,7 @@ def test_every_api_finishes_with_its_reports_labelled(runs: dict[str, dict[str, 
         assert costs["provider"].startswith("emulator") and costs["pricing"]["provider"] == api
 
 
-def test_every_api_gives_the_same_scores(runs: dict[str, dict[str, Any]]) -> None:
+def test_every_api_gives_the_same_scores(runs: Runs) -> None:
     reference = trial_results(runs["fireworks"]["run_dir"])
     for api in APIS[1:]:
         trials = trial_results(runs[api]["run_dir"])
@@ -77,7 +86,7 @@ def test_every_api_gives_the_same_scores(runs: dict[str, dict[str, Any]]) -> Non
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_each_part_is_sent_once_and_a_noop_rerun_sends_nothing(runs: dict[str, dict[str, Any]], api: str) -> None:
+def test_each_part_is_sent_once_and_a_noop_rerun_sends_nothing(runs: Runs, api: str) -> None:
     run = runs[api]
     assert run["again"].returncode == 0, run["again"].stderr[-2000:]
     assert run["after"] == run["first"], "a no-op re-run sent something"
