@@ -5,7 +5,8 @@ vLLM) answers at `POST /v1/chat/completions`, the wire format of `pipeline.provi
 custom_id) and returns a `chat.completion` with `usage`. The answer is `model.answer(custom_id, messages, key)`,
 with the answer key looked up from the custom_id (`parse_custom_id`: dataset / item); a request without the header,
 or whose header is not one of our custom_ids, is answered without a key, seeded by a hash of its body. `n` choices
-repeat the one answer; an answer longer than `max_tokens` words is cut and ends with `finish_reason` "length".
+repeat the one answer; an answer of more than `max_tokens` tokens (as `model.answer` counts them) is cut to
+`max_tokens` words and ends with `finish_reason` "length".
 Any Bearer key, or none, is accepted, as local servers do. Every answered call is counted under `completions` in
 `/emulator/calls`, keyed by its custom_id (or `body-<hash>`), so tests can see which requests were sent and how
 often. HTTP faults apply (match the path `/v1/chat/completions`); there are no batches, so job faults do not.

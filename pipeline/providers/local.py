@@ -94,10 +94,7 @@ class LocalClient(JsonApi):
         super().__init__(base_url, allow_loopback_http=True, timeout=timeout, max_retries=max_retries,
                          backoff_s=backoff_s, sleep=sleep)
         self._api_key = api_key or ""
-        # One pooled connection per concurrent request; requests' default pool of 10 would drop the rest.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, max_connections))
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        self.size_pool(max_connections)
 
     def __repr__(self) -> str:
         return f"LocalClient(base_url={self.base_url!r}, api_key={'set' if self._api_key else 'unset'})"
@@ -107,6 +104,13 @@ class LocalClient(JsonApi):
                  environ: Mapping[str, str] = os.environ, **kwargs: Any) -> LocalClient:
         """A client whose API key is `LOCAL_API_KEY` when set (local servers mostly need none)."""
         return cls(base_url, environ.get("LOCAL_API_KEY") or None, allow_http=allow_http, **kwargs)
+
+    def size_pool(self, connections: int) -> None:
+        """Keep up to `connections` open connections, one per concurrent request (requests' default pool of 10
+        would close and reopen the rest)."""
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, connections))
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
 
     def check_base_url(self, base: str) -> None:
         parts = urlsplit(base)
@@ -362,6 +366,7 @@ class LocalBackend:
             raise ValueError(f"max_concurrent_requests must be at least 1, got {max_concurrent_requests}")
         self.client = client
         self.max_concurrent_requests = max_concurrent_requests
+        client.size_pool(max_concurrent_requests)
         self.should_stop = should_stop or (lambda: False)
 
     @staticmethod
@@ -454,7 +459,10 @@ class LocalBackend:
         except ProviderError as exc:
             if exc.status == 0:
                 raise _Halt(f"the server does not answer: {exc}") from exc
-            return error_line(cid, exc.code if exc.code is not None else f"http_{exc.status}", str(exc))
+            if exc.code is None:
+                # A 2xx without a JSON object, or an error status without a code of its own.
+                return error_line(cid, "invalid_response" if exc.status < 300 else f"http_{exc.status}", str(exc))
+            return error_line(cid, exc.code, str(exc))
 
     def download(self, part: PartSpec, record: PartRecord, dest: Path, *, max_bytes: int,
                  deadline: Deadline) -> dict[str, Path]:
