@@ -5,10 +5,11 @@ This module is the HTTP layer and the entry points (`make_server`, `main`); the 
 Routes: `/v1/accounts/{acct}/datasets[/{id}[:verb]]` and `/v1/accounts/{acct}/batchInferenceJobs[/{id}]`
 (any non-empty Bearer key; without one a 403 OpenAI-style envelope), `/signed/<token>/<path>` (no auth: the local
 stand-in for cloud storage URLs), the Anthropic Message Batches routes `/v1/messages/batches[/{id}[/cancel|/results]]`
-(`x-api-key` and `anthropic-version` headers; semantics in `pipeline.emulator.anthropic_api`), and inspection
-routes without auth that faults never touch: `GET /healthz`, `GET /emulator/calls`, `POST /emulator/reset-calls`,
-`GET|POST|DELETE /emulator/faults` (read / replace / clear the fault plan; POST and DELETE reset the rule counters;
-a bad plan is a 400 and leaves the current one).
+(`x-api-key` and `anthropic-version` headers; semantics in `pipeline.emulator.anthropic_api`), `POST
+/v1/chat/completions` (synchronous OpenAI-compatible chat, any Bearer key or none, as local servers accept:
+`pipeline.emulator.chat_api`), and inspection routes without auth that faults never touch: `GET /healthz`,
+`GET /emulator/calls`, `POST /emulator/reset-calls`, `GET|POST|DELETE /emulator/faults` (read / replace / clear the
+fault plan; POST and DELETE reset the rule counters; a bad plan is a 400 and leaves the current one).
 
 The server binds loopback (127.0.0.1) unless told otherwise, and another address only with `--allow-remote`. The
 `/emulator/*` control routes answer 403 to any client that is not on loopback (`is_loopback_client`), whatever the
@@ -48,6 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pipeline.emulator import anthropic_api
 from pipeline.emulator.api import Emulator
+from pipeline.emulator.chat_api import REQUEST_ID_HEADER, chat_completion
 from pipeline.emulator.faults import Rule, load_plan_arg
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.store import read_json
@@ -313,6 +315,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_payload(reply)
             else:
                 self._send_json(*reply)
+        elif path == "/v1/chat/completions":
+            if method != "POST":
+                raise ApiError(405, 12, "Method Not Allowed")
+            request_id = self.headers.get(REQUEST_ID_HEADER) or None
+            self._send_json(200, chat_completion(self.server.emulator, self._json(body), request_id))
         elif (match := re.fullmatch(r"/v1/accounts/([^/]+)/(datasets|batchInferenceJobs)(?:/([^/:]+)(?::(\w+))?)?",
                                     path)) is None:
             raise not_found(path)

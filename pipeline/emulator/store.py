@@ -21,7 +21,7 @@ from targets.atomic import write_bytes, write_json
 log = logging.getLogger(__name__)
 
 CALL_KINDS = ("dataset_creates", "job_creates", "dataset_create_conflicts", "job_create_conflicts", "uploads",
-              "downloads", "faults_fired")
+              "downloads", "faults_fired", "completions")
 """Counters of `/emulator/calls`, each `{key: count}`: keys are resource ids, except `faults_fired` (fault kinds)."""
 
 

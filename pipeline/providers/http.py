@@ -41,9 +41,9 @@ class JsonApi:
     def __init__(self, base_url: str, *, allow_loopback_http: bool = False, timeout: tuple[float, float] = (5.0, 60.0),
                  max_retries: int = 6, backoff_s: float = 0.5, sleep: Callable[[float], None] = time.sleep) -> None:
         base = base_url.rstrip("/")
-        check_url(base, allow_loopback_http=allow_loopback_http)
-        self.base_url = base
         self.allow_loopback_http = allow_loopback_http
+        self.check_base_url(base)
+        self.base_url = base
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -52,6 +52,11 @@ class JsonApi:
         self._session = requests.Session()
         # Environment proxies must not intercept traffic to the local emulator.
         self._session.trust_env = not is_loopback_url(base)
+
+    def check_base_url(self, base: str) -> None:
+        """Raise ValueError for a base URL this client must not talk to (see the module docstring); a subclass
+        with a wider policy (the local-server client) overrides it."""
+        check_url(base, allow_loopback_http=self.allow_loopback_http)
 
     def auth_headers(self) -> dict[str, str]:
         """The headers that authenticate one API request."""
