@@ -54,7 +54,8 @@ def test_trials_use_their_own_parameters(config_dir: Path) -> None:
     ({"default_prompt_set": "missing"}, "default_prompt_set"),
     ({"typo_key": 1}, "typo_key"),
     ({"top_p": 1.5}, "top_p"),
-    ({"provider": {"name": "openai"}}, "provider.name"),
+    ({"provider": {"name": "azure"}}, "provider.name"),
+    ({"provider": {"name": "openai", "api": "anthropic"}}, "provider"),
     ({"pricing": {"providers": {"fireworks": {"m": {"input_per_mtok": 1}}}}}, "pricing"),
 ])
 def test_invalid_configs_name_the_key(config_dir: Path, changes: dict, needle: str) -> None:

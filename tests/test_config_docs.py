@@ -25,7 +25,7 @@ def test_every_key_is_listed_with_a_meaning() -> None:
 
 def test_types_show_bounds_and_defaults_are_json() -> None:
     text = render()
-    assert '| `provider.name` | `"emulator" \\| "fireworks"` | `"emulator"` |' in text
+    assert '| `provider.name` | `"emulator" \\| "fireworks" \\| "openai" \\| "anthropic" \\| "local"` | `"emulator"` |' in text
     assert "| `provider.latency_s` | `float (≥ 0, ≤ 3600)` | `1.0` |" in text
     assert "| `samples_per_item` | `dict[str, int (> 0, ≤ 1000)]` | required |" in text
     assert "| `stats.risk_thresholds` | `list[float (≥ 0, ≤ 1)]` | `[0.0, 0.25, 0.5, 0.75, 1.0]` |" in text

@@ -438,10 +438,11 @@ def test_classify_job_states(state: str, expected: str) -> None:
 
 def test_reconcile_by_display_name_finds_a_job_whose_id_the_provider_chose(emulator: EmulatorServer,
                                                                          tmp_path: Path) -> None:
-    from pipeline.tasks.remote import find_by_display_name
+    from pipeline.providers.fireworks import FireworksBackend
 
     base = f"http://127.0.0.1:{emulator.server_address[1]}"
     client, _ = _client(base)
+    find_by_display_name = FireworksBackend(client, poll_s=0.01).find_by_display_name
     path = tmp_path / "in.jsonl"
     _input_file(path, 2)
     client.create_dataset("ds-a", display_name="a", example_count=2)
@@ -450,7 +451,7 @@ def test_reconcile_by_display_name_finds_a_job_whose_id_the_provider_chose(emula
             "displayName": "excellence-t0-control-r-p01"}
     answer = requests.post(base + JOBS, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
     assert answer.status_code == 200
-    found = find_by_display_name(client, "excellence-t0-control-r-p01", "ds-a")
+    found = find_by_display_name("excellence-t0-control-r-p01", "ds-a")
     assert found is not None and found["name"] == answer.json()["name"]
-    assert find_by_display_name(client, "excellence-t0-control-r-p01", "ds-other") is None
-    assert find_by_display_name(client, "other-name", "ds-a") is None
+    assert find_by_display_name("excellence-t0-control-r-p01", "ds-other") is None
+    assert find_by_display_name("other-name", "ds-a") is None

@@ -294,7 +294,7 @@ class FireworksBackend:
         crashpoint("before job create")
         job = client.get_job(record.job_id)
         if job is None and interrupted:
-            job = self._by_display_name(part.display_name, record.dataset_id)
+            job = self.find_by_display_name(part.display_name, record.dataset_id)
             if job is not None:  # the provider did not keep our id: adopt the one it chose
                 record.job_id = str(job.get("name", "")).rsplit("/", 1)[-1] or record.job_id
         if job is not None:
@@ -310,7 +310,8 @@ class FireworksBackend:
         crashpoint("after job create")
         return self._status(job, record)
 
-    def _by_display_name(self, display_name: str, dataset_id: str) -> dict[str, Any] | None:
+    def find_by_display_name(self, display_name: str, dataset_id: str) -> dict[str, Any] | None:
+        """Reconcile a create whose id the provider may not have kept: the job with our deterministic display name."""
         for job in self.client.list_jobs():
             if job.get("displayName") == display_name and str(job.get("inputDatasetId", "")).endswith(f"/{dataset_id}"):
                 return job
