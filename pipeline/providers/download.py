@@ -21,7 +21,7 @@ import stat
 import tarfile
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -81,16 +81,24 @@ def _atomic_writer(dest: Path) -> Iterator[IO[bytes]]:
         tmp.unlink(missing_ok=True)
 
 
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
 def _open_following_redirects(http: requests.Session, url: str, *, timeout: tuple[float, float],
-                              allow_loopback_http: bool, deadline: Deadline | None) -> requests.Response:
+                              allow_loopback_http: bool, deadline: Deadline | None,
+                              headers: Mapping[str, str] | None = None) -> requests.Response:
     current = url
     for _ in range(MAX_REDIRECTS + 1):
+        # Credentials go only to the origin they were given for, never to where a redirect points.
+        sent = dict(headers or {}) if _origin(current) == _origin(url) else {}
         if deadline is not None:
             deadline.check(f"GET {redact_url(current)}")
             # No single wait on the socket may outlast the deadline either.
             timeout = (timeout[0], max(0.05, min(timeout[1], deadline.left())))
         try:
-            resp = http.get(current, stream=True, timeout=timeout, allow_redirects=False)
+            resp = http.get(current, stream=True, timeout=timeout, allow_redirects=False, headers=sent)
         except requests.RequestException as exc:
             raise ProviderUnavailable(0, None, f"GET {redact_url(current)}: {type(exc).__name__}") from exc
         if not resp.is_redirect:
@@ -103,10 +111,13 @@ def _open_following_redirects(http: requests.Session, url: str, *, timeout: tupl
 
 
 def fetch_url(url: str, dest: Path, *, max_bytes: int, timeout: tuple[float, float], allow_loopback_http: bool,
-              session: requests.Session | None = None, deadline: Deadline | None = None) -> int:
-    """Download `url` (no auth headers added) into `dest` atomically; return the number of bytes written.
+              session: requests.Session | None = None, deadline: Deadline | None = None,
+              headers: Mapping[str, str] | None = None) -> int:
+    """Download `url` into `dest` atomically; return the number of bytes written.
 
-    More than `max_bytes`, announced or sent, or a body unfinished at `deadline`, raises DownloadRefused."""
+    `headers` (e.g. an API's auth headers) go only to hops on the origin of `url`, never past a redirect to another
+    origin; without them nothing is added (signed URLs carry their own credentials). More than `max_bytes`,
+    announced or sent, or a body unfinished at `deadline`, raises DownloadRefused."""
     check_url(url, allow_loopback_http=allow_loopback_http)
     http = session
     if http is None:
@@ -115,7 +126,7 @@ def fetch_url(url: str, dest: Path, *, max_bytes: int, timeout: tuple[float, flo
         http.trust_env = not is_loopback_url(url)
     try:
         resp = _open_following_redirects(http, url, timeout=timeout, allow_loopback_http=allow_loopback_http,
-                                         deadline=deadline)
+                                         deadline=deadline, headers=headers)
         with resp:
             shown = redact_url(resp.url or url)
             if resp.status_code != 200:
