@@ -272,10 +272,9 @@ class OpenAIApi:
 
     def _put_file(self, file_id: str, filename: str, purpose: str, data: bytes,
                   **extra: Any) -> dict[str, Any]:
-        now = self.emu.clock()
-        record = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": len(data), "create_ns": now,
-                  **extra}
         with self.store.lock:
+            record = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": len(data),
+                      "create_ns": self.emu.clock(), "seq": self._seq("files"), **extra}
             write_bytes(self.store.files_dir(ACCT, file_id) / "content", data)
             self.store.put(ACCT, "files", record)
         return record
@@ -308,7 +307,7 @@ class OpenAIApi:
         if order not in ("asc", "desc"):
             raise _bad(f"order must be asc or desc, got {order!r}", "order")
         records = [r for r in self.store.all(ACCT, "files") if not purpose or r["purpose"] == purpose]
-        records.sort(key=lambda r: (r["create_ns"], r["id"]), reverse=order == "desc")
+        records.sort(key=lambda r: (r["create_ns"], r["seq"]), reverse=order == "desc")
         limit = _query_int(query, "limit", MAX_FILES_PAGE, MAX_FILES_PAGE)
         return _list_page([_render_file(r) for r in records], (query.get("after") or [""])[0], limit)
 
@@ -344,8 +343,8 @@ class OpenAIApi:
             subject = metadata.get("client_key") or batch_id
             record = {"id": batch_id, "endpoint": endpoint, "input_file_id": input_id, "metadata": metadata,
                       "model": model_name, "total": len(rows), "validation_errors": errors, "subject": subject,
-                      "latency_s": self.emu.latency_s, "create_ns": self.emu.clock(), "stuck": False, "fault": None,
-                      "final_state": None}
+                      "latency_s": self.emu.latency_s, "create_ns": self.emu.clock(), "seq": self._seq("batches"),
+                      "stuck": False, "fault": None, "final_state": None}
             rule = self.emu.fire(JOB_KINDS, subject)
             if rule is not None:
                 record["fault"] = {"rule": rule.index, "fault": rule.fault, **rule.params}
@@ -357,6 +356,11 @@ class OpenAIApi:
             self.store.count_call("job_creates", subject)
         return self._render(record, record["create_ns"], "validating")
 
+    def _seq(self, kind: str) -> int:
+        """The creation rank of a new record of `kind` (call under the store lock): it orders lists when records
+        share a creation time."""
+        return len(self.store.all(ACCT, kind))
+
     def _record(self, batch_id: str) -> dict[str, Any]:
         record = self.store.get(ACCT, "batches", batch_id)
         if record is None:
@@ -367,7 +371,7 @@ class OpenAIApi:
         return self._view(self._record(batch_id))
 
     def list_batches(self, query: dict[str, list[str]]) -> dict[str, Any]:
-        records = sorted(self.store.all(ACCT, "batches"), key=lambda r: (r["create_ns"], r["id"]), reverse=True)
+        records = sorted(self.store.all(ACCT, "batches"), key=lambda r: (r["create_ns"], r["seq"]), reverse=True)
         limit = _query_int(query, "limit", DEFAULT_BATCHES_PAGE, MAX_BATCHES_PAGE)
         return _list_page([self._view(r) for r in records], (query.get("after") or [""])[0], limit)
 
