@@ -210,6 +210,28 @@ def test_lost_create_response_is_reconciled_not_repeated(h: Harness) -> None:
     assert h.reserves == 1 and h.calls()["job_creates"] == {CLIENT_KEY: 1}
 
 
+def test_lost_upload_response_is_found_not_repeated(h: Harness) -> None:
+    h.faults({"fault": "drop_after_commit", "match": "^/v1/files$", "method": "POST"})
+    h.backend.upload(h.part, h.record, h.save)
+    assert h.record.remote["input_file_id"].startswith("file-")
+    assert h.calls()["uploads"] == {f"{h.part.input_name}.jsonl": 1}
+
+
+def test_create_refused_by_a_5xx_is_retried_once_and_a_refused_reserve_creates_nothing(h: Harness) -> None:
+    h.backend.upload(h.part, h.record, h.save)
+
+    def refuse() -> None:
+        raise RuntimeError("stop requested")
+
+    with pytest.raises(RuntimeError, match="stop requested"):
+        h.backend.submit(h.part, h.record, h.save, refuse)
+    assert h.batches() == [] and h.record.job_id == ""
+    h.faults({"fault": "status", "status": 503, "match": "^/v1/batches$", "method": "POST"})
+    status = h.backend.submit(h.part, h.record, h.save, h.reserve)
+    assert h.reserves == 1 and len(h.sleeps) == 1
+    assert h.calls()["job_creates"] == {CLIENT_KEY: 1} and [b["id"] for b in h.batches()] == [status.job_id]
+
+
 def test_rate_limit_with_retry_after_is_retried(h: Harness) -> None:
     h.submitted()
     h.faults({"fault": "status", "status": 429, "retry_after": 7, "match": "^/v1/batches/batch_", "times": 2})
