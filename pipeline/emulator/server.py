@@ -3,11 +3,13 @@
 This module is the HTTP layer and the entry points (`make_server`, `main`); the API semantics are in
 `pipeline.emulator.api`, the persisted state in `.store`, the wire format in `.wire`, faults in `.faults`.
 Routes: `/v1/accounts/{acct}/datasets[/{id}[:verb]]` and `/v1/accounts/{acct}/batchInferenceJobs[/{id}]`
-(any non-empty Bearer key; without one a 403 OpenAI-style envelope), `/signed/<token>/<path>` (no auth: the local
-stand-in for cloud storage URLs), the Anthropic Message Batches routes `/v1/messages/batches[/{id}[/cancel|/results]]`
-(`x-api-key` and `anthropic-version` headers; semantics in `pipeline.emulator.anthropic_api`), `POST
-/v1/chat/completions` (synchronous OpenAI-compatible chat, any Bearer key or none, as local servers accept:
-`pipeline.emulator.chat_api`), and inspection routes without auth that faults never touch: `GET /healthz`,
+(any non-empty Bearer key; without one a 403 OpenAI-style envelope), the OpenAI Batch API routes
+`/v1/files[/{id}[/content]]` and `/v1/batches[/{id}[/cancel]]` (same auth; semantics and OpenAI error envelopes in
+`pipeline.emulator.openai_api`), `/signed/<token>/<path>` (no auth: the local stand-in for cloud storage URLs), the
+Anthropic Message Batches routes `/v1/messages/batches[/{id}[/cancel|/results]]` (`x-api-key` and
+`anthropic-version` headers; semantics in `pipeline.emulator.anthropic_api`), `POST /v1/chat/completions`
+(synchronous OpenAI-compatible chat, any Bearer key or none, as local servers accept: `pipeline.emulator.chat_api`),
+and inspection routes without auth that faults never touch: `GET /healthz`,
 `GET /emulator/calls`, `POST /emulator/reset-calls`, `GET|POST|DELETE /emulator/faults` (read / replace / clear the
 fault plan; POST and DELETE reset the rule counters; a bad plan is a 400 and leaves the current one).
 
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pipeline.emulator import anthropic_api
+from pipeline.emulator import anthropic_api, openai_api
 from pipeline.emulator.api import Emulator
 from pipeline.emulator.chat_api import REQUEST_ID_HEADER, chat_completion
 from pipeline.emulator.faults import Rule, load_plan_arg
@@ -309,6 +311,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._route_internal(method, path, body)
         elif path.startswith("/signed/"):
             self._route_signed(method, path, body)
+        elif openai_api.handles(path):
+            if self._authorized():
+                try:
+                    reply = openai_api.OpenAIApi(self.server.emulator).route(
+                        method, path, query, self.headers.get("Content-Type", ""), body)
+                except ApiError as exc:
+                    self._send_json(exc.http_status, openai_api.envelope(exc))
+                else:
+                    if isinstance(reply, Payload):
+                        self._send_payload(reply)
+                    else:
+                        self._send_json(200, reply)
         elif path == anthropic_api.PREFIX or path.startswith(anthropic_api.PREFIX + "/"):
             reply = anthropic_api.handle(self.server.emulator, method, path, query, self.headers, body)
             if isinstance(reply, Payload):

@@ -91,13 +91,13 @@ def _open_following_redirects(http: requests.Session, url: str, *, timeout: tupl
                               headers: Mapping[str, str] | None = None) -> requests.Response:
     current = url
     for _ in range(MAX_REDIRECTS + 1):
+        # Credentials go only to the origin they were given for, never to where a redirect points.
+        sent = dict(headers or {}) if _origin(current) == _origin(url) else {}
         if deadline is not None:
             deadline.check(f"GET {redact_url(current)}")
             # No single wait on the socket may outlast the deadline either.
             timeout = (timeout[0], max(0.05, min(timeout[1], deadline.left())))
         try:
-            # Credentials go only to the origin they were given for, never to where a redirect points.
-            sent = dict(headers or {}) if _origin(current) == _origin(url) else {}
             resp = http.get(current, stream=True, timeout=timeout, allow_redirects=False, headers=sent)
         except requests.RequestException as exc:
             raise ProviderUnavailable(0, None, f"GET {redact_url(current)}: {type(exc).__name__}") from exc
@@ -113,10 +113,11 @@ def _open_following_redirects(http: requests.Session, url: str, *, timeout: tupl
 def fetch_url(url: str, dest: Path, *, max_bytes: int, timeout: tuple[float, float], allow_loopback_http: bool,
               session: requests.Session | None = None, deadline: Deadline | None = None,
               headers: Mapping[str, str] | None = None) -> int:
-    """Download `url` into `dest` atomically; return the number of bytes written. `headers` (e.g. an API key) are
-    sent to the origin of `url` only, not to a redirect target elsewhere.
+    """Download `url` into `dest` atomically; return the number of bytes written.
 
-    More than `max_bytes`, announced or sent, or a body unfinished at `deadline`, raises DownloadRefused."""
+    `headers` (e.g. an API's auth headers) go only to hops on the origin of `url`, never past a redirect to another
+    origin; without them nothing is added (signed URLs carry their own credentials). More than `max_bytes`,
+    announced or sent, or a body unfinished at `deadline`, raises DownloadRefused."""
     check_url(url, allow_loopback_http=allow_loopback_http)
     http = session
     if http is None:
