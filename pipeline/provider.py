@@ -73,7 +73,7 @@ def make_backend(run: Run) -> Backend:
     elif cfg.api == "local":
         from pipeline.providers.local import LocalBackend, LocalClient
 
-        base_url = environ["LOCAL_BASE_URL"] if cfg.name == "emulator" else cfg.base_url or LOCAL_BASE_URL
+        base_url = (None if cfg.name == "emulator" else cfg.base_url) or environ.get("LOCAL_BASE_URL") or LOCAL_BASE_URL
         client = LocalClient(base_url, os.environ.get("LOCAL_API_KEY") or None, allow_http=True)
         backend = LocalBackend(client, cfg.max_concurrent_requests, should_stop=lambda: stop_requested(run.layout))
     else:

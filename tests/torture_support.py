@@ -137,14 +137,19 @@ class EmulatorProcess:
         return resp.json()
 
 
-def write_config(base: Path, *, resamples: int = 100, poll_interval_s: float = 0.05) -> Path:
-    """The default experiment, changed only in operational knobs: provider, poll interval, resample counts."""
+def write_config(base: Path, *, resamples: int = 100, poll_interval_s: float = 0.05, api: str = "fireworks") -> Path:
+    """The default experiment, changed only in operational knobs: provider, poll interval, resample counts; for
+    another API than Fireworks', without the sampling parameters not every API has, and with the model allowed
+    unpriced."""
     target = base / "config"
     shutil.copytree(REPO / "config", target)
     path = target / "experiment.yaml"
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     raw["paths"]["prepared_dir"] = str(ANSWER_KEY)  # the shipped relative path does not survive the copy
-    raw["provider"] = {"name": "fireworks", "poll_interval_s": poll_interval_s}
+    raw["provider"] = {"name": api, "poll_interval_s": poll_interval_s}
+    if api != "fireworks":
+        raw.update(top_k=None, top_p=None)
+        raw["pricing"]["allow_unlisted_models"] = True
     raw["stats"]["bootstrap_samples"] = resamples
     raw["stats"]["permutation_samples"] = resamples
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -204,7 +209,8 @@ class Runner:
         log, points = self.logs / f"{self.count:03d}-{kind}.log", self.logs / f"{self.count:03d}.points"
         env = {k: v for k, v in os.environ.items() if k not in ("LUIGI_CONFIG_PATH", "PIPELINE_CRASH_AT")}
         env.update(FIREWORKS_BASE_URL=self.base_url, FIREWORKS_API_KEY="test", FIREWORKS_ACCOUNT_ID="acct",
-                   PIPELINE_CRASH_LOG=str(points))
+                   OPENAI_BASE_URL=f"{self.base_url}/v1", OPENAI_API_KEY="test", ANTHROPIC_BASE_URL=self.base_url,
+                   ANTHROPIC_API_KEY="test", LOCAL_BASE_URL=f"{self.base_url}/v1", PIPELINE_CRASH_LOG=str(points))
         if crash_at:
             env["PIPELINE_CRASH_AT"] = str(crash_at)
         cmd = [*PIPELINE_RUN, "TrialReport", "--rid", self.rid,
@@ -413,7 +419,7 @@ def _invocation_problems(inv: Invocation, calls: dict[str, dict[str, int]], blam
     elif not inv.killed and inv.returncode != 0:
         problems.append(f"{where}: exited with {inv.returncode} instead of resuming; log {inv.log} ends with:\n"
                         f"{inv.tail()}")
-    for kind in ("job_creates", "dataset_creates"):
+    for kind in ("job_creates", "dataset_creates", "uploads"):
         twice = {rid: n for rid, n in calls.get(kind, {}).items() if n != 1 and (kind, rid) not in blamed}
         if twice:
             blamed.update((kind, rid) for rid in twice)
@@ -430,18 +436,32 @@ def owned_parts(run_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return parts
 
 
-def exactly_once_problems(calls: dict[str, dict[str, int]], run_dir: Path) -> list[str]:
-    """Every part's job and input dataset created exactly once remotely, and nothing else created."""
+def exactly_once_problems(calls: dict[str, dict[str, int]], run_dir: Path, api: str = "fireworks",
+                          resent_at_most: int = 0) -> list[str]:
+    """Every part's batch created exactly once remotely (and its input uploaded once), and nothing else created.
+
+    Fireworks jobs and datasets are counted by their ids (the manifests' ids); an OpenAI batch by its client_key
+    and its input file by name; an Anthropic batch by the id the provider gave it, so a duplicate is one batch too
+    many. A local server has nothing to create: every request is answered, and at most `resent_at_most` (the
+    requests in flight at the kills) are answered again."""
     parts = owned_parts(run_dir)
     problems = []
-    for kind, key in (("job_creates", "job_id"), ("dataset_creates", "dataset_id")):
+    if api == "local":
+        lines = sum(p["lines"] for p in parts.values())
+        answered = sum(calls.get("completions", {}).values())
+        if not lines <= answered <= lines + resent_at_most:
+            problems.append(f"{answered} completions for {lines} requests (at most {resent_at_most} may be resent)")
+        return problems
+    kinds = {"fireworks": (("job_creates", "job_id"), ("dataset_creates", "dataset_id")),
+             "openai": (("job_creates", None), ("uploads", None)), "anthropic": (("job_creates", "job_id"),)}[api]
+    for kind, key in kinds:
         created = calls.get(kind, {})
-        ids = [p[key] for p in parts.values()]
         if len(created) != len(parts):
             problems.append(f"{len(created)} distinct {kind} for {len(parts)} parts in the trial manifests")
-        if set(created) != set(ids):
-            problems.append(f"{kind}: created but not in a manifest {sorted(set(created) - set(ids))}; "
-                            f"in a manifest but never created {sorted(set(ids) - set(created))}")
+        if key is not None and set(created) != {p[key] for p in parts.values()}:
+            ids = {p[key] for p in parts.values()}
+            problems.append(f"{kind}: created but not in a manifest {sorted(set(created) - ids)}; "
+                            f"in a manifest but never created {sorted(ids - set(created))}")
         twice = {rid: n for rid, n in created.items() if n != 1}
         if twice:
             problems.append(f"{kind} not exactly once: {twice}")

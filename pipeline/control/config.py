@@ -80,7 +80,8 @@ class Provider(_Model):
     """The wire format: for the emulator, which provider's API it speaks (the run then drives that provider's client
     code, offline); for a real provider it is its own API (set from `name`; another value is an error)."""
     base_url: str | None = None
-    """`local` only: the server's OpenAI-compatible base URL; null = http://127.0.0.1:11434/v1 (Ollama)."""
+    """`local` only: the server's OpenAI-compatible base URL; null = LOCAL_BASE_URL from the environment, else
+    http://127.0.0.1:11434/v1 (Ollama)."""
     max_concurrent_requests: Annotated[int, Field(ge=1, le=256)] = 4
     """`local` only: requests in flight at once."""
     prompt_caching: bool = False

@@ -346,7 +346,8 @@ class AnthropicBatches:
                 cached.add(system_text)
         output_tokens = usage["completion_tokens"]
         truncated = output_tokens > params["max_tokens"]
-        digest = hashlib.sha256(f"{batch_id}\n{mapped}".encode()).hexdigest()[:24]
+        # Keyed by what was asked, not by the random batch id: the same request gets the same message id in any batch.
+        digest = hashlib.sha256(f"{json.dumps(params, sort_keys=True)}\n{mapped}".encode()).hexdigest()[:24]
         return {"id": f"msg_{digest}", "type": "message", "role": "assistant", "model": params["model"],
                 "content": [{"type": "text", "text": content}],
                 "stop_reason": "max_tokens" if truncated else "end_turn", "stop_sequence": None,

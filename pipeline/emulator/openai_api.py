@@ -492,7 +492,10 @@ class OpenAIApi:
             cid = None
         key = self.emu.answers.lookup(cid.dataset, cid.item_id) if cid is not None else None
         content, finish_reason, usage = model.answer(custom_id, row["body"]["messages"], key)
-        return {"id": f"chatcmpl-{_hex(record['id'], custom_id)}", "object": "chat.completion",
+        # Keyed by what was asked, not by the random batch id: the same request gets the same answer id in any batch,
+        # as the other wire formats' answers do (a resumed run's results equal an uninterrupted run's).
+        asked = json.dumps(row["body"], sort_keys=True)
+        return {"id": f"chatcmpl-{_hex(asked, custom_id)}", "object": "chat.completion",
                 "created": end_ns // 10**9, "model": row["body"]["model"], "system_fingerprint": None,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
                              "logprobs": None, "finish_reason": finish_reason}],

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from pipeline.decisions import decision
 from pipeline.naming import ANTHROPIC_ID_RE, anthropic_id
 from pipeline.parsing import iter_jsonl_lenient
 from pipeline.providers import job_states
@@ -50,6 +51,7 @@ from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.providers.http import RETRY_STATUSES, JsonApi
 from pipeline.providers.limits import Deadline, DownloadLimits, DownloadRefused
 from targets.atomic import atomic_open, write_bytes
+from targets.crashpoints import crashpoint
 from targets.manifest import PartRecord
 
 log = logging.getLogger(__name__)
@@ -438,6 +440,8 @@ class AnthropicBackend:
         if prior is not None:
             found = self._choose(part, look_alikes, expected, limits)
             if found is not None:
+                decision("re-attach", f"batch {found['id']}", f"part {part.jkey}: created after its recorded intent "
+                         f"with its {count} requests")
                 return self._attach(part, record, save, found)
         # Whatever looks like our batch now existed before our create: it is not ours.
         excluded |= {b["id"] for b in look_alikes}
@@ -450,8 +454,11 @@ class AnthropicBackend:
         def lookup() -> dict[str, Any] | None:
             return self._choose(part, self._look_alikes(count, since, excluded), expected, limits)
 
+        crashpoint("before job create")
         batch, created = self.client.create_batch(converted.requests, lookup=lookup)
-        log.info("%s: %s batch %s", part.jkey, "created" if created else "found", batch["id"])
+        crashpoint("after job create")
+        decision("submit" if created else "re-attach", f"batch {batch['id']}",
+                 f"part {part.jkey}" if created else "found by its request count and time after a lost create response")
         return self._attach(part, record, save, batch)
 
     def _attach(self, part: PartSpec, record: PartRecord, save: Save, batch: dict[str, Any]) -> JobStatus:

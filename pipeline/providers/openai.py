@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from pipeline.decisions import decision
 from pipeline.providers.backend import JobStatus, PartSpec, Save
 from pipeline.providers.download import fetch_url, is_loopback_url
 from pipeline.providers.errors import NotFound, ProviderError
@@ -32,6 +33,7 @@ from pipeline.providers.http import RETRY_STATUSES, JsonApi
 from pipeline.providers.job_states import CANCELLED, COMPLETED, EXPIRED, FAILED, IN_PROGRESS
 from pipeline.providers.limits import Deadline, DownloadRefused
 from targets.atomic import atomic_open, write_bytes
+from targets.crashpoints import crashpoint
 from targets.manifest import PartRecord
 
 log = logging.getLogger(__name__)
@@ -375,12 +377,14 @@ class OpenAIBackend:
             log.info("part %s: recorded input file %s is gone or differs, looking for another", part.jkey, known)
         found = self.client.find_file(filename, size)
         if found is None:
+            crashpoint("before dataset create")
             found = self.client.upload_file(path, filename)
+            crashpoint("after upload")
             if found.get("bytes") != size:
                 raise ProviderError(200, None, f"POST /files: {filename} was stored with {found.get('bytes')} bytes, "
                                                f"sent {size}")
         else:
-            log.info("part %s: re-attached to uploaded input file %s", part.jkey, found.get("id"))
+            decision("re-attach", f"file {found.get('id')}", f"part {part.jkey}: already uploaded as {filename}")
         if not found.get("id"):
             raise ProviderError(200, None, f"POST /files: no file id returned for {filename}")
         remote["input_file_id"] = found["id"]
@@ -412,13 +416,16 @@ class OpenAIBackend:
             if not input_file_id:
                 raise ValueError(f"part {part.jkey}: no uploaded input file recorded; upload before submit")
             reserve()
+            crashpoint("before job create")
             batch, created = self.client.create_batch(
                 input_file_id, {"client_key": part.client_key, "part": part.jkey},
                 lookup=lambda: self._find_batch(part, input_file_id))
-            log.info("part %s: %s batch %s", part.jkey, "created" if created else "found the created",
-                     batch.get("id"))
+            crashpoint("after job create")
+            decision("submit" if created else "re-attach", f"batch {batch.get('id')}",
+                     f"part {part.jkey}" if created else "found by its client_key after a lost create response")
         else:
-            log.info("part %s: re-attached to batch %s", part.jkey, batch.get("id"))
+            decision("re-attach", f"batch {batch.get('id')}", f"part {part.jkey} already submitted (client_key "
+                     f"{part.client_key})")
         batch_id = batch.get("id")
         if not isinstance(batch_id, str) or not batch_id.startswith("batch_"):
             raise ProviderError(200, None, f"POST /batches: response has no batch id (got {batch_id!r})")

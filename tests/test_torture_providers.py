@@ -1,0 +1,71 @@
+"""Crash torture on every other provider API (the scheme of `tests/test_torture.py`, which tortures Fireworks').
+
+For OpenAI, Anthropic and a local OpenAI-compatible server, the default experiment runs uninterrupted once against
+the emulator speaking that API (the reference), then again in a fresh root, SIGKILLed at 50+ points and resumed each
+time. Afterwards: every part's batch was created exactly once (OpenAI: by client_key, its input file uploaded once;
+Anthropic: one batch per part, though it has neither client ids nor metadata; local: every request answered, at most
+the requests in flight at a kill answered twice), the results are byte-identical to the reference, the manifests
+validate, nothing is left behind and `plan` finds nothing to run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.torture_support import (
+    COMPARED_FILES,
+    EmulatorProcess,
+    KillPlan,
+    Runner,
+    exactly_once_problems,
+    leftovers,
+    manifest_problems,
+    output_differences,
+    snapshot_outputs,
+    torture,
+    write_config,
+)
+
+pytestmark = [pytest.mark.torture, pytest.mark.slow]
+RID = "torture"
+SEED = int(os.environ.get("TORTURE_SEED", "20251124"))
+MAX_CONCURRENT = 4  # provider.max_concurrent_requests of the local runs (the default)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic", "local"])
+def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path, api: str) -> None:
+    (tmp_path / "shared").mkdir()
+    config = write_config(tmp_path / "shared", api=api)
+    with EmulatorProcess(tmp_path / "reference-emulator") as emulator:
+        reference = Runner(rid=RID, root=tmp_path / "reference", config=config, base_url=emulator.base_url,
+                           logs=tmp_path / "reference-logs")
+        first = reference.run()
+    assert first.returncode == 0, first.tail(40)
+    outputs = snapshot_outputs(reference.run_dir)
+    assert len(outputs) == 2 * len(COMPARED_FILES), sorted(outputs)
+
+    with EmulatorProcess(tmp_path / "torture-emulator") as emulator:
+        runner = Runner(rid=RID, root=tmp_path / "torture", config=config, base_url=emulator.base_url,
+                        logs=tmp_path / "torture-logs")
+        result = torture(runner, first.points, KillPlan(seed=SEED, body_kills=56, tail_max_step=4, parent_kills=4),
+                         emulator.calls)
+        calls = emulator.calls()
+    print(f"\n[{api}] {result.summary()}")
+    checks: dict[str, Any] = {"during the torture": result.problems}
+    assert result.final.returncode == 0, f"exit {result.final.returncode}:\n{result.final.tail(40)}\n{result.summary()}"
+    checks.update({
+        "exactly once": exactly_once_problems(calls, runner.run_dir, api,
+                                              resent_at_most=MAX_CONCURRENT * len(result.kills)),
+        "identical to the reference": output_differences(outputs, runner.run_dir),
+        "manifests validate": manifest_problems(runner.run_dir),
+        "no leftovers": leftovers(runner.root),
+        "plan finds nothing to run": [] if "0 to run" in (out := runner.plan()) else [out[-2000:]],
+    })
+    failed = "\n".join(f"{check}:\n  " + "\n  ".join(map(str, problems))
+                       for check, problems in checks.items() if problems)
+    assert not failed, f"{failed}\n\n{result.summary()}"
+    assert len(result.kills) >= 50, result.summary()
