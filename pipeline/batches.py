@@ -49,13 +49,28 @@ def build_lines(*, closed_rows: Sequence[dict], open_rows: Sequence[dict], condi
     return out
 
 
-def split_parts(lines: Iterable[RequestLine], lines_per_part: int) -> list[list[RequestLine]]:
-    """Consecutive chunks of at most `lines_per_part` lines, starting a new part when the type changes."""
+WIRE_LINE_OVERHEAD = 512
+"""Bytes a provider's wire format may add to a request line (model, url, method, parameters), counted against a
+part's byte limit so that the converted batch file stays under the provider's limit too."""
+
+
+def split_parts(lines: Iterable[RequestLine], lines_per_part: int,
+                max_bytes: int | None = None) -> list[list[RequestLine]]:
+    """Consecutive chunks of at most `lines_per_part` lines (and, with `max_bytes`, at most that many bytes once each
+    line is counted with `WIRE_LINE_OVERHEAD`), starting a new part when the type changes."""
     parts: list[list[RequestLine]] = []
+    size = 0
     for line in lines:
-        if not parts or len(parts[-1]) >= lines_per_part or parts[-1][-1].type != line.type:
+        cost = len(line.text.encode("utf-8")) + 1 + WIRE_LINE_OVERHEAD
+        if max_bytes is not None and cost > max_bytes:
+            raise ValueError(f"request {line.custom_id} alone is {cost:,} bytes with its wire envelope, over the "
+                             f"limit of {max_bytes:,} bytes per batch part")
+        if (not parts or len(parts[-1]) >= lines_per_part or parts[-1][-1].type != line.type
+                or (max_bytes is not None and size + cost > max_bytes)):
             parts.append([])
+            size = 0
         parts[-1].append(line)
+        size += cost
     return parts
 
 

@@ -296,5 +296,5 @@ def _planned_parts(run: Run) -> Iterable[tuple[Any, float, str, list[str]]]:
                                     temp=temp, samples=run.cfg.samples_per_item[temp_str(temp)],
                                     system_prompt=run.prompt_path(trial.prompt_set, cond).read_text(encoding="utf-8"),
                                     instructions=instructions, stop=run.cfg.stop, use_batch_api=run.cfg.use_batch_api)
-                for chunk in split_parts(lines, run.cfg.batching.lines_per_part):
+                for chunk in split_parts(lines, run.cfg.batching.lines_per_part, run.cfg.part_byte_limit()):
                     yield trial, temp, chunk[0].type, [line.text for line in chunk]

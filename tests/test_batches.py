@@ -47,3 +47,36 @@ def test_no_row_limit_and_type_homogeneous_parts() -> None:
     assert sum(len(p) for p in parts) == len(lines)
     assert parse_custom_id(parts[-1][-1].custom_id).temp == "0.25"
     assert render(parts[0]).count(b"\n") == 4000
+
+
+def test_byte_limited_parts_fit_with_their_wire_envelope_and_are_full() -> None:
+    """Over contexts of random sizes and several limits: each part fits the limit (every line counted with the wire
+    allowance), the next line would not have fitted (parts are as full as the limit allows), order and types kept."""
+    import random
+
+    from pipeline.batches import WIRE_LINE_OVERHEAD
+
+    rng = random.Random(7)
+    open_rows = [{**row, "context": "x" * rng.randint(0, 6000)} for row in rows(300, "open")]
+    lines = build_lines(closed_rows=rows(200, "closed"), open_rows=open_rows, condition="control", temp=0.0,
+                        samples=2, system_prompt="S", instructions=INSTRUCTIONS)
+
+    def cost(line) -> int:  # noqa: ANN001
+        return len(line.text.encode()) + 1 + WIRE_LINE_OVERHEAD
+
+    for limit in (7_000, 50_000, 400_000):
+        parts = split_parts(lines, 10_000, limit)
+        assert [line for part in parts for line in part] == lines
+        for part, following in zip(parts, [*parts[1:], None], strict=True):
+            assert sum(map(cost, part)) <= limit and len({line.type for line in part}) == 1
+            if following is not None and following[0].type == part[0].type:
+                assert sum(map(cost, part)) + cost(following[0]) > limit
+
+
+def test_a_line_larger_than_the_byte_limit_is_refused_naming_it() -> None:
+    import pytest
+
+    lines = build_lines(closed_rows=[], open_rows=[{**rows(1, "open")[0], "context": "x" * 5000}],
+                        condition="control", temp=0.0, samples=1, system_prompt="S", instructions=INSTRUCTIONS)
+    with pytest.raises(ValueError, match="squad_v2\\|o0"):
+        split_parts(lines, 10, 4096)

@@ -128,6 +128,8 @@ class Provider(_Model):
 
 API_MAX_LINES = {"openai": 50_000, "anthropic": 100_000}
 """Most requests one batch may hold, per provider API."""
+API_MAX_BYTES = {"openai": 200 * 10**6, "anthropic": 256 * 10**6}
+"""Most bytes one batch may hold, per provider API (decimal megabytes: the stricter reading)."""
 
 
 class Budget(_Model):
@@ -140,6 +142,9 @@ class Budget(_Model):
 class Batching(_Model):
     lines_per_part: Annotated[int, Field(gt=0, le=1_000_000)] = 500
     """Most request lines in one batch part (one remote job and dataset)."""
+    max_part_bytes: Annotated[int, Field(ge=4096)] | None = None
+    """Most bytes in one batch part (each line counted with a 512-byte allowance for the provider's wire format);
+    null = no limit beyond the provider API's own (OpenAI 200 MB, Anthropic 256 MB)."""
 
 
 class Pricing(_Model):
@@ -386,6 +391,11 @@ class ExperimentConfig(_Model):
         top_ks = [self.top_k, *(t.top_k for t in self.trials or []), *((self.sweep.top_k or []) if self.sweep else [])]
         if api == "openai" and any(k is not None for k in top_ks):
             raise ValueError("top_k is set but the OpenAI API has no top_k parameter; set top_k: null (and in trials)")
+
+    def part_byte_limit(self) -> int | None:
+        """The byte limit of a batch part: `batching.max_part_bytes` and the provider API's own, the smaller."""
+        limits = [x for x in (self.batching.max_part_bytes, API_MAX_BYTES.get(self.provider.api)) if x is not None]
+        return min(limits) if limits else None
 
     def resolve_model(self, name: str) -> str:
         return self.model_aliases.get(name, name)

@@ -54,6 +54,8 @@ class BuildBatches(PipelineTask):
             "instructions": {k: current_sha(run.instructions_path(k)) for k in ("open_book", "closed_book")},
             "samples": run.cfg.samples_per_item[temp_str(self.temp)],
             "lines_per_part": run.cfg.batching.lines_per_part,
+            # only when there is one, so the builds of runs without a byte limit keep their recorded inputs
+            **({"max_part_bytes": limit} if (limit := run.cfg.part_byte_limit()) is not None else {}),
             "stop": list(run.cfg.stop) if not run.cfg.use_batch_api else [],
         }
 
@@ -99,7 +101,7 @@ class BuildBatches(PipelineTask):
                                   "path": record["path"], "lines": len(lines), "size": record["size"],
                                   "sha256": record["sha256"], "part_index": 0}
             parts[cond] = []
-            chunks = split_parts(lines, run.cfg.batching.lines_per_part)
+            chunks = split_parts(lines, run.cfg.batching.lines_per_part, run.cfg.part_byte_limit())
             for index, chunk in enumerate(chunks, 1):
                 path = self.layout.shard_part(label, suffix, cond, index)
                 write_bytes(path, render(chunk))
