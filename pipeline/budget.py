@@ -121,10 +121,23 @@ def sent_estimate(run: Run, record: PartRecord, *, unknown: Callable[[], float] 
     if per_generation is None:
         per_generation = unknown() if unknown is not None else unknown_part_usd(run, None)
     total = per_generation if record.state in SENT else 0.0
+    total += followup_usd(record) or 0.0
     for entry in earlier:
         usd = entry.get("estimated_usd")
         total += usd if isinstance(usd, int | float) and not isinstance(usd, bool) and usd >= 0 else per_generation
     return total
+
+
+def followup_usd(record: PartRecord) -> float | None:
+    """The estimate of the part's follow-up batch (its failed requests sent again, once) when it was sent, else
+    None. A follow-up recorded without an estimate counts as much as its part's generation (an upper bound)."""
+    follow = (record.model_extra or {}).get("followup")
+    if not isinstance(follow, dict) or follow.get("state") not in SENT:
+        return None
+    usd = follow.get("estimated_usd")
+    if isinstance(usd, int | float) and not isinstance(usd, bool) and usd >= 0:
+        return float(usd)
+    return record.estimated_usd
 
 
 def unknown_part_usd(run: Run, slug: str | None) -> float:

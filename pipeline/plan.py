@@ -125,14 +125,17 @@ def _as_seen_by(owner: PartRef, trial: str) -> PartRef:
     return PartRef(**{**owner.__dict__, "trial": trial})
 
 
-def remote_ids(run: Run, ref: PartRef, generation: int) -> dict[str, str]:
-    """Deterministic dataset / job / output dataset ids and display names for one part generation."""
-    readable = f"ex-t{temp_label(ref.temp)}-{ref.condition[:4]}-p{ref.index:02d}"
-    job_key_ = f"{run.rid}|{ref.uid}|{generation}"
+def remote_ids(run: Run, ref: PartRef, generation: int, variant: str = "") -> dict[str, str]:
+    """Deterministic dataset / job / output dataset ids and display names for one part generation; a `variant`
+    (e.g. `resend`, the follow-up batch of a generation's failed requests) gets ids of its own."""
+    readable = f"ex-t{temp_label(ref.temp)}-{ref.condition[:4]}-p{ref.index:02d}" + (f"-{variant}" if variant else "")
+    tail = f"|{variant}" if variant else ""
+    job_key_ = f"{run.rid}|{ref.uid}|{generation}{tail}"
     return {
-        "dataset_id": remote_id(readable, key=f"{run.rid}|{ref.sha256}|{generation}", suffix="in"),
+        "dataset_id": remote_id(readable, key=f"{run.rid}|{ref.sha256}|{generation}{tail}", suffix="in"),
         "job_id": remote_id(readable, key=job_key_),
         "output_dataset_id": remote_id(readable, key=job_key_, suffix="out"),
         "dataset_display_name": f"{readable}-{run.rid[-8:]}"[:63],
-        "job_display_name": f"excellence-t{temp_label(ref.temp)}-{ref.condition}-{run.rid}-p{ref.index:02d}"[:63],
+        "job_display_name": (f"excellence-t{temp_label(ref.temp)}-{ref.condition}-{run.rid}-p{ref.index:02d}"
+                             + (f"-{variant}" if variant else ""))[:63],
     }

@@ -369,6 +369,7 @@ class AnthropicBackend:
     """`pipeline.providers.backend.Backend` on the Message Batches API; see the module docstring."""
 
     name = "anthropic"
+    resends_failed = True
 
     def __init__(self, client: AnthropicClient, *, prompt_caching: bool, skew_s: float = 120.0,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:

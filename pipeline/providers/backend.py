@@ -77,6 +77,9 @@ class Backend(Protocol):
     """One provider API, as the part tasks drive it. See the module docstring for the shapes."""
 
     name: str
+    resends_failed: bool
+    """Whether requests a batch ended without an answer for (expired, cancelled, errored) are sent again, once, in a
+    follow-up batch of just those requests (OpenAI, Anthropic); otherwise they are recorded as provider errors."""
 
     def upload(self, part: PartSpec, record: PartRecord, save: Save) -> None:
         """Make the part's requests available to the provider, re-attaching to an input uploaded before (found by

@@ -250,6 +250,7 @@ class FireworksBackend:
     both under ids we choose (`PartSpec.input_name`, `PartSpec.client_key`), so a create is re-attached by GET."""
 
     name = "fireworks"
+    resends_failed = False
 
     def __init__(self, client: FireworksClient, *, poll_s: float) -> None:
         self.client = client

@@ -359,6 +359,7 @@ class LocalBackend:
     """`Backend` over a local OpenAI-compatible server; see the module docstring."""
 
     name = "local"
+    resends_failed = False
 
     def __init__(self, client: LocalClient, max_concurrent_requests: int, *,
                  should_stop: Callable[[], bool] | None = None) -> None:

@@ -350,6 +350,7 @@ class OpenAIBackend:
     """`pipeline.providers.backend.Backend` on the OpenAI Batch API; see the module docstring."""
 
     name = "openai"
+    resends_failed = True
 
     def __init__(self, client: OpenAIClient) -> None:
         self.client = client

@@ -11,23 +11,36 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipeline import budget
 from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
-from pipeline.plan import build_key
+from pipeline.plan import PartRef, build_key, remote_ids
 from pipeline.progress import Progress
 from pipeline.provider import make_backend
+from pipeline.providers.backend import PartSpec
 from pipeline.providers.bounded_command import run_bounded
 from pipeline.providers.download import extract_jsonl_bundle
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.providers.limits import Deadline, DownloadLimits, DownloadRefused, ensure_free_space
 from pipeline.tasks.base import PipelineTask, artifact_record, decision
-from pipeline.tasks.remote import OutputGone, PartTask, PollJob, part_spec
+from pipeline.tasks.remote import (
+    SUBMITTED_OR_LATER,
+    UPLOADED_OR_LATER,
+    JobEnded,
+    OutputGone,
+    PartTask,
+    PollJob,
+    check_stop,
+    part_spec,
+    wait,
+)
 from targets import store
-from targets.atomic import write_text, writer_tag
+from targets.atomic import write_bytes, write_text, writer_tag
 from targets.crashpoints import crashpoint
-from targets.fingerprint import fingerprint
+from targets.fingerprint import fingerprint, sha256_file
 from targets.manifest import BuildManifest, PartRecord, TrialManifest
 
 log = logging.getLogger("pipeline")
@@ -101,6 +114,8 @@ class DownloadPart(PartTask):
             record = self.resubmit(ref, record, str(gone))
             found, problems = self.fetch(record, expected)
         progress.update(1, f"checking {len(found):,} lines against {len(expected):,} requests")
+        if make_backend(self.run_ctx).resends_failed:
+            found = self.resend_failed(ref, record, found, expected)
         answered = {line_custom_id(o) for o in found}
         missing = [c for c in expected if c not in answered]
         if missing:
@@ -118,6 +133,92 @@ class DownloadPart(PartTask):
         record_download(self, self.trial, entry)
         progress.update(3, "done")
         decision("done", f"{self.stage} {self.describe()}", f"{len(found)} results, {entry['errors']} errors")
+
+    def resend_failed(self, ref: PartRef, record: PartRecord, found: list[dict], expected: list[str]) -> list[dict]:
+        """Send the requests the batch ended without an answer for (expired, cancelled, errored) again, once, as a
+        follow-up batch of just those requests; its answers replace the failures. The follow-up's record lives in
+        the part's record (`followup`), written before each of its steps like the part's own, so a resume
+        re-attaches to it; a second failure stays a provider error."""
+        by_id = {line_custom_id(o): o for o in found}
+        failed = [c for c in expected if c not in by_id or not has_answer(by_id[c])]
+        if not failed and "followup" not in (record.model_extra or {}):
+            return found
+        follow, spec = self.followup(ref, record, failed)
+        backend = make_backend(self.run_ctx)
+
+        def save(sub: PartRecord) -> None:
+            record.followup = sub.model_dump(mode="json")  # type: ignore[attr-defined]
+            self.save(record)
+
+        if follow.state not in UPLOADED_OR_LATER:
+            check_stop(self)
+            follow.state = "uploading"
+            save(follow)
+            backend.upload(spec, follow, save)
+            follow.state = "uploaded"
+            save(follow)
+        if follow.state not in SUBMITTED_OR_LATER:
+            def reserve() -> None:
+                check_stop(self)
+                budget.reserve(self.run_ctx, ref, follow, save)
+
+            job = backend.submit(spec, follow, save, reserve)
+            follow.job_id, follow.state, follow.provider_state = job.job_id, "submitted", job.state
+            save(follow)
+        if follow.state in ("failed", "cancelled"):
+            return found
+        if follow.state != "completed":
+            try:
+                wait(self, follow, spec=spec, save=save)
+            except JobEnded as ended:
+                log.warning("part %s: the follow-up batch of its %d failed requests ended too (%s); they stay "
+                            "provider errors", self.jkey, follow.lines, ended)
+                return found
+        limits = self.limits()
+        scratch = self.scratch / "followup"
+        try:
+            files = backend.download(spec, follow, scratch, max_bytes=limits.max_bytes,
+                                     deadline=Deadline(limits.deadline_s, f"download of part {self.jkey}'s follow-up"))
+            resent, _ = merge_results(unpack(files, scratch / "unpacked", limits.max_bytes),
+                                      input_custom_ids(spec.requests_path))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        recovered = {line_custom_id(o): o for o in resent if has_answer(o)}
+        decision("resend", f"part {self.jkey}", f"{len(recovered)} of {follow.lines} failed requests answered by "
+                 f"follow-up batch {follow.job_id}")
+        return [recovered.get(c) or by_id[c] for c in expected if c in recovered or c in by_id]
+
+    def followup(self, ref: PartRef, record: PartRecord, failed: list[str]) -> tuple[PartRecord, PartSpec]:
+        """The follow-up batch of the part's current generation: recorded, or written now (its requests file holds
+        the failed requests' lines in the part's order) and recorded before anything is sent."""
+        work = self.layout.part_dir(self.trial, self.jkey) / f".{self.run_ctx.cfg.provider.api}" / "followup"
+        path = work / f"requests.g{record.generation}.jsonl"
+        ids = remote_ids(self.run_ctx, ref, record.generation, variant="resend")
+        known = (record.model_extra or {}).get("followup")
+        if known is not None and known.get("generation") == record.generation:
+            follow = PartRecord.model_validate(known)
+        else:
+            wanted = set(failed)
+            lines = [line for line in ref.path.read_bytes().splitlines(keepends=True)
+                     if line.strip() and line_custom_id(json.loads(line)) in wanted]
+            write_bytes(path, b"".join(lines))
+            share = len(lines) / max(ref.lines, 1)
+            follow = PartRecord(group=ref.group, index=ref.index, type=ref.type, input_path=self.layout.rel(path),
+                                input_sha256=sha256_file(path), lines=len(lines), model=ref.model,
+                                inference_parameters=ref.inference_parameters, generation=record.generation,
+                                dataset_id=ids["dataset_id"], job_id=ids["job_id"],
+                                output_dataset_id=ids["output_dataset_id"],
+                                estimated_usd=None if record.estimated_usd is None else record.estimated_usd * share)
+            decision("resend", f"part {self.jkey}", f"{len(lines)} of {ref.lines} requests have no answer "
+                     f"(job {record.provider_state}); sending them again once, as follow-up batch {ids['job_id']}")
+            record.followup = follow.model_dump(mode="json")  # type: ignore[attr-defined]
+            self.save(record)
+        spec = replace(part_spec(self, ref, record), requests_path=self.layout.run_dir / follow.input_path,
+                       lines=follow.lines, request_sha256=follow.request_sha256, client_key=ids["job_id"],
+                       input_name=ids["dataset_id"], output_name=ids["output_dataset_id"],
+                       display_name=ids["job_display_name"], work_dir=work,
+                       input_display_name=ids["dataset_display_name"])
+        return follow, spec
 
     @property
     def scratch(self) -> Path:

@@ -110,6 +110,7 @@ class PartTask(PipelineTask):
                                f"({record.history[-1] if record.history else ''}); not paying a third time automatically")
         check_stop(self)
         record.history.append(history_entry(record, reason))
+        (record.model_extra or {}).pop("followup", None)  # it belonged to the generation left behind
         record.generation += 1
         record.resubmissions += 1
         ids = remote_ids(self.run_ctx, ref, record.generation)
@@ -193,11 +194,15 @@ def write_breadcrumb(task: PartTask, job: JobStatus) -> None:
                    job.snapshot)
 
 
-def wait(task: PartTask, record: PartRecord, status: Callable[[JobStatus], None] | None = None) -> None:
-    """Poll the part's batch until it ends; map every provider state to a decision."""
+def wait(task: PartTask, record: PartRecord, status: Callable[[JobStatus], None] | None = None, *,
+         spec: PartSpec | None = None, save: Callable[[PartRecord], None] | None = None) -> None:
+    """Poll the part's batch until it ends; map every provider state to a decision. `spec` and `save` default to the
+    part's own; a follow-up batch passes its own (and leaves the part's breadcrumbs alone)."""
     run = task.run_ctx
     backend = make_backend(run)
-    spec = part_spec(task, task.ref(), record)
+    own = spec is None
+    spec = spec or part_spec(task, task.ref(), record)
+    save = save or task.save
     interval, deadline = poll_interval(run), time.monotonic() + run.cfg.provider.poll_timeout_s
     last_state = None
     while True:
@@ -206,31 +211,32 @@ def wait(task: PartTask, record: PartRecord, status: Callable[[JobStatus], None]
             raise RuntimeError(f"batch {record.job_id} of part {task.jkey} is not known to the provider although it "
                                "was submitted; check the account, then delete the part's entry in the trial manifest "
                                "to resubmit")
-        if job.state != last_state:
+        if job.state != last_state and own:
             write_breadcrumb(task, job)
-            last_state = job.state
+        last_state = job.state
         if status:
             status(job)
         if job.decided in (job_states.COMPLETED, job_states.EXPIRED):
             # EXPIRED / EARLY_STOPPED keep the rows done so far; the download accounts for the others.
             output = job.output or record.output_dataset_id
-            write_text(task.layout.output_dataset_breadcrumb(task.trial, task.jkey), output + "\n")
+            if own:
+                write_text(task.layout.output_dataset_breadcrumb(task.trial, task.jkey), output + "\n")
             record.output_dataset_id = output
             record.state, record.provider_state = "completed", job.state
-            task.save(record)
+            save(record)
             if job.decided == job_states.EXPIRED:
                 decision("accept partial", f"job {record.job_id}",
                          f"{job.state}: rows without a result are recorded as errors")
             return
         if job.decided in job_states.TERMINAL:
             record.state, record.provider_state = job.decided, job.state  # type: ignore[assignment]
-            task.save(record)
+            save(record)
             raise JobEnded(f"job {record.job_id} ended {job.state}: {job.message or 'no message'}")
         progress = job.progress
         if (record.state != "running" or record.provider_state != job.state
                 or (no_wait() and progress != record.progress)):
             record.state, record.provider_state, record.progress = "running", job.state, progress
-            task.save(record)
+            save(record)
         if no_wait():
             raise WaitingOnProvider(f"job {record.job_id} of part {task.jkey} is {job.state}{_percent(progress)}; "
                                     "checked once (--no-wait), the next run continues")
@@ -321,9 +327,12 @@ class UploadPart(PartTask):
 
 def history_entry(record: PartRecord, reason: str) -> dict[str, Any]:
     """What a part's history keeps of a generation it leaves behind: its ids, requests, estimate and whether it was sent."""
+    follow = budget.followup_usd(record)
+    estimate = record.estimated_usd if follow is None or record.estimated_usd is None else record.estimated_usd + follow
     return {"generation": record.generation, "dataset_id": record.dataset_id, "job_id": record.job_id,
             "output_dataset_id": record.output_dataset_id, "request_sha256": record.request_sha256,
-            "estimated_usd": record.estimated_usd, "sent": record.state in budget.SENT, "reason": reason, "at": utcnow()}
+            "estimated_usd": estimate, "sent": record.state in budget.SENT, "reason": reason, "at": utcnow(),
+            **({"followup": record.model_extra["followup"]} if "followup" in (record.model_extra or {}) else {})}
 
 
 class SubmitPart(PartTask):
