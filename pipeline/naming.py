@@ -119,9 +119,12 @@ ANTHROPIC_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 """What the Anthropic Message Batches API accepts as a request's `custom_id`."""
 
 
-def anthropic_id(custom_id: str) -> str:
-    """Our custom_id (which holds `|` and `.`) as an Anthropic `custom_id`: `r` + 32 hex digits of its sha256.
+def anthropic_id(custom_id: str, part: str = "") -> str:
+    """Our custom_id (which holds `|` and `.`) as an Anthropic `custom_id`: `r` + 32 hex digits of its sha256,
+    after `p` + 12 hex digits of the sha256 of `part` (the part generation's client key) and `_` when given.
 
     Deterministic, so the client and the emulator map alike; 128 bits make a collision within a part practically
-    impossible, and the client still refuses one when it builds a part's inverse map."""
-    return "r" + hashlib.sha256(custom_id.encode("utf-8")).hexdigest()[:32]
+    impossible, and the client still refuses one when it builds a part's inverse map. The part tag makes a batch's
+    results tell whose they are: two parts asking the same questions (other prompts) never share ids."""
+    mapped = "r" + hashlib.sha256(custom_id.encode("utf-8")).hexdigest()[:32]
+    return f"p{hashlib.sha256(part.encode('utf-8')).hexdigest()[:12]}_{mapped}" if part else mapped

@@ -151,9 +151,11 @@ def test_id_mapping_round_trip_and_collisions(run_dir: Path, tmp_path: Path, mon
     inverse = backend.inverse(part)
     assert sorted(inverse.values()) == sorted(ours)
     assert all(ANTHROPIC_ID_RE.match(mapped) and inverse[mapped] == cid
-               for cid in ours for mapped in [anthropic_id(cid)])
+               for cid in ours for mapped in [anthropic_id(cid, part.client_key)])
     assert anthropic_id(ours[0]) == anthropic_id(ours[0]) != anthropic_id(ours[1])
-    monkeypatch.setattr(anthropic, "anthropic_id", lambda cid: "rsame")
+    # the same question in another part (another prompt) gets another id: results tell whose they are
+    assert anthropic_id(ours[0], part.client_key) != anthropic_id(ours[0], part.client_key + "x")
+    monkeypatch.setattr(anthropic, "anthropic_id", lambda cid, part="": "rsame")
     with pytest.raises(ValueError, match="map to the same Anthropic id rsame"):
         anthropic.inverse_ids(ours, part.jkey)
 
@@ -380,12 +382,13 @@ def test_foreign_and_malformed_result_lines(run_dir: Path, tmp_path: Path) -> No
     ours = _our_ids(part)
     raw = tmp_path / "raw.jsonl"
     lines = [{"custom_id": "rforeign", "result": {"type": "succeeded", "message": {"content": []}}},
-             {"custom_id": anthropic_id(ours[0]), "result": {"type": "succeeded", "message": {
+             {"custom_id": anthropic_id(ours[0], part.client_key), "result": {"type": "succeeded", "message": {
                  "content": [{"type": "text", "text": "Tess"}, {"type": "tool_use"}, {"type": "text", "text": "1"}],
                  "stop_reason": "max_tokens", "usage": {"input_tokens": 3, "output_tokens": 2,
                                                         "cache_read_input_tokens": 5}}}},
-             {"custom_id": anthropic_id(ours[1]), "result": {"type": "succeeded", "message": "nonsense"}},
-             {"custom_id": anthropic_id(ours[2]), "result": {"type": "canceled"}}]
+             {"custom_id": anthropic_id(ours[1], part.client_key), "result": {"type": "succeeded",
+                                                                              "message": "nonsense"}},
+             {"custom_id": anthropic_id(ours[2], part.client_key), "result": {"type": "canceled"}}]
     raw.write_text("".join(json.dumps(line) + "\n" for line in lines))
     target = tmp_path / "out.jsonl"
     backend._convert_results(part, raw, target, backend.inverse(part), 1 << 20)
@@ -398,6 +401,12 @@ def test_foreign_and_malformed_result_lines(run_dir: Path, tmp_path: Path) -> No
     with pytest.raises(ValueError, match="not valid JSONL"):
         backend._convert_results(part, raw, tmp_path / "bad.jsonl", backend.inverse(part), 1 << 20)
     assert not (tmp_path / "bad.jsonl").exists()
+    # results that are all another part's (same questions, its own tag): that batch is not this part's
+    raw.write_text("".join(json.dumps({"custom_id": anthropic_id(cid, "another-part"), "result": {"type": "canceled"}})
+                           + "\n" for cid in ours))
+    with pytest.raises(NotFound, match="another part's"):
+        backend._convert_results(part, raw, tmp_path / "other.jsonl", backend.inverse(part), 1 << 20)
+    assert not (tmp_path / "other.jsonl").exists()
 
 
 def test_fetch_url_headers_stay_on_their_origin(tmp_path: Path) -> None:

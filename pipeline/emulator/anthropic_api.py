@@ -15,7 +15,8 @@ canceled. `request_counts` stay `{processing: N, others 0}` until the end, as th
 
 Answers: requests carry mapped ids (`pipeline.naming.anthropic_id`), which the emulator cannot invert alone. With an
 answer key `<run>/prepared`, the run's request files `<run>/batch_inputs/*.jsonl` (our custom ids) are the oracle:
-the map mapped id -> our id is rebuilt with the same function whenever those files change. A known request is
+the map mapped id -> our id is rebuilt with the same function whenever those files change (looked up without the
+part tag `p<hex>_` a client puts before it). A known request is
 answered by `model.answer(our id, [system] + messages, prepared row)`, so the answer equals the Fireworks
 emulator's; an unknown one with the mapped id as seed and no key (a wrong answer). Usage: with a `cache_control`
 system block, the first request of a batch with that system text reports it as `cache_creation_input_tokens`, the
@@ -129,6 +130,11 @@ class IdOracle:
         return mapping
 
 
+def ours_of(oracle: Mapping[str, str], mapped: str) -> str | None:
+    """Our custom id of a mapped one, if the oracle knows it (the part tag `p<hex>_` before it is the client's)."""
+    return oracle.get(mapped.rsplit("_", 1)[-1])
+
+
 class AnthropicBatches:
     """The Message Batches semantics over an `Emulator`'s store, clock, faults and answer key."""
 
@@ -186,7 +192,8 @@ class AnthropicBatches:
                     break
             write_bytes(self.store.files_dir(ACCT, batch_id) / "requests.json",
                         json.dumps(requests, ensure_ascii=False).encode("utf-8"))
-            subject = f"{batch_id} {self.oracle.current().get(requests[0]['custom_id'], requests[0]['custom_id'])}"
+            first = requests[0]["custom_id"]
+            subject = f"{batch_id} {ours_of(self.oracle.current(), first) or first}"
             record: dict[str, Any] = {"id": batch_id, "subject": subject, "count": len(requests),
                                       "create_ns": self.emu.clock(), "latency_s": self.emu.latency_s, "stuck": False,
                                       "fault": None, "cancel_ns": None, "end_ns": None, "archive_ns": None,
@@ -324,7 +331,7 @@ class AnthropicBatches:
         """The Message answering one request (see the module docstring for answers and cache usage)."""
         params = request["params"]
         mapped = request["custom_id"]
-        ours = oracle.get(mapped)
+        ours = ours_of(oracle, mapped)
         system = params.get("system") or ""
         system_text = system if isinstance(system, str) else "".join(b["text"] for b in system)
         messages = ([{"role": "system", "content": system_text}] if system_text else []) + params["messages"]

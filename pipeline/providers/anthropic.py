@@ -271,7 +271,8 @@ def _text_of(content: Any, where: str) -> str:
     raise ValueError(f"{where}: system content must be text")
 
 
-def convert_line(row: Any, base: Mapping[str, Any], model: str, *, prompt_caching: bool, where: str) -> dict[str, Any]:
+def convert_line(row: Any, base: Mapping[str, Any], model: str, *, prompt_caching: bool, where: str,
+                 part: str = "") -> dict[str, Any]:
     """One request line of ours as an Anthropic batch request (custom id mapped); ValueError naming `where`."""
     if not isinstance(row, dict) or not isinstance(row.get("custom_id"), str) or not row["custom_id"]:
         raise ValueError(f"{where}: request line without a custom_id")
@@ -298,14 +299,14 @@ def convert_line(row: Any, base: Mapping[str, Any], model: str, *, prompt_cachin
     if text:
         params["system"] = ([{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
                             if prompt_caching else text)
-    return {"custom_id": anthropic_id(row["custom_id"]), "params": params}
+    return {"custom_id": anthropic_id(row["custom_id"], part), "params": params}
 
 
-def inverse_ids(custom_ids: Iterator[str] | list[str], where: str) -> dict[str, str]:
-    """`{anthropic_id(ours): ours}` over a part's custom ids; ValueError on a duplicate or a collision."""
+def inverse_ids(custom_ids: Iterator[str] | list[str], where: str, part: str = "") -> dict[str, str]:
+    """`{anthropic_id(ours, part): ours}` over a part's custom ids; ValueError on a duplicate or a collision."""
     inverse: dict[str, str] = {}
     for ours in custom_ids:
-        mapped = anthropic_id(ours)
+        mapped = anthropic_id(ours, part)
         prior = inverse.setdefault(mapped, ours)
         if prior != ours:
             raise ValueError(f"{where}: custom ids {prior!r} and {ours!r} map to the same Anthropic id {mapped}")
@@ -389,13 +390,13 @@ class AnthropicBackend:
         requests = []
         for lineno, row in iter_jsonl_lenient(part.requests_path, problems):
             requests.append(convert_line(row, base, part.model, prompt_caching=self.prompt_caching,
-                                         where=f"{part.requests_path.name}:{lineno}"))
+                                         where=f"{part.requests_path.name}:{lineno}", part=part.client_key))
             ours.append(row["custom_id"])
         if problems:
             raise ValueError(f"{part.jkey}: unreadable request lines: {'; '.join(problems[:3])}")
         if not requests:
             raise ValueError(f"{part.jkey}: {part.requests_path} holds no requests")
-        self._inverse[self._key(part)] = inverse_ids(ours, part.jkey)
+        self._inverse[self._key(part)] = inverse_ids(ours, part.jkey, part.client_key)
         data = json.dumps(requests, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
         target = part.work_dir / REQUESTS_FILE
         if not target.exists() or target.read_bytes() != data:
@@ -581,6 +582,10 @@ class AnthropicBackend:
                 out.write(data)
             if problems:  # raised inside the block, so nothing is kept
                 raise ValueError(f"{part.jkey}: results are not valid JSONL: {'; '.join(problems[:3])}")
+            if foreign and not written:  # raised inside the block too
+                raise NotFound(404, None, f"{part.jkey}: none of the {foreign} results of its batch answer its "
+                                          "requests: the batch is another part's (a reconciliation can match a batch "
+                                          "still in progress only by its request count and time); resubmitting")
         if foreign:
             log.warning("%s: %d result line(s) with foreign custom ids dropped", part.jkey, foreign)
 
