@@ -17,7 +17,8 @@ Shapes shared by every backend:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +72,40 @@ class JobStatus:
     message: str = ""
     snapshot: dict[str, Any] | None = None
     """The provider's raw JSON, written as the part's job breadcrumb."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request line of a part, as built: our custom id and its body (`messages`, optionally `stop`)."""
+
+    custom_id: str
+    body: dict[str, Any]
+    where: str
+    """`<file>:<line>`, for messages."""
+
+
+def read_requests(part: PartSpec) -> Iterator[Request]:
+    """The part's request lines in file order, each checked (`{"custom_id", "body": {"messages": [...]}}` with a
+    non-empty list, custom ids unique); ValueError naming the file and line of the first bad one."""
+    seen: set[str] = set()
+    with open(part.requests_path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            where = f"{part.requests_path}:{lineno}"
+            try:
+                row = json.loads(raw)
+            except ValueError as exc:
+                raise ValueError(f"{where}: request line is not JSON ({exc})") from exc
+            body = row.get("body") if isinstance(row, dict) else None
+            custom_id = row.get("custom_id") if isinstance(row, dict) else None
+            if not isinstance(custom_id, str) or not custom_id or not isinstance(body, dict) \
+                    or not isinstance(body.get("messages"), list) or not body["messages"]:
+                raise ValueError(f"{where}: expected {{\"custom_id\", \"body\": {{\"messages\": [...]}}}}")
+            if custom_id in seen:
+                raise ValueError(f"{where}: duplicate custom_id {custom_id!r}")
+            seen.add(custom_id)
+            yield Request(custom_id, body, where)
 
 
 class Backend(Protocol):

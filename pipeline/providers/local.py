@@ -47,7 +47,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from pipeline.providers import job_states
-from pipeline.providers.backend import JobStatus, PartSpec, Save
+from pipeline.providers.backend import JobStatus, PartSpec, Save, read_requests
 from pipeline.providers.download import check_url
 from pipeline.providers.errors import AuthError, NotFound, ProviderError, RateLimited
 from pipeline.providers.http import JsonApi
@@ -196,25 +196,8 @@ def chat_body(model: str, messages: list[Any], params: Mapping[str, Any]) -> dic
 
 def load_requests(part: PartSpec) -> list[ChatRequest]:
     """The part's requests in file order; ValueError naming file and line for a malformed or duplicate one."""
-    out: list[ChatRequest] = []
-    seen: set[str] = set()
-    with open(part.requests_path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{part.requests_path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{where}: request line is not JSON ({exc})") from exc
-            cid = row.get("custom_id") if isinstance(row, dict) else None
-            messages = row["body"].get("messages") if cid and isinstance(row.get("body"), dict) else None
-            if not isinstance(cid, str) or not cid or not isinstance(messages, list) or not messages:
-                raise ValueError(f"{where}: expected {{\"custom_id\", \"body\": {{\"messages\": [...]}}}}")
-            if cid in seen:
-                raise ValueError(f"{where}: duplicate custom_id {cid!r}")
-            seen.add(cid)
-            out.append(ChatRequest(cid, chat_body(part.model, messages, part.inference_parameters)))
+    out = [ChatRequest(request.custom_id, chat_body(part.model, request.body["messages"], part.inference_parameters))
+           for request in read_requests(part)]
     if len(out) != part.lines:
         raise ValueError(f"{part.requests_path}: {len(out)} requests, but part {part.jkey} declares {part.lines}")
     return out

@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from pipeline.decisions import decision
-from pipeline.providers.backend import JobStatus, PartSpec, Save
+from pipeline.providers.backend import JobStatus, PartSpec, Save, read_requests
 from pipeline.providers.download import fetch_url, is_loopback_url
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.providers.http import RETRY_STATUSES, JsonApi
@@ -240,33 +240,20 @@ def convert_requests(part: PartSpec) -> bytes:
     params = _wire_parameters(part)
     lines: list[bytes] = []
     size = 0
-    with open(part.requests_path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{part.requests_path}:{lineno}"
-            try:
-                row = json.loads(raw)
-            except ValueError as exc:
-                raise ValueError(f"{where}: request line is not JSON ({exc})") from exc
-            body = row.get("body") if isinstance(row, dict) else None
-            custom_id = row.get("custom_id") if isinstance(row, dict) else None
-            if not isinstance(custom_id, str) or not custom_id or not isinstance(body, dict) \
-                    or not isinstance(body.get("messages"), list):
-                raise ValueError(f"{where}: expected {{\"custom_id\", \"body\": {{\"messages\": [...]}}}}")
-            wire_body = {"model": part.model, "messages": body["messages"], **params}
-            if "stop" in body and "stop" not in wire_body:
-                wire_body["stop"] = body["stop"]
-            line = json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": wire_body},
-                              sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-            lines.append(line)
-            size += len(line)
-            if len(lines) > MAX_INPUT_LINES:
-                raise ValueError(f"part {part.jkey}: more than {MAX_INPUT_LINES:,} requests, the OpenAI Batch API "
-                                 "limit per batch; lower batching.lines_per_part")
-            if size > MAX_INPUT_BYTES:
-                raise ValueError(f"part {part.jkey}: input exceeds {MAX_INPUT_BYTES:,} bytes, the OpenAI Batch API "
-                                 "limit per file; lower batching.lines_per_part")
+    for request in read_requests(part):
+        wire_body = {"model": part.model, "messages": request.body["messages"], **params}
+        if "stop" in request.body and "stop" not in wire_body:
+            wire_body["stop"] = request.body["stop"]
+        line = json.dumps({"custom_id": request.custom_id, "method": "POST", "url": ENDPOINT, "body": wire_body},
+                          sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+        lines.append(line)
+        size += len(line)
+        if len(lines) > MAX_INPUT_LINES:
+            raise ValueError(f"part {part.jkey}: more than {MAX_INPUT_LINES:,} requests, the OpenAI Batch API "
+                             "limit per batch; lower batching.lines_per_part")
+        if size > MAX_INPUT_BYTES:
+            raise ValueError(f"part {part.jkey}: input exceeds {MAX_INPUT_BYTES:,} bytes, the OpenAI Batch API "
+                             "limit per file; lower batching.max_part_bytes")
     return b"".join(lines)
 
 
