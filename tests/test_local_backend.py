@@ -25,7 +25,7 @@ from pipeline.naming import make_custom_id
 from pipeline.parsing import check_part_results, iter_jsonl, prediction_fields
 from pipeline.providers import job_states
 from pipeline.providers.backend import PartSpec
-from pipeline.providers.errors import AuthError, NotFound
+from pipeline.providers.errors import AuthError, NotFound, ProviderUnavailable
 from pipeline.providers.limits import Deadline, DownloadRefused
 from pipeline.providers.local import (
     JOURNAL,
@@ -288,12 +288,11 @@ def test_error_answers_are_journaled_as_error_lines(server: EmulatorServer, tmp_
     assert (check.ok, check.errors, check.missing) == (2, 2, [])
 
 
-def test_an_unreachable_server_journals_nothing(tmp_path: Path) -> None:
+def test_an_unreachable_server_fails_the_part_naming_it_and_journals_nothing(tmp_path: Path) -> None:
     part = make_part(tmp_path, 3)
     client = LocalClient("http://127.0.0.1:9/v1", max_retries=1, sleep=lambda _s: None, timeout=(1.0, 1.0))
-    status = LocalBackend(client, 2).status(part, submitted(part))
-    assert status is not None and status.decided == job_states.IN_PROGRESS and status.state == "unreachable"
-    assert "does not answer" in status.message
+    with pytest.raises(ProviderUnavailable, match="127.0.0.1:9/v1 does not answer .* provider.base_url"):
+        LocalBackend(client, 2).status(part, submitted(part))
     assert (part.work_dir / JOURNAL).read_bytes() == b""
 
 

@@ -49,7 +49,7 @@ from requests.adapters import HTTPAdapter
 from pipeline.providers import job_states
 from pipeline.providers.backend import JobStatus, PartSpec, Save, read_requests
 from pipeline.providers.download import check_url
-from pipeline.providers.errors import AuthError, NotFound, ProviderError, RateLimited
+from pipeline.providers.errors import AuthError, NotFound, ProviderError, ProviderUnavailable, RateLimited
 from pipeline.providers.http import JsonApi
 from pipeline.providers.limits import BYTES_PER_TOKEN, Deadline, DownloadRefused, ensure_free_space
 from targets.atomic import atomic_open, write_json
@@ -120,6 +120,15 @@ class LocalClient(JsonApi):
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def reachable(self) -> str:
+        """"" when the server answers at all (any HTTP status), else why not: one quick try, no retries, so a server
+        that is down fails a run at once instead of after every request's backoff."""
+        try:
+            self._session.get(f"{self.base_url}/models", headers=self.auth_headers(), timeout=(2.0, 10.0)).close()
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            return f"GET {self.base_url}/models: {type(exc).__name__}"
+        return ""
 
     def chat(self, body: dict[str, Any], request_id: str, *, max_bytes: int) -> dict[str, Any]:
         """POST `{base_url}/chat/completions` under the retry policy; the parsed JSON answer.
@@ -383,11 +392,23 @@ class LocalBackend:
             journal = _open_journal(part, job_id)
             try:
                 pending = [r for r in requests_ if r.custom_id not in journal.answered]
+                down = self.client.reachable() if pending else ""
+                if down:
+                    raise ProviderUnavailable(0, None, f"local server {self.client.base_url} does not answer "
+                                                       f"({down}); start it or fix provider.base_url, then run again: "
+                                                       f"the {len(journal.answered)} answers journaled so far are kept")
+                before = len(journal.answered)
                 halted = self._answer(pending, journal, response_bound(part.inference_parameters)) if pending else ""
             finally:
                 journal.close()
         wanted = {r.custom_id for r in requests_}
         answered = len(wanted & journal.answered)
+        if halted and len(journal.answered) == before:
+            # Not one answer in this pass: waiting would only retry a server that is down or refusing us; fail the
+            # part with the cause, its journal kept for the next run.
+            raise ProviderUnavailable(0, None, f"local server {self.client.base_url} gave no answer for part "
+                                               f"{part.jkey}: {halted}. Start it or fix provider.base_url, then run "
+                                               f"again: the {answered} answers journaled so far are kept")
         total = len(requests_)
         progress = {"percent": 100 * answered // total if total else 100, "answered": answered, "total": total}
         snapshot = {"job_id": job_id, "journal": str(journal.path), "base_url": self.client.base_url, **progress}
