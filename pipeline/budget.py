@@ -2,8 +2,10 @@
 
 Estimate of one part = its requests' prompt tokens (characters / 4, plus a few per message: no tokenizer is
 needed and the figure errs high for English) at the input rate, plus every request using its full `maxTokens`
-at the output rate, with the rates `costs.json` uses (batch pricing when `use_batch_api`). Real usage is lower;
-the estimate is what a submission *commits* until the results are in.
+at the output rate, with the rates `costs.json` uses (batch pricing when `use_batch_api`). With
+`provider.prompt_caching` the prompt tokens are priced at max(input, cache write) rate instead: any of them may be
+a cache write, and a cache read never costs more than an input token. Real usage is lower; the estimate is what a
+submission *commits* until the results are in.
 
 Committed money = the estimate of every generation of every part that was sent (state `submitting` or later,
 plus each earlier generation in its history unless the entry says it was never sent). A submission is refused,
@@ -73,14 +75,23 @@ def request_tokens(line: str) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
 
 
-def estimate_lines(lines: Iterable[str], *, max_tokens: int, rates: dict[str, Any]) -> Estimate:
+def prompt_rate(rates: dict[str, Any], *, prompt_caching: bool) -> float:
+    """USD per 1M estimated prompt tokens: the input rate, or with prompt caching the larger of it and the cache
+    write rate (an upper bound whichever way each token is billed)."""
+    if prompt_caching:
+        return max(rates["input_rate_per_mtok"], rates["cache_write_rate_per_mtok"])
+    return rates["input_rate_per_mtok"]
+
+
+def estimate_lines(lines: Iterable[str], *, max_tokens: int, rates: dict[str, Any], prompt_caching: bool = False) -> Estimate:
     requests = prompt = 0
     for line in lines:
         if line.strip():
             requests += 1
             prompt += request_tokens(line)
     completion = requests * max_tokens
-    usd = prompt / 1e6 * rates["input_rate_per_mtok"] + completion / 1e6 * rates["output_rate_per_mtok"]
+    usd = (prompt / 1e6 * prompt_rate(rates, prompt_caching=prompt_caching)
+           + completion / 1e6 * rates["output_rate_per_mtok"])
     return Estimate(requests, prompt, completion, round(usd, 6))
 
 
@@ -88,19 +99,24 @@ def part_rates(run: Run, model: str) -> dict[str, Any]:
     return resolve_rates(**pricing_args(run.cfg, model))
 
 
+def _estimate_run_lines(run: Run, lines: Iterable[str], *, max_tokens: int, model: str) -> Estimate:
+    """`estimate_lines` with the run's rates for `model` and its prompt caching setting."""
+    return estimate_lines(lines, max_tokens=max_tokens, rates=part_rates(run, model),
+                          prompt_caching=run.cfg.provider.prompt_caching)
+
+
 def estimate_part(run: Run, ref: PartRef) -> Estimate:
     """The estimate of one generation of a built part (read from its request file)."""
     with open(ref.path, encoding="utf-8") as lines:
-        return estimate_lines(lines, max_tokens=int(ref.inference_parameters["maxTokens"]),
-                              rates=part_rates(run, ref.model))
+        return _estimate_run_lines(run, lines, max_tokens=int(ref.inference_parameters["maxTokens"]), model=ref.model)
 
 
 def _request_file_usd(run: Run, record: PartRecord) -> float | None:
     """One generation of a recorded part, estimated from its request file; None when the file cannot be read."""
     try:
         with open(run.layout.run_dir / record.input_path, encoding="utf-8") as lines:
-            return estimate_lines(lines, max_tokens=int(record.inference_parameters.get("maxTokens", 0)),
-                                  rates=part_rates(run, record.model)).usd
+            return _estimate_run_lines(run, lines, max_tokens=int(record.inference_parameters.get("maxTokens", 0)),
+                                       model=record.model).usd
     except (OSError, ValueError, KeyError):
         return None
 
@@ -265,10 +281,12 @@ def plan_estimate(run: Run) -> dict[str, Any]:
             key = hashlib.sha256("\n".join([trial.model_id, json.dumps(params, sort_keys=True), *lines]).encode()).hexdigest()
             if key not in seen:
                 seen.add(key)
-                by_trial[trial.slug] += estimate_lines(lines, max_tokens=int(params["maxTokens"]),
-                                                       rates=part_rates(run, trial.model_id))
+                by_trial[trial.slug] += _estimate_run_lines(run, lines, max_tokens=int(params["maxTokens"]),
+                                                            model=trial.model_id)
     return {"total": sum(by_trial.values(), NOTHING), "by_trial": by_trial, "max_usd": run.cfg.budget.max_usd,
-            "from": "built requests" if built is not None else "requests the build will write"}
+            "from": "built requests" if built is not None else "requests the build will write",
+            "prompt_rate": ("max(input, cache write) rate: prompt caching is on" if run.cfg.provider.prompt_caching
+                            else "input rate")}
 
 
 def _built_parts(run: Run) -> list[PartRef] | None:

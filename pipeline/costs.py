@@ -1,7 +1,15 @@
 """Token usage and USD cost of one trial (`costs.json`), with the provenance of every rate, and the run's spend.
 
-Rates come from `pipeline.pricing` (rules and provenance there).
-usd = prompt_tokens / 1e6 · input_rate + completion_tokens / 1e6 · output_rate, rounded to 6 decimals.
+Rates come from `pipeline.pricing` (rules and provenance there). Per block (a trial, a condition, a part, ...):
+
+    usd = ((prompt_tokens − cache_read_tokens − cache_write_tokens) · input_rate
+           + cache_read_tokens · cache_read_rate + cache_write_tokens · cache_write_rate
+           + completion_tokens · output_rate) / 1e6, rounded to 6 decimals,
+
+with the block's token sums and the rates per million tokens. Cache reads and writes are part of prompt_tokens (as
+every provider's canonical usage counts them); a row reporting more cached tokens than prompt tokens is counted as
+all cached (reads first), so the uncached count is never negative. Usage without the cache columns (predictions of
+older runs) has none: every prompt token at the input rate, as before.
 
 Money is counted once: a part shared by several trials (same request bytes, see `pipeline.plan`) is paid by its
 owner. A trial's `usd` is what its predictions consumed, shared parts included; its `owned_usd` is what it pays
@@ -23,38 +31,56 @@ if TYPE_CHECKING:  # pandas is imported where frames are priced: `status` and `l
     import pandas as pd
 
 _TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
+CACHE_COLUMNS = ("cache_read_tokens", "cache_write_tokens")
 _USAGE_COLUMNS = ("condition", "temp", *_TOKEN_COLUMNS)
 
 
 def _tokens(frame: pd.DataFrame) -> pd.DataFrame:
-    """Integer token columns (blank/NaN/garbage → 0); a row without total_tokens counts prompt + completion."""
+    """Integer token columns (blank/NaN/garbage → 0); a row without total_tokens counts prompt + completion; absent
+    cache columns are 0, and cache counts are capped so reads ≤ prompt and reads + writes ≤ prompt per row."""
     import pandas as pd
 
     out = pd.DataFrame(index=frame.index)
-    for col in _TOKEN_COLUMNS:
-        out[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).clip(lower=0).astype("int64")
+    for col in (*_TOKEN_COLUMNS, *CACHE_COLUMNS):
+        values = frame[col] if col in frame.columns else pd.Series(0, index=frame.index)
+        out[col] = pd.to_numeric(values, errors="coerce").fillna(0).clip(lower=0).astype("int64")
     missing_total = out["total_tokens"] <= 0
     out.loc[missing_total, "total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    out["cache_read_tokens"] = out["cache_read_tokens"].clip(upper=out["prompt_tokens"])
+    out["cache_write_tokens"] = out["cache_write_tokens"].clip(upper=out["prompt_tokens"] - out["cache_read_tokens"])
     return out
 
 
+def block_usd(prompt: int, completion: int, cache_read: int, cache_write: int, rates: Mapping[str, Any]) -> float:
+    """The module docstring's formula for token sums (cache_read + cache_write ≤ prompt) and `resolve_rates`
+    rates, rounded to 6 decimals."""
+    usd = ((prompt - cache_read - cache_write) * rates["input_rate_per_mtok"]
+           + cache_read * rates["cache_read_rate_per_mtok"]
+           + cache_write * rates["cache_write_rate_per_mtok"]
+           + completion * rates["output_rate_per_mtok"]) / 1e6
+    return round(usd, 6)
+
+
 def _block(tokens: pd.DataFrame, rates: dict[str, Any]) -> dict[str, Any]:
-    prompt = int(tokens["prompt_tokens"].sum())
-    completion = int(tokens["completion_tokens"].sum())
-    usd = prompt / 1e6 * rates["input_rate_per_mtok"] + completion / 1e6 * rates["output_rate_per_mtok"]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": int(tokens["total_tokens"].sum()),
-            "usd": round(usd, 6)}
+    sums = {col: int(tokens[col].sum()) for col in (*_TOKEN_COLUMNS, *CACHE_COLUMNS)}
+    usd = block_usd(sums["prompt_tokens"], sums["completion_tokens"], sums["cache_read_tokens"],
+                    sums["cache_write_tokens"], rates)
+    return {"prompt_tokens": sums["prompt_tokens"], "completion_tokens": sums["completion_tokens"],
+            "total_tokens": sums["total_tokens"], "cache_read_tokens": sums["cache_read_tokens"],
+            "cache_write_tokens": sums["cache_write_tokens"], "usd": usd}
 
 
 def summarize_costs(
     usage: pd.DataFrame, *, pricing: dict[str, Any], provider: str, model: str, use_batch_api: bool,
     served_by: str | None = None,
 ) -> dict[str, Any]:
-    """costs.json for one trial from its per-prediction usage rows (columns `condition, temp, *_tokens`).
+    """costs.json for one trial from its per-prediction usage rows (columns `condition, temp, prompt_tokens,
+    completion_tokens, total_tokens`, optionally `cache_read_tokens, cache_write_tokens`: 0 when absent).
 
     `provider` picks the rates table; `served_by` is the provider that answered (the config's provider.name,
     default `provider`): the emulator is priced with Fireworks' rates but recorded as `emulator`.
-    Returns `provider` (served_by), the totals (`prompt_tokens, completion_tokens, total_tokens, usd,
+    Returns `provider` (served_by), the totals (`prompt_tokens, completion_tokens, total_tokens, cache_read_tokens,
+    cache_write_tokens, usd,
     batch_discount_applied, usage_records, pricing`, whose `pricing.provider` is the rates table's) plus the same
     token/usd block `by_condition` (control and treatment always present), `by_temp` and `by_condition_temp` (keys
     `temp_str(temp)`, in increasing temperature). Split usd values are priced and rounded per block, so they may
@@ -98,7 +124,7 @@ def trial_costs(
 
     `usage` has the columns `summarize_costs` needs plus `custom_id`; `parts` maps each part's key (`owner/jkey`) to
     `{"owner": slug, "custom_ids": [...]}` (the ids of the part's requests); a part whose owner is not `trial` is
-    shared: another trial owns and pays for it. Adds `parts` ({key: prompt/completion/total tokens, usd, owner,
+    shared: another trial owns and pays for it. Adds `parts` ({key: the token block with its usd, owner,
     shared}, in key order), `owned_usd` (the usage of the parts `trial` owns, priced) and `shared_usd` (the same for
     the parts it reads from other trials). Each figure is priced and rounded on its own, so owned_usd + shared_usd
     and the sum of the parts' usd may differ from `usd` in the last decimal; with no shared part owned_usd == usd.

@@ -26,8 +26,11 @@ from pipeline.naming import parse_custom_id
 
 PREDICTION_COLUMNS = (
     "custom_id", "dataset", "item_id", "condition", "temp", "sample_index", "type", "request_id", "finish_reason",
-    "response_text", "prompt_tokens", "completion_tokens", "total_tokens", "error",
+    "response_text", "prompt_tokens", "completion_tokens", "total_tokens", "error", "cache_read_tokens",
+    "cache_write_tokens",
 )
+"""predictions.csv columns, in order. The cache counts come last so every earlier column keeps its position (the
+original system's 13 columns, then `error`, then what was added later)."""
 MAX_LINE_BYTES = 16 * 1024 * 1024
 _TAILS: dict[str, tuple[str, str, int, str]] = {}  # checked custom_id tails: (condition, temp, sample_index, type)
 _TAILS_MAX = 1 << 16
@@ -89,13 +92,34 @@ def _custom_id_fields(cid: str) -> tuple[str, str, str, str, int, str]:
     return fields[0], fields[1], *tail
 
 
-def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str, str, str, int, int, int, str]:
+def _cache_counts(usage: dict) -> tuple[int, int]:
+    """(cache_read_tokens, cache_write_tokens) of a usage dict: Anthropic's `cache_read_input_tokens` /
+    `cache_creation_input_tokens`, else OpenAI's `prompt_tokens_details.cached_tokens` as reads; each is
+    `int(float(value))`, 0 when absent, not a number or negative."""
+    read = usage.get("cache_read_input_tokens")
+    write = usage.get("cache_creation_input_tokens")
+    if read is None:
+        details = usage.get("prompt_tokens_details")
+        read = details.get("cached_tokens") if isinstance(details, dict) else None
+        if read is None and write is None:  # the usual usage dict (no cache counts): nothing to convert
+            return 0, 0
+    counts = []
+    for value in (read, write):
+        try:
+            counts.append(max(int(float(value)), 0))  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            counts.append(0)
+    return counts[0], counts[1]
+
+
+def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str, str, str, int, int, int, str, int, int]:
     """One predictions.csv row, in `PREDICTION_COLUMNS` order, from a result line (which must carry a valid custom_id).
 
     Text and finish_reason come from `body.choices[0]` (text falls back to `body.message.content`, then
     `body.content`); usage from `response.usage`, else `body.usage`; request_id from `response.request_id`, else
     `response.id`, else `body.id`; tokens are `int(float(value))` (0 when not a number), total falls back to
-    prompt + completion. A line without text is an error row whose `error` says why.
+    prompt + completion; the cache counts are `_cache_counts` of the usage (they are part of prompt_tokens, as
+    every provider's canonical usage counts them). A line without text is an error row whose `error` says why.
     """
     cid = obj.get("custom_id", obj.get("customId"))
     if not isinstance(cid, str) or not cid:
@@ -136,8 +160,9 @@ def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str
         total = int(float(usage.get("total_tokens"))) or prompt + completion
     except (TypeError, ValueError):
         total = prompt + completion
+    cache_read, cache_write = _cache_counts(usage)
     return (cid, dataset, item_id, condition, temp, sample_index, type_, request_id, finish, (text or "").strip(),
-            prompt, completion, total, "" if text is not None else _error_text(obj))
+            prompt, completion, total, "" if text is not None else _error_text(obj), cache_read, cache_write)
 
 
 _NOT_JSON = object()

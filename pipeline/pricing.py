@@ -12,6 +12,15 @@ Rate rules (fixing the original):
 - a discount of None, 0 or 1 means "no discount" (0 never makes a run free);
 - without `use_batch_api`, standard rates are used; an entry that only has batch rates is priced at those;
 - a model served by a `local` server without an entry costs 0 (rate_type `local`): nothing is billed.
+
+Cached prompt tokens (`cache_read_tokens` / `cache_write_tokens` of predictions.csv) have their own rates:
+- an entry's `cache_read_per_mtok` / `cache_write_per_mtok` (and `*_batch` variants) follow the input/output rules
+  above: with `use_batch_api` an explicit batch rate is used as is, else the standard one times the discount;
+- a side without an explicit rate is the effective input rate (after the batch rule) times the entry's
+  `cache_read_multiplier` / `cache_write_multiplier`, else the provider's default in `CACHE_MULTIPLIERS`:
+  anthropic reads 0.1×, writes 1.25× (5-minute cache writes); openai cached input 0.5× (OpenAI bills no cache
+  writes: 1×); any other provider 1× (a cached token costs what an input token does, as before caching was priced);
+- without an entry the fallback input rate is used the same way (a local server's 0 stays 0).
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from typing import Any
 DEFAULT_INPUT_PER_MILLION = 0.15
 DEFAULT_OUTPUT_PER_MILLION = 0.60
 DEFAULT_BATCH_DISCOUNT = 0.5
+CACHE_MULTIPLIERS: dict[str, tuple[float, float]] = {"anthropic": (0.1, 1.25), "openai": (0.5, 1.0)}
+"""Default (cache read, cache write) multipliers on the effective input rate, per provider; others: (1, 1)."""
+CACHE_SIDES = ("cache_read", "cache_write")
 
 def _lookup(table: Any, key: str) -> tuple[str, Any] | None:
     """(matched key, value) for `key` in `table`: exact match first, then case-insensitive (first in sorted order)."""
@@ -62,12 +74,29 @@ def _rate(
     return float(standard), "standard", f"{where}.{standard_key}"
 
 
+def _cache_rate(
+    entry: dict[str, Any], side: str, where: str, use_batch_api: bool, discount: float | None, discount_where: str,
+    *, provider: str, in_rate: float,
+) -> tuple[float, str | None, str]:
+    """(rate, kind, source) for `side` ("cache_read"/"cache_write"): an explicit rate of the entry by `_rate`'s rules
+    (kind as there), else `in_rate` (the effective input rate) times the entry's or the provider's multiplier (kind
+    None: it follows the input rate)."""
+    if entry.get(f"{side}_per_mtok") is not None or entry.get(f"{side}_per_mtok_batch") is not None:
+        return _rate(entry, side, where, use_batch_api, discount, discount_where)
+    multiplier = entry.get(f"{side}_multiplier")
+    if multiplier is not None:
+        return in_rate * float(multiplier), None, f"input rate × {where}.{side}_multiplier ({float(multiplier):g})"
+    default = CACHE_MULTIPLIERS.get(provider.lower(), (1.0, 1.0))[CACHE_SIDES.index(side)]
+    return in_rate * default, None, f"input rate × {default:g} (default for provider {provider})"
+
+
 def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_batch_api: bool) -> dict[str, Any]:
     """The rates used to price `model` served by `provider` (see module docstring for the rules).
 
-    Returns `{provider, model_key, input_rate_per_mtok, output_rate_per_mtok, rate_type, table_found,
-    use_batch_api, source}`; rate_type is standard | batch | batch_discount | default | default_batch, and
-    `source` names the config keys each rate came from.
+    Returns `{provider, model_key, input_rate_per_mtok, output_rate_per_mtok, cache_read_rate_per_mtok,
+    cache_write_rate_per_mtok, rate_type, table_found, use_batch_api, source}`; rate_type is standard | batch |
+    batch_discount | default | default_batch | local (of the input/output rates and any explicit cache rate), and
+    `source` names the config keys (and multipliers) each rate came from.
     """
     global_discount = pricing.get("batch_discount", DEFAULT_BATCH_DISCOUNT)
     provider_hit = _lookup(pricing.get("providers") or {}, provider)
@@ -82,13 +111,16 @@ def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_bat
             discount, discount_where = _effective_discount(global_discount), "pricing.batch_discount"
         in_rate, in_kind, in_source = _rate(entry, "input", where, use_batch_api, discount, discount_where)
         out_rate, out_kind, out_source = _rate(entry, "output", where, use_batch_api, discount, discount_where)
-        kinds = {in_kind, out_kind}
+        cache = {side: _cache_rate(entry, side, where, use_batch_api, discount, discount_where,
+                                   provider=str(provider_hit[0]), in_rate=in_rate) for side in CACHE_SIDES}
+        kinds = {in_kind, out_kind, *(kind for _, kind, _ in cache.values() if kind)}
         # A mixed pair (one side explicit, the other derived) reports the most derived kind; `source` has the detail.
         rate_type = next(kind for kind in ("batch_discount", "batch", "standard") if kind in kinds)
         result.update(model_key=model_key, table_found=True)
     elif provider == "local":
         in_rate = out_rate = 0.0
         in_source = out_source = "a local server bills nothing (add pricing.providers.local to price it)"
+        cache = {side: (0.0, None, in_source) for side in CACHE_SIDES}
         rate_type = "local"
         result.update(model_key=model, table_found=False)
     else:
@@ -101,11 +133,17 @@ def resolve_rates(pricing: dict[str, Any], *, provider: str, model: str, use_bat
             in_rate, out_rate, rate_type = in_rate * discount, out_rate * discount, "default_batch"
             in_source += f" × pricing.batch_discount ({discount:g})"
             out_source += f" × pricing.batch_discount ({discount:g})"
+        cache = {side: _cache_rate({}, side, "pricing", use_batch_api, None, "", provider=provider, in_rate=in_rate)
+                 for side in CACHE_SIDES}
         result.update(model_key=model, table_found=False)
-    result.update(input_rate_per_mtok=in_rate, output_rate_per_mtok=out_rate, rate_type=rate_type,
-                  source=f"input: {in_source}; output: {out_source}")
+    (read_rate, _, read_source), (write_rate, _, write_source) = cache["cache_read"], cache["cache_write"]
+    result.update(input_rate_per_mtok=in_rate, output_rate_per_mtok=out_rate, cache_read_rate_per_mtok=read_rate,
+                  cache_write_rate_per_mtok=write_rate, rate_type=rate_type,
+                  source=f"input: {in_source}; output: {out_source}; cache read: {read_source}; "
+                         f"cache write: {write_source}")
     return {key: result[key] for key in ("provider", "model_key", "input_rate_per_mtok", "output_rate_per_mtok",
-                                         "rate_type", "table_found", "use_batch_api", "source")}
+                                         "cache_read_rate_per_mtok", "cache_write_rate_per_mtok", "rate_type",
+                                         "table_found", "use_batch_api", "source")}
 
 
 def pricing_args(cfg: Any, model: str) -> dict[str, Any]:

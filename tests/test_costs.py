@@ -128,7 +128,8 @@ def test_split_by_condition_and_temperature_sums_to_total() -> None:
         assert sum(c[key] for c in cells) == result[key]
     assert math.isclose(sum(b["usd"] for b in result["by_condition"].values()), result["usd"], abs_tol=1e-5)
     assert result["by_condition_temp"]["0.25"]["treatment"] == {
-        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "usd": 0.0}
+        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+        "usd": 0.0}
     assert result["by_condition_temp"]["0.0"]["control"]["prompt_tokens"] == 1000
     assert result["batch_discount_applied"] is False
 

@@ -123,9 +123,11 @@ def test_trial_costs_splits_owned_and_shared() -> None:
                         use_batch_api=True)
     assert costs["parts"] == {
         "x/t00_control_p00": {"prompt_tokens": 4000, "completion_tokens": 40, "total_tokens": 4040,
-                              "usd": round(price(4000, 40), 6), "owner": "x", "shared": True},
+                              "cache_read_tokens": 0, "cache_write_tokens": 0, "usd": round(price(4000, 40), 6), "owner": "x",
+                              "shared": True},
         "y/t00_treatment_p00": {"prompt_tokens": 2000, "completion_tokens": 20, "total_tokens": 2020,
-                                "usd": round(price(2000, 20), 6), "owner": "y", "shared": False}}
+                                "cache_read_tokens": 0, "cache_write_tokens": 0, "usd": round(price(2000, 20), 6), "owner": "y",
+                                "shared": False}}
     assert (costs["owned_usd"], costs["shared_usd"]) == (round(price(2000, 20), 6), round(price(4000, 40), 6))
     assert costs["usd"] == round(price(6000, 60), 6)  # still what the trial consumed
 

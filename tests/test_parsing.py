@@ -23,6 +23,11 @@ def ref_int(value: object) -> int:
         return 0
 
 
+def ref_count(value: object) -> int:
+    """A cache count: `ref_int`, never negative."""
+    return max(ref_int(value), 0)
+
+
 def ref_row(obj: dict) -> dict[str, object]:
     cid = obj.get("custom_id", obj.get("customId"))
     assert isinstance(cid, str) and cid
@@ -50,6 +55,10 @@ def ref_row(obj: dict) -> dict[str, object]:
     if isinstance(response, dict):
         request_id = str(response.get("request_id") or response.get("id") or (body or {}).get("id") or "")
     prompt, completion = ref_int(usage.get("prompt_tokens")), ref_int(usage.get("completion_tokens"))
+    cache_read = usage.get("cache_read_input_tokens")
+    if cache_read is None and isinstance(usage.get("prompt_tokens_details"), dict):
+        cache_read = usage["prompt_tokens_details"].get("cached_tokens")
+    cache_write = usage.get("cache_creation_input_tokens")
     error = ""
     if text is None:
         err = obj.get("error")
@@ -61,7 +70,7 @@ def ref_row(obj: dict) -> dict[str, object]:
             "temp": parts.temp, "sample_index": parts.sample_index, "type": parts.type, "request_id": request_id,
             "finish_reason": finish, "response_text": (text or "").strip(), "prompt_tokens": prompt,
             "completion_tokens": completion, "total_tokens": ref_int(usage.get("total_tokens")) or prompt + completion,
-            "error": error}
+            "error": error, "cache_read_tokens": ref_count(cache_read), "cache_write_tokens": ref_count(cache_write)}
 
 
 def ref_csv(lines: list[str]) -> str:
@@ -108,6 +117,17 @@ SHAPES: list[object] = [
                                         "usage": {"prompt_tokens": 1e3, "completion_tokens": "x"}}},
     {"custom_id": "trivia,qa|it\"em|control|0.0|07|closed", "response": {"choices": [{"message": {"content": "x"}}]}},
     {"custom_id": cid(12), "response": {"choices": ["not a dict"], "message": {"content": "fallback"}}},
+    # cache counts: Anthropic's canonical usage, OpenAI's cached_tokens, and values that are not counts
+    {"custom_id": cid(13), "response": {"body": {"choices": [{"message": {"content": "cached"}}], "usage": {
+        "prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32, "cache_read_input_tokens": 20,
+        "cache_creation_input_tokens": 5}}}},
+    {"custom_id": cid(14), "response": {"body": {"choices": [{"message": {"content": "oa"}}], "usage": {
+        "prompt_tokens": 40, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": "16"}}}}},
+    {"custom_id": cid(15), "response": {"choices": [{"message": {"content": "odd"}}], "usage": {
+        "prompt_tokens": 9, "cache_read_input_tokens": -3, "cache_creation_input_tokens": "x",
+        "prompt_tokens_details": {"cached_tokens": 4}}}},
+    {"custom_id": cid(16), "response": {"choices": [{"message": {"content": "odd2"}}], "usage": {
+        "prompt_tokens": 9, "cache_creation_input_tokens": 2.7, "prompt_tokens_details": ["not a dict"]}}},
 ]
 
 
@@ -119,6 +139,18 @@ def test_rows_match_the_reference_for_every_line_shape(tmp_path: Path) -> None:
     assert text == ref_csv(lines)
     assert parsed.rows == len(SHAPES)
     assert parsed.errors == sum(row["error"] != "" for row in map(ref_row, SHAPES))
+
+
+def test_cache_counts_are_the_last_columns(tmp_path: Path) -> None:
+    assert PREDICTION_COLUMNS[:14] == ("custom_id", "dataset", "item_id", "condition", "temp", "sample_index", "type",
+                                       "request_id", "finish_reason", "response_text", "prompt_tokens",
+                                       "completion_tokens", "total_tokens", "error")
+    assert PREDICTION_COLUMNS[14:] == ("cache_read_tokens", "cache_write_tokens")
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(line(obj) for obj in SHAPES[13:]) + "\n", encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(ours([path])[0])))
+    assert [(r["cache_read_tokens"], r["cache_write_tokens"]) for r in rows] == [
+        ("20", "5"), ("16", "0"), ("0", "0"), ("0", "2")]
 
 
 def test_json_that_orjson_refuses_goes_through_json(tmp_path: Path) -> None:

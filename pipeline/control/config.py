@@ -162,12 +162,16 @@ class Pricing(_Model):
     providers: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
     """Rates per provider and model: `{provider: {model: {input_per_mtok, output_per_mtok, input_per_mtok_batch,
     output_per_mtok_batch, batch_discount}}}`; explicit batch rates are never discounted again (see
-    `pipeline.pricing`)."""
+    `pipeline.pricing`). Cached prompt tokens: optional `cache_read_per_mtok`, `cache_write_per_mtok` (and their
+    `*_batch` variants, same rules), else the input rate times `cache_read_multiplier` / `cache_write_multiplier`,
+    whose defaults are anthropic 0.1 / 1.25, openai 0.5 / 1, others 1 / 1."""
 
     @field_validator("providers")
     @classmethod
     def _entries_complete(cls, value: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-        allowed = {"input_per_mtok", "output_per_mtok", "input_per_mtok_batch", "output_per_mtok_batch", "batch_discount"}
+        allowed = {"input_per_mtok", "output_per_mtok", "input_per_mtok_batch", "output_per_mtok_batch", "batch_discount",
+                   "cache_read_per_mtok", "cache_write_per_mtok", "cache_read_per_mtok_batch",
+                   "cache_write_per_mtok_batch", "cache_read_multiplier", "cache_write_multiplier"}
         for provider, table in value.items():
             for model, entry in table.items():
                 where = f"pricing.providers.{provider}[{model!r}]"
@@ -179,7 +183,11 @@ class Pricing(_Model):
                 if not (standard or batch):
                     raise ValueError(f"{where}: give input_per_mtok+output_per_mtok or the *_batch pair")
                 if any(v < 0 for v in entry.values()):
-                    raise ValueError(f"{where}: rates must be >= 0")
+                    raise ValueError(f"{where}: rates and multipliers must be >= 0")
+                for side in ("cache_read", "cache_write"):
+                    if f"{side}_multiplier" in entry and {f"{side}_per_mtok", f"{side}_per_mtok_batch"} & set(entry):
+                        raise ValueError(f"{where}: give {side}_per_mtok (or its _batch rate) or {side}_multiplier, "
+                                         "not both")
         return value
 
 

@@ -23,13 +23,19 @@ def settings_hash(obj: Any) -> str:
 
 
 def read_predictions(path):  # noqa: ANN001, ANN201 - pandas is imported lazily to keep no-op resumes fast
+    """predictions.csv typed (token counts and sample_index as ints, blank → 0); a file written before the cache
+    counts were kept gets `cache_read_tokens` / `cache_write_tokens` of 0, so it prices as it did."""
     import pandas as pd
 
     text_cols = ["custom_id", "dataset", "item_id", "condition", "type", "request_id", "finish_reason",
                  "response_text", "error"]
     frame = pd.read_csv(path, dtype={c: str for c in text_cols}, keep_default_na=False)
     frame["temp"] = frame["temp"].astype(float)
-    for col in ("prompt_tokens", "completion_tokens", "total_tokens", "sample_index"):
+    for col in ("cache_read_tokens", "cache_write_tokens"):
+        if col not in frame.columns:  # written before the cache counts were kept: no cache reported
+            frame[col] = 0
+    for col in ("prompt_tokens", "completion_tokens", "total_tokens", "sample_index", "cache_read_tokens",
+                "cache_write_tokens"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).astype(int)
     return frame
 
@@ -238,7 +244,8 @@ class SummarizeCosts(TrialTask):
         inputs = self.current_inputs()
         args = self.pricing_args()
         usage = read_predictions(self.layout.predictions(self.trial))[
-            ["custom_id", "condition", "temp", "prompt_tokens", "completion_tokens", "total_tokens"]]
+            ["custom_id", "condition", "temp", "prompt_tokens", "completion_tokens", "total_tokens",
+             "cache_read_tokens", "cache_write_tokens"]]
         # Rows are matched to parts by the custom_ids of each part's request file: predictions.csv does not say
         # which part a row came from.
         parts = {f"{ref.owner}/{ref.jkey}": {"owner": ref.owner, "custom_ids": input_custom_ids(ref.path)}

@@ -103,7 +103,8 @@ def budget_summary(run: Run) -> dict[str, Any]:
         plan = budget.plan_estimate(run)
     except (OSError, ValueError, KeyError) as exc:
         return {"error": f"cost estimate unavailable: {exc}"}
-    return {"estimate_from": plan["from"], "estimate_usd": plan["total"].usd, "requests": plan["total"].requests,
+    return {"estimate_from": plan["from"], "prompt_rate": plan["prompt_rate"], "estimate_usd": plan["total"].usd,
+            "requests": plan["total"].requests,
             "prompt_tokens": plan["total"].prompt_tokens,
             "max_completion_tokens": plan["total"].max_completion_tokens,
             "by_trial_usd": {slug: e.usd for slug, e in plan["by_trial"].items()},
@@ -118,7 +119,8 @@ def budget_lines(run: Run) -> list[str]:
     pricing = "batch" if run.cfg.use_batch_api else "standard"
     lines = [f"estimated cost (from the {cost['estimate_from']}, {pricing} pricing): at most ${cost['estimate_usd']:,.4f} "
              f"for {cost['requests']:,} requests, ~{cost['prompt_tokens']:,} prompt tokens (~{budget.CHARS_PER_TOKEN} "
-             f"chars per token) + at most {cost['max_completion_tokens']:,} completion tokens"]
+             f"chars per token, at the {cost['prompt_rate']}) + at most {cost['max_completion_tokens']:,} completion "
+             "tokens"]
     lines += [f"  {slug}: ${usd:,.4f}" for slug, usd in cost["by_trial_usd"].items()]
     limit, committed, total = cost["max_usd"], cost["committed_usd"], cost["estimate_usd"]
     if limit is None:
