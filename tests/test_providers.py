@@ -99,3 +99,22 @@ def test_each_part_is_sent_once_and_a_noop_rerun_sends_nothing(runs: Runs, api: 
         creates = run["first"]["job_creates"]
         assert set(creates.values()) == {1}
         assert len(creates) == len(parts)
+
+
+def test_a_local_server_that_does_not_answer_ends_the_run_in_one_line(tmp_path: Path) -> None:
+    """No per-request backoff, no traceback per part: one line naming the server and the fix, exit 7, and the next
+    run (server still down) says the same."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = small_experiment(tmp_path, name="local", base_url=f"http://127.0.0.1:{port}/v1")
+    raw = yaml.safe_load(config.read_text())
+    raw.update(top_k=None, top_p=None)
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for _ in range(2):
+        done = run_luigi(tmp_path / "experiments", config, "down", timeout=120)
+        assert done.returncode == 7, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        assert f"127.0.0.1:{port}/v1 does not answer" in done.stderr and "provider.base_url" in done.stderr

@@ -22,7 +22,7 @@ from pipeline.control import outcome
 LUIGI_LOGGER = "luigi-interface"
 WAITING_FAMILY = "JobRunning"  # pipeline.tasks.remote.JobRunning, named here so Luigi's logger never imports tasks
 KIND_LINES = {outcome.WAITING: "waiting on the provider", outcome.STOPPED: "stopped",
-              outcome.BUDGET: "held back by the budget"}
+              outcome.BUDGET: "held back by the budget", outcome.UNAVAILABLE: "not sent, the server does not answer"}
 
 
 class ExpectedFailures(logging.Filter):

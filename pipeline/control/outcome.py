@@ -21,12 +21,14 @@ from pathlib import Path
 
 from pipeline.control import exit_codes
 from pipeline.control.layout import RunLayout
+from pipeline.providers.errors import ServerDown
 from targets.atomic import pid_alive
 
 log = logging.getLogger("pipeline")
 
-WAITING, BUDGET, STOPPED, FAILED = "waiting", "budget", "stopped", "failed"
-_CODES = {BUDGET: exit_codes.BUDGET_EXCEEDED, STOPPED: exit_codes.STOPPED, WAITING: exit_codes.WAITING}
+WAITING, BUDGET, STOPPED, UNAVAILABLE, FAILED = "waiting", "budget", "stopped", "unavailable", "failed"
+_CODES = {BUDGET: exit_codes.BUDGET_EXCEEDED, STOPPED: exit_codes.STOPPED, UNAVAILABLE: exit_codes.UNAVAILABLE,
+          WAITING: exit_codes.WAITING}
 _session: dict[str, int | bool] = {"pid": 0, "no_wait": False, "controlled": False}
 MESSAGE_CHARS = 300
 
@@ -55,6 +57,8 @@ def kind_of(exc: BaseException) -> str:
         return BUDGET
     if isinstance(exc, StopRequested):
         return STOPPED
+    if isinstance(exc, ServerDown):
+        return UNAVAILABLE
     return FAILED
 
 
@@ -116,7 +120,8 @@ def begin(layout: RunLayout, *, wait: bool = True) -> None:
 
 
 def expected(exc: BaseException) -> bool:
-    """Waiting, a stop or the budget: conditions the run reports in one line, not failures with a traceback."""
+    """Waiting, a stop, the budget or a server that does not answer: conditions the run reports in one line, not
+    failures with a traceback."""
     return kind_of(exc) != FAILED
 
 
@@ -126,7 +131,7 @@ def exit_code(kinds: set[str], stop_requested: bool) -> int | None:
         return None
     if stop_requested:
         kinds = kinds | {STOPPED}
-    for kind in (BUDGET, STOPPED, WAITING):
+    for kind in (BUDGET, STOPPED, UNAVAILABLE, WAITING):
         if kind in kinds:
             return _CODES[kind]
     return None
@@ -134,5 +139,7 @@ def exit_code(kinds: set[str], stop_requested: bool) -> int | None:
 
 MESSAGES = {exit_codes.WAITING: "waiting on the provider: run the same command again later to continue",
             exit_codes.STOPPED: "stopped; run the same command again to resume",
+            exit_codes.UNAVAILABLE: "the provider's server does not answer: nothing was lost; run the same command "
+                                    "again once it is up",
             exit_codes.BUDGET_EXCEEDED: "budget reached: nothing more was submitted (raise budget.max_usd and "
                                         "re-run with --accept-config-drift to continue)"}

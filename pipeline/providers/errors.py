@@ -41,6 +41,11 @@ class ProviderUnavailable(ProviderError):
     """5xx, connection errors, timeouts or truncated bodies, still failing after the retries."""
 
 
+class ServerDown(ProviderUnavailable):
+    """The provider's server does not answer at all (e.g. a local server that is not running): nothing can be sent
+    until it is back; what was done so far is kept."""
+
+
 def error_for_status(status: int, code: int | str | None, message: str) -> ProviderError:
     """The most specific ProviderError subclass for an HTTP status (0 = no response)."""
     if status == 404:

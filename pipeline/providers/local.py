@@ -49,7 +49,7 @@ from requests.adapters import HTTPAdapter
 from pipeline.providers import job_states
 from pipeline.providers.backend import JobStatus, PartSpec, Save, read_requests
 from pipeline.providers.download import check_url
-from pipeline.providers.errors import AuthError, NotFound, ProviderError, ProviderUnavailable, RateLimited
+from pipeline.providers.errors import AuthError, NotFound, ProviderError, RateLimited, ServerDown
 from pipeline.providers.http import JsonApi
 from pipeline.providers.limits import BYTES_PER_TOKEN, Deadline, DownloadRefused, ensure_free_space
 from targets.atomic import atomic_open, write_json
@@ -394,7 +394,7 @@ class LocalBackend:
                 pending = [r for r in requests_ if r.custom_id not in journal.answered]
                 down = self.client.reachable() if pending else ""
                 if down:
-                    raise ProviderUnavailable(0, None, f"local server {self.client.base_url} does not answer "
+                    raise ServerDown(0, None, f"local server {self.client.base_url} does not answer "
                                                        f"({down}); start it or fix provider.base_url, then run again: "
                                                        f"the {len(journal.answered)} answers journaled so far are kept")
                 before = len(journal.answered)
@@ -406,7 +406,7 @@ class LocalBackend:
         if halted and len(journal.answered) == before:
             # Not one answer in this pass: waiting would only retry a server that is down or refusing us; fail the
             # part with the cause, its journal kept for the next run.
-            raise ProviderUnavailable(0, None, f"local server {self.client.base_url} gave no answer for part "
+            raise ServerDown(0, None, f"local server {self.client.base_url} gave no answer for part "
                                                f"{part.jkey}: {halted}. Start it or fix provider.base_url, then run "
                                                f"again: the {answered} answers journaled so far are kept")
         total = len(requests_)
