@@ -51,7 +51,7 @@ def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path,
     with EmulatorProcess(tmp_path / "torture-emulator") as emulator:
         runner = Runner(rid=RID, root=tmp_path / "torture", config=config, base_url=emulator.base_url,
                         logs=tmp_path / "torture-logs")
-        result = torture(runner, first.points, KillPlan(seed=SEED, body_kills=56, tail_max_step=4, parent_kills=4),
+        result = torture(runner, first.points, KillPlan(seed=SEED, body_kills=36, tail_max_step=8, parent_kills=3),
                          emulator.calls)
         calls = emulator.calls()
     print(f"\n[{api}] {result.summary()}")
