@@ -50,7 +50,7 @@ from typing import Any
 
 from pipeline.emulator import model, payloads
 from pipeline.emulator.api import Emulator, _shaped
-from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, JOB_KINDS, WRITE_KINDS, pick
+from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.store import read_json
 from pipeline.emulator.wire import ApiError, rfc3339
@@ -198,13 +198,7 @@ class AnthropicBatches:
                                       "create_ns": self.emu.clock(), "latency_s": self.emu.latency_s, "stuck": False,
                                       "fault": None, "cancel_ns": None, "end_ns": None, "archive_ns": None,
                                       "counts": None}
-            rule = self.emu.fire(JOB_KINDS, subject)
-            if rule is not None:
-                record["fault"] = {"rule": rule.index, "fault": rule.fault, **rule.params}
-                if rule.fault == "job_latency":
-                    record["stuck"] = rule.params["stuck"]
-                    if rule.params["seconds"] is not None:
-                        record["latency_s"] = rule.params["seconds"]
+            self.emu.bind_job_fault(record, subject)
             self.store.put(ACCT, "batches", record)
             self.store.count_call("job_creates", batch_id)
         return self._render(record)

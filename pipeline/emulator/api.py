@@ -324,16 +324,22 @@ class Emulator:
                       "precision": spec.get("precision") or "PRECISION_UNSPECIFIED",
                       "declared_count": int(source.get("exampleCount", 0)), "latency_s": self.latency_s,
                       "create_ns": self.clock(), "final_state": None, "fault": None, "stuck": False}
-            rule = self.fire(JOB_KINDS, job_id)
-            if rule is not None:
-                record["fault"] = {"rule": rule.index, "fault": rule.fault, **rule.params}
-                if rule.fault == "job_latency":
-                    record["stuck"] = rule.params["stuck"]
-                    if rule.params["seconds"] is not None:
-                        record["latency_s"] = rule.params["seconds"]
+            self.bind_job_fault(record, job_id)
             self.store.put(acct, "jobs", record)
             self.store.count_call("job_creates", job_id)
         return render_job(record, "JOB_STATE_VALIDATING", record["create_ns"])
+
+    def bind_job_fault(self, record: dict[str, Any], subject: str) -> None:
+        """Bind the job fault that fires for `subject` to a new job's `record` (kept in it, so later plan changes do
+        not alter the job): its end state, or its latency (`stuck`: never ends). Shared by every wire format."""
+        rule = self.fire(JOB_KINDS, subject)
+        if rule is None:
+            return
+        record["fault"] = {"rule": rule.index, "fault": rule.fault, **rule.params}
+        if rule.fault == "job_latency":
+            record["stuck"] = rule.params["stuck"]
+            if rule.params["seconds"] is not None:
+                record["latency_s"] = rule.params["seconds"]
 
     def _free_output_id(self, acct: str) -> str:
         """A fresh `bij-xxxxxxxx` dataset id, as the real service allocates when outputDatasetId is omitted."""

@@ -48,7 +48,7 @@ from typing import Any
 
 from pipeline.emulator import model, payloads
 from pipeline.emulator.api import Emulator, _shaped
-from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, JOB_KINDS, WRITE_KINDS, pick
+from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.wire import ROLES, ApiError
 from pipeline.naming import parse_custom_id
@@ -345,13 +345,7 @@ class OpenAIApi:
                       "model": model_name, "total": len(rows), "validation_errors": errors, "subject": subject,
                       "latency_s": self.emu.latency_s, "create_ns": self.emu.clock(), "seq": self._seq("batches"),
                       "stuck": False, "fault": None, "final_state": None}
-            rule = self.emu.fire(JOB_KINDS, subject)
-            if rule is not None:
-                record["fault"] = {"rule": rule.index, "fault": rule.fault, **rule.params}
-                if rule.fault == "job_latency":
-                    record["stuck"] = rule.params["stuck"]
-                    if rule.params["seconds"] is not None:
-                        record["latency_s"] = rule.params["seconds"]
+            self.emu.bind_job_fault(record, subject)
             self.store.put(ACCT, "batches", record)
             self.store.count_call("job_creates", subject)
         return self._render(record, record["create_ns"], "validating")
