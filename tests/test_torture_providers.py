@@ -21,6 +21,7 @@ from tests.torture_support import (
     EmulatorProcess,
     KillPlan,
     Runner,
+    TortureResult,
     exactly_once_problems,
     leftovers,
     manifest_problems,
@@ -36,11 +37,13 @@ SEED = int(os.environ.get("TORTURE_SEED", "20251124"))
 MAX_CONCURRENT = 4  # provider.max_concurrent_requests of the local runs (the default)
 
 
-@pytest.mark.parametrize("api", ["openai", "anthropic", "local"])
-def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path, api: str) -> None:
+def tortured(tmp_path: Path, api: str, plan: KillPlan, faults: list[dict[str, Any]] | None = None) -> TortureResult:
+    """A reference run, then a tortured one, each against a fresh emulator with `faults`; asserts every check."""
     (tmp_path / "shared").mkdir()
     config = write_config(tmp_path / "shared", api=api)
     with EmulatorProcess(tmp_path / "reference-emulator") as emulator:
+        if faults:
+            emulator.set_faults(faults)
         reference = Runner(rid=RID, root=tmp_path / "reference", config=config, base_url=emulator.base_url,
                            logs=tmp_path / "reference-logs")
         first = reference.run()
@@ -49,10 +52,11 @@ def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path,
     assert len(outputs) == 2 * len(COMPARED_FILES), sorted(outputs)
 
     with EmulatorProcess(tmp_path / "torture-emulator") as emulator:
+        if faults:
+            emulator.set_faults(faults)
         runner = Runner(rid=RID, root=tmp_path / "torture", config=config, base_url=emulator.base_url,
                         logs=tmp_path / "torture-logs")
-        result = torture(runner, first.points, KillPlan(seed=SEED, body_kills=36, tail_max_step=8, parent_kills=3),
-                         emulator.calls)
+        result = torture(runner, first.points, plan, emulator.calls)
         calls = emulator.calls()
     print(f"\n[{api}] {result.summary()}")
     checks: dict[str, Any] = {"during the torture": result.problems}
@@ -68,4 +72,20 @@ def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path,
     failed = "\n".join(f"{check}:\n  " + "\n  ".join(map(str, problems))
                        for check, problems in checks.items() if problems)
     assert not failed, f"{failed}\n\n{result.summary()}"
+    return result
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic", "local"])
+def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path, api: str) -> None:
+    result = tortured(tmp_path, api, KillPlan(seed=SEED, body_kills=36, tail_max_step=8, parent_kills=3))
     assert len(result.kills) >= 50, result.summary()
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_kill_nine_around_follow_up_batches_sends_each_once(tmp_path: Path, api: str) -> None:
+    """Every batch ends half expired (the emulator picks the same half of the same requests in any batch), so every
+    part sends a follow-up batch of its expired requests, which ends half expired too (those stay provider errors).
+    Killed throughout, each part and each follow-up is created once and the results equal an uninterrupted run's."""
+    faults = [{"fault": "job_state", "state": "JOB_STATE_EXPIRED", "partial": 0.5, "times": 0}]
+    result = tortured(tmp_path, api, KillPlan(seed=SEED + 2, body_kills=24, tail_max_step=8, parent_kills=2), faults)
+    assert len(result.kills) >= 30, result.summary()

@@ -454,12 +454,14 @@ def exactly_once_problems(calls: dict[str, dict[str, int]], run_dir: Path, api: 
         return problems
     kinds = {"fireworks": (("job_creates", "job_id"), ("dataset_creates", "dataset_id")),
              "openai": (("job_creates", None), ("uploads", None)), "anthropic": (("job_creates", "job_id"),)}[api]
+    # a part's follow-up batch (its failed requests sent again, once) is one more batch, recorded in the part
+    batches = [*parts.values(), *(p["followup"] for p in parts.values() if p.get("followup"))]
     for kind, key in kinds:
         created = calls.get(kind, {})
-        if len(created) != len(parts):
-            problems.append(f"{len(created)} distinct {kind} for {len(parts)} parts in the trial manifests")
-        if key is not None and set(created) != {p[key] for p in parts.values()}:
-            ids = {p[key] for p in parts.values()}
+        if len(created) != len(batches):
+            problems.append(f"{len(created)} distinct {kind} for {len(batches)} batches in the trial manifests")
+        if key is not None and set(created) != {p[key] for p in batches}:
+            ids = {p[key] for p in batches}
             problems.append(f"{kind}: created but not in a manifest {sorted(set(created) - ids)}; "
                             f"in a manifest but never created {sorted(ids - set(created))}")
         twice = {rid: n for rid, n in created.items() if n != 1}

@@ -50,7 +50,7 @@ from typing import Any
 
 from pipeline.emulator import model, payloads
 from pipeline.emulator.api import Emulator, _shaped
-from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick
+from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick, request_set
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.store import read_json
 from pipeline.emulator.wire import ApiError, rfc3339
@@ -291,7 +291,7 @@ class AnthropicBatches:
             error = {"type": "error", "error": {"type": "api_error", "message": fault["message"]}}
             ended = dict.fromkeys(ids, {"type": "errored", "error": error})
         elif state is not None:
-            kept = pick(ids, fault["partial"], batch_id, fault["rule"])
+            kept = pick(ids, fault["partial"], request_set(ids), fault["rule"])
             outcome = {"type": "canceled"} if state == "JOB_STATE_CANCELLED" else {"type": "expired"}
             ended = {cid: outcome for cid in ids if cid not in kept}
         oracle = self.oracle.current()
@@ -305,7 +305,7 @@ class AnthropicBatches:
         rule = self.emu.fire(WRITE_KINDS, record["subject"])
         if rule is not None:
             ok = [r["custom_id"] for r in rows if r["result"]["type"] == "succeeded"]
-            failed = pick(ok, rule.params["fraction"], batch_id, rule.index)
+            failed = pick(ok, rule.params["fraction"], request_set(ids), rule.index)
             error = {"type": "error", "error": {"type": "api_error", "message": rule.params["message"]}}
             for row in rows:
                 if row["custom_id"] in failed:

@@ -40,6 +40,7 @@ Hostile result bodies (file kinds; all generated while streaming, memory bounded
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -246,6 +247,12 @@ def pick(ids: Iterable[str], fraction: float, subject: str, rule_index: int) -> 
     """round(fraction x n) of the distinct `ids`, chosen by `rng(subject, rule_index)`: what a fractional fault hits."""
     pool = sorted(set(ids))
     return set(rng(subject, rule_index).sample(pool, round(fraction * len(pool))))
+
+
+def request_set(ids: Iterable[str]) -> str:
+    """A seed subject for the requests `ids` themselves: the same requests meet the same fractional fault in any
+    batch, whatever id the provider gave it (so a resumed run's outcome equals an uninterrupted run's)."""
+    return hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
 
 
 class FaultBook:

@@ -48,7 +48,7 @@ from typing import Any
 
 from pipeline.emulator import model, payloads
 from pipeline.emulator.api import Emulator, _shaped
-from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick
+from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick, request_set
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.wire import ROLES, ApiError
 from pipeline.naming import parse_custom_id
@@ -439,7 +439,7 @@ class OpenAIApi:
         source = self.store.files_dir(ACCT, record["input_file_id"]) / "content"
         rows, _, _ = _check_lines(source.read_bytes(), record["endpoint"]) if source.exists() else ([], "", [])
         ids = [row["custom_id"] for row in rows]
-        ran = set(ids) if keep >= 1.0 else pick(ids, keep, record["id"], (record.get("fault") or {}).get("rule", 0))
+        ran = set(ids) if keep >= 1.0 else pick(ids, keep, request_set(ids), (record.get("fault") or {}).get("rule", 0))
         rule = self.emu.fire(WRITE_KINDS, record["subject"])
         failed = pick(sorted(ran), rule.params["fraction"], record["subject"], rule.index) if rule else set()
         output: list[dict[str, Any]] = []
