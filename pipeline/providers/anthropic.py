@@ -561,7 +561,7 @@ class AnthropicBackend:
 
     @staticmethod
     def _convert_results(part: PartSpec, raw: Path, target: Path, inverse: dict[str, str], max_bytes: int, *,
-                         ended: int) -> None:
+                         ended: int = 0) -> None:
         """`raw` (the API's rows) as canonical lines with our ids in `target`; nothing is kept when a row is not
         JSON, past `max_bytes`, or when fewer rows came than the `ended` requests the batch reports."""
         problems: list[str] = []
