@@ -1,12 +1,13 @@
 """The provider-fault matrix, on every batch API: the pipeline, driving the real client of Fireworks, OpenAI or
 Anthropic against the emulator, survives what such an API does to a run.
 
-Each case is one run of the small experiment under a fault plan installed before the run (`run_emulator`), and
-checks that the run ends well, that no part was paid twice (`job_creates` at the emulator: one per part, whether the
-API keys it by our client key or by its own batch id), that every fault rule actually fired, and that the results
-are right: the scores equal a fault-free run's (every API gives the same scores, `tests/test_providers.py`), and
-where requests are lost (expiry with partial output, per-request errors) every request of the part is accounted for
-in its results.jsonl and the answered ones equal the fault-free answers.
+Each case is one run of the lean small experiment (one trial at temperature 0: four parts) under a fault plan
+installed before the run (`run_emulator`), and checks that the run ends well, that no part was paid twice
+(`job_creates` at the emulator: one per part, whether the API keys it by our client key or by its own batch id), that
+every fault rule actually fired, and that the results are right: the scores equal a fault-free run's (every API gives
+the same scores, `tests/test_providers.py`), and where requests are lost (expiry with partial output, per-request
+errors) every request of the part is accounted for in its results.jsonl and the answered ones equal the fault-free
+answers.
 
 Cases: 429 with Retry-After on the create route; 5xx (and Anthropic's 529 "overloaded") on the create and on the
 status GETs; the create response lost after the batch was made (`drop_after_commit`: reconciliation finds it, no
@@ -26,8 +27,7 @@ import requests
 
 from pipeline.parsing import has_answer, prediction_fields
 from tests.conftest import run_emulator, run_luigi
-from tests.test_hostile_downloads import MATCH, PART
-from tests.test_providers import provider_experiment
+from tests.test_hostile_downloads import MATCH, PART, lean_experiment
 
 pytestmark = pytest.mark.slow
 RID = "faults"
@@ -97,7 +97,7 @@ def parts(run_dir: Path) -> int:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A fault-free run (every API gives the same scores and answers, so one serves them all)."""
     base = tmp_path_factory.mktemp("reference")
-    config = provider_experiment(base, "fireworks")
+    config = lean_experiment(base, "fireworks")
     root = base / "exp"
     with run_emulator(root, RID):
         done = run_luigi(root, config, RID)
@@ -118,7 +118,7 @@ def test_the_run_survives_the_fault_without_paying_twice(tmp_path: Path, emulato
     rules, expect = CASES[case]
     answer_ = requests.post(emulator + "/emulator/faults", json={"rules": rules(api)}, timeout=5)
     assert answer_.status_code == 200, answer_.text
-    config = provider_experiment(tmp_path, api)
+    config = lean_experiment(tmp_path, api)
     root = tmp_path / "exp"
     run_dir = root / f"run_{RID}"
 
@@ -127,7 +127,7 @@ def test_the_run_survives_the_fault_without_paying_twice(tmp_path: Path, emulato
     fired = requests.get(emulator + "/emulator/faults", timeout=5).json()["rules"]
     assert all(rule["fired"] for rule in fired), fired
     creates = requests.get(emulator + "/emulator/calls", timeout=5).json()["job_creates"]
-    assert set(creates.values()) == {1} and len(creates) == parts(run_dir), creates
+    assert set(creates.values()) == {1} and len(creates) == parts(run_dir) == 4, creates
 
     got = results(run_dir, PART)
     assert set(got) == set(reference["part"])
