@@ -66,9 +66,8 @@ CASES = {
     "endless body": ([{"fault": "endless"}], None, "body exceeds the limit", "body exceeds the limit"),
     # A body shorter than announced is a cut connection: retried until the retries or the deadline run out.
     "Content-Length too large": ([{"fault": "lying_length", "direction": "over"}], None, "body cut", "body cut"),
-    # Cut at half its bytes: mid-line (corrupt), or at a line boundary, which only the batch's counts reveal.
-    "Content-Length too small": ([{"fault": "lying_length", "direction": "under"}], None, "corrupt",
-                                 (CORRUPT, "cut short")),
+    # Announces about half the body, ending inside a line: the client believes it and gets a corrupt last line.
+    "Content-Length too small": ([{"fault": "lying_length", "direction": "under"}], None, "corrupt", CORRUPT),
     "tar of many members": ([{"fault": "tar_bomb", "members": 100_000}], None, "members", CORRUPT),
     "deep tar": ([{"fault": "tar_bomb", "members": 3, "depth": 40}], None, "folders deep", CORRUPT),
     "oversized file": ([{"fault": "oversized", "bytes": 3 * LIMIT}], None, "exceeds the limit", "exceeds the limit"),
