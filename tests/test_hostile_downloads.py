@@ -10,6 +10,10 @@ limit (the run executes under RLIMIT_FSIZE = 2 × limit, so a larger write would
 failing the part), nothing of the refused download stays on disk, the parts already downloaded are untouched, and a
 later good download repairs the part without a new batch.
 
+This file runs the Fireworks column; `test_hostile_downloads_openai.py` and `..._anthropic.py` run the same cases
+(`hostile_case`) on the other APIs, in files of their own so that xdist (`--dist loadfile`) runs the columns in
+parallel.
+
 OpenAI and Anthropic serve results as plain JSONL, never as bundles: their clients parse what they receive as JSONL
 and do not unpack archives, so a zip / gzip / tar body is refused as corrupt results there (checked, with that
 message), while Fireworks unpacks bundles with limits (refused as too big / too many members / too deep).
@@ -36,7 +40,6 @@ from tests.test_providers import provider_experiment
 pytestmark = pytest.mark.slow
 RID = "hostile"
 PART = "t0_treatment_p01"
-APIS = ("fireworks", "openai", "anthropic")
 MATCH = {
     # the output dataset id (remote_ids: "ex-t<temp>-<cond[:4]>-p<index>-<hash>-out")
     "fireworks": "ex-t0-trea-p01-",
@@ -59,8 +62,7 @@ CORRUPT = "not valid JSON"
 """What the JSONL-only clients (OpenAI, Anthropic) say of a body that is an archive or cut mid-line."""
 
 CASES = {
-    # case: (rules, fallback script, what the refusal says on Fireworks, on OpenAI / Anthropic (None: not applicable);
-    # a tuple: any of these)
+    # case: (rules, fallback script, what the refusal says on Fireworks, on OpenAI / Anthropic (None: not applicable))
     "zip bomb": ([{"fault": "zip_bomb", "bytes": BIG}], None, "above the limit", CORRUPT),
     "gzip bomb": ([{"fault": "gzip_bomb", "inflated_bytes": BIG}], None, "exceeds", CORRUPT),
     "endless body": ([{"fault": "endless"}], None, "body exceeds the limit", "body exceeds the limit"),
@@ -79,16 +81,14 @@ FIREWORKS_ONLY = ("the CLI fallback (provider.download_command with {dataset_id}
                   "(an output dataset's externalUrl) are Fireworks features; this API has neither")
 
 
-def matrix() -> list[object]:
-    return list(_matrix())
-
-
-def _matrix() -> Iterator[object]:
-    for api in APIS:
-        for case, (_, _, fireworks_needle, other_needle) in CASES.items():
-            needle = fireworks_needle if api == "fireworks" else other_needle
-            marks = [pytest.mark.skip(reason=FIREWORKS_ONLY)] if needle is None else []
-            yield pytest.param(api, case, needle, id=f"{api}-{case}", marks=marks)
+def matrix(api: str) -> list[object]:
+    """The (case, needle) parameters of `api`; a case that cannot apply to it is skipped, saying why."""
+    params = []
+    for case, (_, _, fireworks_needle, other_needle) in CASES.items():
+        needle = fireworks_needle if api == "fireworks" else other_needle
+        marks = [pytest.mark.skip(reason=FIREWORKS_ONLY)] if needle is None else []
+        params.append(pytest.param(case, needle, id=case, marks=marks))
+    return params
 
 
 def limited_run(root: Path, config: Path) -> subprocess.CompletedProcess:
@@ -102,12 +102,6 @@ def limited_run(root: Path, config: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*PIPELINE_RUN, "TrialReport", "--rid", RID, "--root", str(root), "--config", str(config),
                            "--local-scheduler"], capture_output=True, text=True, env=env, timeout=300,
                           cwd=root.parent, preexec_fn=limit)
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[str]:
-    with run_emulator(tmp_path / "exp", RID) as base_url:
-        yield base_url
 
 
 def lean_experiment(base: Path, api: str) -> Path:
@@ -137,10 +131,20 @@ def leftovers(run_dir: Path) -> list[Path]:
             if p.is_file() and not (p.name == "results.jsonl" and p.parent.name == PART) and p.name not in KEPT]
 
 
-@pytest.mark.parametrize(("api", "case", "needle"), matrix())
-def test_hostile_download_fails_the_part_bounded_and_a_good_one_repairs_it(tmp_path: Path, emulator: str,
-                                                                          api: str, case: str,
-                                                                          needle: str | tuple[str, ...]) -> None:
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[str]:
+    with run_emulator(tmp_path / "exp", RID) as base_url:
+        yield base_url
+
+
+@pytest.mark.parametrize(("case", "needle"), matrix("fireworks"))
+def test_hostile_download_fails_the_part_bounded_and_a_good_one_repairs_it(tmp_path: Path, emulator: str, case: str,
+                                                                          needle: str) -> None:
+    hostile_case(tmp_path, emulator, "fireworks", case, needle)
+
+
+def hostile_case(tmp_path: Path, emulator: str, api: str, case: str, needle: str) -> None:
+    """One case of the matrix on `api` (see the module docstring), with the emulator at `emulator` and no plan yet."""
     rules, script, _, _ = CASES[case]
     answer = requests.post(emulator + "/emulator/faults", json={"rules": [
         {**rule, "match": MATCH[api], "times": 0} for rule in rules]}, timeout=5)
@@ -153,7 +157,7 @@ def test_hostile_download_fails_the_part_bounded_and_a_good_one_repairs_it(tmp_p
     assert first.returncode == 30, f"exit {first.returncode}\n{first.stderr[-3000:]}"
     refusal = next((line for line in first.stderr.splitlines() if line.startswith(f"RuntimeError: part {PART}:")), "")
     assert "Nothing was written" in refusal and "re-run" in refusal, first.stderr[-3000:]
-    assert any(n.lower() in refusal.lower() for n in ((needle,) if isinstance(needle, str) else needle)), refusal
+    assert needle.lower() in refusal.lower(), refusal
     assert not list(run_dir.glob(f"*/results/{PART}/results.jsonl"))
     assert not leftovers(run_dir), "a refused download leaves nothing"
     done = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/results/*/results.jsonl")}

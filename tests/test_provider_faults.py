@@ -13,6 +13,9 @@ Cases: 429 with Retry-After on the create route; 5xx (and Anthropic's 529 "overl
 status GETs; the create response lost after the batch was made (`drop_after_commit`: reconciliation finds it, no
 second batch); the batch expiring with half of its output; half of the part's requests answered with errors; and
 the results download cut once (`truncated`: retried).
+
+This file runs the Fireworks column; `test_provider_faults_openai.py` and `..._anthropic.py` run the same cases
+(`fault_case`) on the other APIs, in files of their own so that xdist (`--dist loadfile`) runs the columns in parallel.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from tests.test_hostile_downloads import MATCH, PART, lean_experiment
 
 pytestmark = pytest.mark.slow
 RID = "faults"
-APIS = ("fireworks", "openai", "anthropic")
 CREATE = {"fireworks": "/batchInferenceJobs$", "openai": "^/v1/batches$", "anthropic": "^/v1/messages/batches$"}
 """The create route of each API (the POST that makes a paid batch)."""
 STATUS = {"fireworks": "/batchInferenceJobs/[^/]+$", "openai": "^/v1/batches/batch_[^/]+$",
@@ -68,10 +70,11 @@ CASES: dict[str, tuple[Any, str]] = {
 ANTHROPIC_ONLY = "529 (overloaded_error) is Anthropic's status; the other APIs do not send it"
 
 
-def matrix() -> list[object]:
-    return [pytest.param(api, case, id=f"{api}-{case}",
+def matrix(api: str) -> list[object]:
+    """The cases of `api`; one that cannot apply to it is skipped, saying why."""
+    return [pytest.param(case, id=case,
                          marks=[pytest.mark.skip(reason=ANTHROPIC_ONLY)] if "529" in case and api != "anthropic" else [])
-            for api in APIS for case in CASES]
+            for case in CASES]
 
 
 def results(run_dir: Path, jkey: str) -> dict[str, dict[str, dict]]:
@@ -93,10 +96,9 @@ def parts(run_dir: Path) -> int:
     return sum(len(json.loads(p.read_text())["parts"]) for p in run_dir.glob("*/results/trial_manifest.json"))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference_run(factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A fault-free run (every API gives the same scores and answers, so one serves them all)."""
-    base = tmp_path_factory.mktemp("reference")
+    base = factory.mktemp("reference")
     config = lean_experiment(base, "fireworks")
     root = base / "exp"
     with run_emulator(root, RID):
@@ -106,15 +108,25 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"scores": scores(run_dir), "part": results(run_dir, PART)}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return reference_run(tmp_path_factory)
+
+
 @pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[str]:
     with run_emulator(tmp_path / "exp", RID) as base_url:
         yield base_url
 
 
-@pytest.mark.parametrize(("api", "case"), matrix())
+@pytest.mark.parametrize("case", matrix("fireworks"))
 def test_the_run_survives_the_fault_without_paying_twice(tmp_path: Path, emulator: str, reference: dict[str, Any],
-                                                         api: str, case: str) -> None:
+                                                         case: str) -> None:
+    fault_case(tmp_path, emulator, reference, "fireworks", case)
+
+
+def fault_case(tmp_path: Path, emulator: str, reference: dict[str, Any], api: str, case: str) -> None:
+    """One case of the matrix on `api` (module docstring), with the emulator at `emulator` and no plan yet."""
     rules, expect = CASES[case]
     answer_ = requests.post(emulator + "/emulator/faults", json={"rules": rules(api)}, timeout=5)
     assert answer_.status_code == 200, answer_.text
