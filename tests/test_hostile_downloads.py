@@ -2,9 +2,9 @@
 is refused.
 
 Each case runs against the emulator speaking one API (Fireworks, OpenAI, Anthropic) through that API's real client;
-the fault shapes the results download of one part (t0_treatment_p01) of a lean experiment (one trial at
-temperature 0: four parts): Fireworks's output dataset
-file, OpenAI's `GET /v1/files/{output}/content`, Anthropic's `GET /v1/messages/batches/{id}/results`. For each case
+the fault shapes the results download of one part (t0_treatment_p01) of a lean experiment (one trial at temperature
+0: four parts): Fireworks's output dataset file, OpenAI's `GET /v1/files/{output}/content`, Anthropic's
+`GET /v1/messages/batches/{id}/results`. For each case
 the faulted part fails with a clear error naming it, the run writes no file larger than twice the part's derived
 limit (the run executes under RLIMIT_FSIZE = 2 × limit, so a larger write would kill it with SIGXFSZ instead of
 failing the part), nothing of the refused download stays on disk, the parts already downloaded are untouched, and a
