@@ -31,7 +31,8 @@ Hostile result bodies (file kinds; all generated while streaming, memory bounded
   chunked` and no Content-Length; it stops when the client closes the connection (or the server shuts down).
 - `lying_length` (`direction` "over" | "under", default "over"; `extra_bytes`, default null): "over" announces
   `extra_bytes` (null: the file's length) more than the file and closes after the file; "under" announces half
-  the file, writes `extra_bytes` past that (null: the rest of the file; beyond it, padding lines), then closes.
+  the file (less, when that would end a row), writes `extra_bytes` past that (null: the rest of the file;
+  beyond it, padding lines), then closes.
 - `tar_bomb` (`members` default 100000, `depth` default 0, `member_bytes` default 16, `gzip` default true): a
   tar(.gz) of that many tiny members, each nested `depth` directories deep (`a/a/.../part-<n>.jsonl`), sent chunked.
 - `slow_drip` (`interval_s`, default 1.0): the file one byte per `interval_s` seconds under its true Content-Length;

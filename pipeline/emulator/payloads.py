@@ -185,11 +185,20 @@ def lying_length(data: bytes, direction: str, extra_bytes: int | None) -> Payloa
     """`data` under a Content-Length that lies by `extra_bytes`.
 
     `over`: announces `len(data) + extra_bytes` (default: twice the length) and sends `data`, so the connection
-    closes before the announced end. `under`: announces half of `data`, then writes `extra_bytes` more (default:
-    the rest of `data`; past its end, padding lines as in `oversized`) before closing."""
+    closes before the announced end. `under`: announces half of `data` (less when that ends a row), then
+    writes `extra_bytes` more (default: the rest of `data`; past its end, padding lines as in `oversized`) before
+    closing."""
     if direction == "over":
         return Payload(len(data) + (max(len(data), 1) if extra_bytes is None else extra_bytes), [data])
     declared = len(data) // 2
+    # The announced part always ends inside a line, so what a client believes is the whole body is visibly corrupt.
+    # Half of a file of equal-length rows often ended exactly on a line boundary (found by the hostile-download matrix
+    # on the Anthropic results), which made the case a different one: a shorter but valid file (`missing_results`).
+    # A cut just before a newline is no better (a complete row without its newline), so such a cut moves to the
+    # middle of that row.
+    if declared > 1 and b"\n" in data[declared - 1:declared + 1]:
+        start = data.rfind(b"\n", 0, declared - 1) + 1
+        declared = start + max((declared - start) // 2, 1)
     sent = len(data) if extra_bytes is None else declared + extra_bytes
     return Payload(declared, [data[:sent]] if sent <= len(data) else oversized(data, sent).chunks)
 

@@ -1,0 +1,26 @@
+"""The hostile download matrix (`tests/test_hostile_downloads.py`) on the Anthropic API: its results download shaped by
+each hostile body; the CLI fallback cases are skipped (Fireworks features)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_emulator
+from tests.test_hostile_downloads import RID, hostile_case, matrix
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[str]:
+    with run_emulator(tmp_path / "exp", RID) as base_url:
+        yield base_url
+
+
+@pytest.mark.parametrize(("case", "needle"), matrix("anthropic"))
+def test_hostile_download_fails_the_part_bounded_and_a_good_one_repairs_it(tmp_path: Path, emulator: str, case: str,
+                                                                          needle: str) -> None:
+    hostile_case(tmp_path, emulator, "anthropic", case, needle)
