@@ -81,11 +81,14 @@ def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path,
     assert len(result.kills) >= 50, result.summary()
 
 
-@pytest.mark.parametrize("api", ["openai", "anthropic"])
-def test_kill_nine_around_follow_up_batches_sends_each_once(tmp_path: Path, api: str) -> None:
-    """Every batch ends half expired (the emulator picks the same half of the same requests in any batch), so every
-    part sends a follow-up batch of its expired requests, which ends half expired too (those stay provider errors).
-    Killed throughout, each part and each follow-up is created once and the results equal an uninterrupted run's."""
-    faults = [{"fault": "job_state", "state": "JOB_STATE_EXPIRED", "partial": 0.5, "times": 0}]
-    result = tortured(tmp_path, api, KillPlan(seed=SEED + 2, body_kills=24, tail_max_step=8, parent_kills=2), faults)
+def test_kill_nine_around_follow_up_batches_sends_each_once(tmp_path: Path) -> None:
+    """Every part at T=0 ends half expired (the emulator picks the same half of the same requests in any batch), so
+    each sends a follow-up batch of its expired requests. Killed throughout, each part and each follow-up is created
+    once and the results equal an uninterrupted run's. OpenAI only: its fault subject (the client key) tells a
+    follow-up (`...-resend-...`) from its part; Anthropic's follow-ups go through the same task code and the same
+    `submit` as its parts, which the torture above covers."""
+    faults = [{"fault": "job_state", "state": "JOB_STATE_EXPIRED", "partial": 0.5,
+               "match": r"^ex-t0-[a-z]{4}-p[0-9]{2}-[0-9a-f]{10}$", "times": 0}]
+    result = tortured(tmp_path, "openai", KillPlan(seed=SEED + 2, body_kills=30, tail_max_step=8, parent_kills=2),
+                      faults)
     assert len(result.kills) >= 30, result.summary()
