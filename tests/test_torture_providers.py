@@ -77,7 +77,9 @@ def tortured(tmp_path: Path, api: str, plan: KillPlan, faults: list[dict[str, An
 
 @pytest.mark.parametrize("api", ["openai", "anthropic", "local"])
 def test_kill_nine_at_fifty_points_is_exactly_once_and_identical(tmp_path: Path, api: str) -> None:
-    result = tortured(tmp_path, api, KillPlan(seed=SEED, body_kills=36, tail_max_step=8, parent_kills=3))
+    # Anthropic and local runs have fewer crash points per part (no upload step): a denser plan for the same count
+    body, tail = {"openai": (56, 6)}.get(api, (90, 4))
+    result = tortured(tmp_path, api, KillPlan(seed=SEED, body_kills=body, tail_max_step=tail, parent_kills=3))
     assert len(result.kills) >= 50, result.summary()
 
 
