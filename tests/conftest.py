@@ -127,6 +127,14 @@ def run_emulator(root: Path, rid: str) -> Iterator[str]:
         stop_emulator(state)
 
 
+@pytest.fixture
+def emulator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The emulator of run `RID` (the test module's) under `tmp_path / "exp"`, started before the run; its URL. A
+    module with an `emulator` fixture of its own uses that one."""
+    with run_emulator(tmp_path / "exp", request.module.RID) as base_url:
+        yield base_url
+
+
 class Provider:
     """An in-process emulator for one run on a settable clock (jobs stay running until the test advances it),
     registered where the pipeline looks for it (`run_<rid>/.emulator/server.json`)."""

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from tests.conftest import PIPELINE_RUN, run_emulator, small_experiment
+from tests.conftest import PIPELINE_RUN, small_experiment
 
 pytestmark = pytest.mark.slow
 RID = "bad"
@@ -24,12 +23,6 @@ def luigi_run(root: Path, config: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*PIPELINE_RUN, "TrialReport", "--rid", RID, "--root", str(root),
                            "--config", str(config), "--local-scheduler"], capture_output=True, text=True, env=env,
                           timeout=300, cwd=root.parent)
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[str]:
-    with run_emulator(tmp_path / "exp", RID) as base_url:
-        yield base_url
 
 
 def faults(base_url: str, rules: list[dict]) -> None:

@@ -26,7 +26,6 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ import requests
 import yaml
 
 from pipeline.providers.limits import DownloadLimits
-from tests.conftest import PIPELINE_RUN, run_emulator
+from tests.conftest import PIPELINE_RUN
 from tests.test_providers import provider_experiment
 
 pytestmark = pytest.mark.slow
@@ -129,12 +128,6 @@ def leftovers(run_dir: Path) -> list[Path]:
     """Files of PART that are not its results, its backend's kept files, or its records: download leftovers."""
     return [p for p in run_dir.glob(f"*/results/{PART}/**/*")
             if p.is_file() and not (p.name == "results.jsonl" and p.parent.name == PART) and p.name not in KEPT]
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[str]:
-    with run_emulator(tmp_path / "exp", RID) as base_url:
-        yield base_url
 
 
 @pytest.mark.parametrize(("case", "needle"), matrix("fireworks"))

@@ -3,21 +3,14 @@ each hostile body; the CLI fallback cases are skipped (Fireworks features)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_emulator
-from tests.test_hostile_downloads import RID, hostile_case, matrix
+from tests.test_hostile_downloads import RID as RID  # the run the conftest `emulator` fixture serves
+from tests.test_hostile_downloads import hostile_case, matrix
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[str]:
-    with run_emulator(tmp_path / "exp", RID) as base_url:
-        yield base_url
 
 
 @pytest.mark.parametrize(("case", "needle"), matrix("anthropic"))

@@ -22,7 +22,6 @@ This file runs the Fireworks column; `test_provider_faults_openai.py` and `..._a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +119,6 @@ def reference_run(factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return reference_run(tmp_path_factory)
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[str]:
-    with run_emulator(tmp_path / "exp", RID) as base_url:
-        yield base_url
 
 
 @pytest.mark.parametrize("case", matrix("fireworks"))

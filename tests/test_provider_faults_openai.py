@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import run_emulator
-from tests.test_provider_faults import RID, fault_case, matrix, reference_run
+from tests.test_provider_faults import RID as RID  # the run the conftest `emulator` fixture serves
+from tests.test_provider_faults import fault_case, matrix, reference_run
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +17,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return reference_run(tmp_path_factory)
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[str]:
-    with run_emulator(tmp_path / "exp", RID) as base_url:
-        yield base_url
 
 
 @pytest.mark.parametrize("case", matrix("openai"))
