@@ -69,8 +69,9 @@ def temp_for_label(run: Run, label: str) -> float:
 
 
 def inference_parameters(run: Run, trial: Trial, temp: float, type_: str) -> dict[str, Any]:
-    """A part's job-level parameters under their Fireworks names, plus `api` for every other provider API: the API
-    is part of what a request is (the same messages sent elsewhere are other requests), so it is in the part's
+    """A part's job-level parameters under their Fireworks names, plus `api` (`Provider.served_by`) for anything but
+    the real Fireworks API: who answers is part of what a request is (the same messages sent elsewhere, or to the
+    emulator, are other requests, so simulated answers are never taken for a real provider's), so it is in the part's
     content address (`request_checksum`) without changing the address of any Fireworks part."""
     params: dict[str, Any] = {"maxTokens": trial.max_tokens_for(type_), "temperature": temp, "n": 1}
     if trial.top_p is not None:
@@ -79,8 +80,8 @@ def inference_parameters(run: Run, trial: Trial, temp: float, type_: str) -> dic
         params["topK"] = trial.top_k
     if run.cfg.stop:
         params["extraBody"] = json.dumps({"stop": list(run.cfg.stop)})
-    if run.cfg.provider.api != "fireworks":
-        params["api"] = run.cfg.provider.api
+    if run.cfg.provider.served_by != "fireworks":
+        params["api"] = run.cfg.provider.served_by
     return params
 
 

@@ -118,3 +118,24 @@ def test_a_local_server_that_does_not_answer_ends_the_run_in_one_line(tmp_path: 
         assert done.returncode == 7, done.stderr[-3000:]
         assert "Traceback" not in done.stderr
         assert f"127.0.0.1:{port}/v1 does not answer" in done.stderr and "provider.base_url" in done.stderr
+
+
+def test_who_answers_is_part_of_every_requests_address(tmp_path: Path) -> None:
+    """The same messages with the same model and parameters, sent to any two of the providers (the emulator included,
+    whatever API it speaks), are different requests: simulated answers are never reused for a real provider."""
+    from pipeline.control.run import open_run
+    from pipeline.plan import inference_parameters
+    from targets.fingerprint import request_checksum
+
+    providers = [{"name": "emulator", "api": api} for api in APIS]
+    providers += [{"name": name} for name in APIS]
+    addresses = set()
+    for index, provider in enumerate(providers):
+        config = small_experiment(tmp_path / str(index), **provider)
+        raw = yaml.safe_load(config.read_text())
+        raw.update(top_k=None, top_p=None)
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        run = open_run("addr", tmp_path / str(index) / "experiments", config)
+        trial = run.trials[0]
+        addresses.add(request_checksum("same-lines", trial.model_id, inference_parameters(run, trial, 0.0, "open")))
+    assert len(addresses) == len(providers)
