@@ -48,13 +48,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.emulator import model, payloads
+from pipeline.emulator import payloads
 from pipeline.emulator.api import Emulator, _shaped
 from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick, request_set
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.store import read_json
 from pipeline.emulator.wire import ApiError, rfc3339
-from pipeline.naming import ANTHROPIC_ID_RE, anthropic_id, parse_custom_id
+from pipeline.naming import ANTHROPIC_ID_RE, anthropic_id
 from targets.atomic import write_bytes
 
 log = logging.getLogger(__name__)
@@ -329,14 +329,7 @@ class AnthropicBatches:
         system = params.get("system") or ""
         system_text = system if isinstance(system, str) else "".join(b["text"] for b in system)
         messages = ([{"role": "system", "content": system_text}] if system_text else []) + params["messages"]
-        key = None
-        if ours is not None:
-            try:
-                cid = parse_custom_id(ours)
-            except ValueError:
-                cid = None
-            key = None if cid is None else self.emu.answers.lookup(cid.dataset, cid.item_id)
-        content, _, usage = model.answer(ours or mapped, messages, key)
+        content, _, usage = self.emu.answer(ours or mapped, messages)
         cache_read = cache_creation = 0
         if isinstance(system, list) and any("cache_control" in b for b in system):
             system_tokens = min(usage["prompt_tokens"], math.ceil(1.3 * len(system_text.split())))

@@ -437,14 +437,7 @@ class Emulator:
 
     def _respond(self, record: dict[str, Any], custom_id: str, messages: list[dict[str, Any]],
                  end_ns: int) -> dict[str, Any]:
-        key = None
-        try:
-            cid = parse_custom_id(custom_id)
-        except ValueError:
-            cid = None
-        if cid is not None:
-            key = self.answers.lookup(cid.dataset, cid.item_id)
-        content, finish_reason, usage = model.answer(custom_id, messages, key)
+        content, finish_reason, usage = self.answer(custom_id, messages)
         digest = hashlib.sha256(f"{record['name']}\n{custom_id}".encode()).hexdigest()[:32]
         return {"custom_id": custom_id, "response": {
             "id": f"chatcmpl-{digest}", "object": "chat.completion", "created": end_ns // 10**9,
@@ -452,6 +445,16 @@ class Emulator:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": finish_reason}],
             "usage": usage}}
+
+    def answer(self, custom_id: str, messages: list[dict[str, Any]]) -> tuple[str, str, dict[str, int]]:
+        """The simulated model's answer to one request, with its answer-key row when `custom_id` is one of ours
+        (every wire format answers through here, so they all give the same answers)."""
+        try:
+            cid = parse_custom_id(custom_id)
+        except ValueError:
+            cid = None
+        key = self.answers.lookup(cid.dataset, cid.item_id) if cid is not None else None
+        return model.answer(custom_id, messages, key)
 
     def _write_output(self, acct: str, record: dict[str, Any], results: list[dict[str, Any]],
                       errors: list[dict[str, Any]], end_ns: int) -> None:

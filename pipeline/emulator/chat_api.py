@@ -18,9 +18,7 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from pipeline.emulator import model
 from pipeline.emulator.wire import ROLES, invalid
-from pipeline.naming import parse_custom_id
 
 if TYPE_CHECKING:
     from pipeline.emulator.api import Emulator
@@ -67,14 +65,7 @@ def chat_completion(emu: Emulator, body: Any, request_id: str | None) -> dict[st
         raise invalid(f"{REQUEST_ID_HEADER} is longer than {MAX_REQUEST_ID} characters")
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
     custom_id = request_id or f"body-{hashlib.sha256(canonical).hexdigest()[:24]}"
-    key = None
-    try:
-        cid = parse_custom_id(custom_id)
-    except ValueError:
-        cid = None
-    if cid is not None:
-        key = emu.answers.lookup(cid.dataset, cid.item_id)
-    content, finish_reason, usage = model.answer(custom_id, messages, key)
+    content, finish_reason, usage = emu.answer(custom_id, messages)
     words = content.split()
     if max_tokens is not None and usage["completion_tokens"] > max_tokens:
         content = " ".join(words[:max_tokens])

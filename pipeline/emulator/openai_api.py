@@ -46,12 +46,11 @@ from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
 
-from pipeline.emulator import model, payloads
+from pipeline.emulator import payloads
 from pipeline.emulator.api import Emulator, _shaped
 from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick, request_set
 from pipeline.emulator.payloads import Payload
 from pipeline.emulator.wire import ROLES, ApiError
-from pipeline.naming import parse_custom_id
 from targets.atomic import write_bytes
 
 ACCT = "openai"
@@ -480,12 +479,7 @@ class OpenAIApi:
 
     def _completion(self, record: dict[str, Any], row: dict[str, Any], end_ns: int) -> dict[str, Any]:
         custom_id = row["custom_id"]
-        try:
-            cid = parse_custom_id(custom_id)
-        except ValueError:
-            cid = None
-        key = self.emu.answers.lookup(cid.dataset, cid.item_id) if cid is not None else None
-        content, finish_reason, usage = model.answer(custom_id, row["body"]["messages"], key)
+        content, finish_reason, usage = self.emu.answer(custom_id, row["body"]["messages"])
         # Keyed by what was asked, not by the random batch id: the same request gets the same answer id in any batch,
         # as the other wire formats' answers do (a resumed run's results equal an uninterrupted run's).
         asked = json.dumps(row["body"], sort_keys=True)
