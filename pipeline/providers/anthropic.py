@@ -46,9 +46,9 @@ from pipeline.naming import ANTHROPIC_ID_RE, anthropic_id
 from pipeline.parsing import iter_jsonl_lenient
 from pipeline.providers import job_states
 from pipeline.providers.backend import JobStatus, PartSpec, Save
-from pipeline.providers.download import fetch_url, is_loopback_url
+from pipeline.providers.download import is_loopback_url
 from pipeline.providers.errors import NotFound, ProviderError
-from pipeline.providers.http import RETRY_STATUSES, JsonApi
+from pipeline.providers.http import JsonApi
 from pipeline.providers.limits import Deadline, DownloadLimits, DownloadRefused
 from targets.atomic import atomic_open, write_bytes
 from targets.crashpoints import crashpoint
@@ -164,22 +164,8 @@ class AnthropicClient(JsonApi):
             raise ValueError(f"refusing results URL on {urlsplit(url).netloc!r}: the API key is only sent to "
                              f"{urlsplit(self.base_url).netloc!r}")
         headers = {**self.auth_headers(), "Accept": "application/binary"}
-        attempt = 0
-        while True:
-            try:
-                return fetch_url(url, dest, max_bytes=max_bytes, timeout=self.timeout,
-                                 allow_loopback_http=self.allow_loopback_http, session=self._session,
-                                 deadline=deadline, headers=headers)
-            except ProviderError as exc:
-                if exc.status not in (0, *RETRY_STATUSES) or attempt >= self.max_retries:
-                    raise
-                delay = self._delay(attempt, None)
-                if delay >= deadline.left():
-                    raise DownloadRefused(f"results download interrupted ({exc}) with too little of its deadline "
-                                          f"of {deadline.seconds:g} s left to retry") from exc
-                log.info("results download interrupted (%s), retry %d in %.1f s", exc, attempt + 1, delay)
-                self._sleep(delay)
-                attempt += 1
+        return self.fetch(url, dest, what="download of the batch results", max_bytes=max_bytes, deadline=deadline,
+                          headers=headers)
 
 
 def _origin(url: str) -> tuple[str, str]:

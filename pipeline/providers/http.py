@@ -23,8 +23,9 @@ from typing import Any
 
 import requests
 
-from pipeline.providers.download import check_url, is_loopback_url
+from pipeline.providers.download import check_url, fetch_url, is_loopback_url
 from pipeline.providers.errors import AlreadyExists, ProviderError, ProviderUnavailable, RateLimited, error_for_status
+from pipeline.providers.limits import Deadline, DownloadRefused
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,28 @@ class JsonApi:
 
     def close(self) -> None:
         self._session.close()
+
+    def fetch(self, url: str, dest: Path, *, what: str, max_bytes: int, deadline: Deadline,
+              headers: Mapping[str, str] | None = None) -> int:
+        """Save `url` into `dest` with `download.fetch_url` (bounded, atomic; `headers` go to the URL's own origin
+        only); the bytes written. No response, a cut body or a retryable status is retried while the deadline allows
+        another try (DownloadRefused when it does not); other errors, 404 included, raise at once."""
+        attempt = 0
+        while True:
+            try:
+                return fetch_url(url, dest, max_bytes=max_bytes, timeout=self.timeout,
+                                 allow_loopback_http=self.allow_loopback_http, session=self._session,
+                                 deadline=deadline, headers=headers)
+            except ProviderError as exc:
+                if exc.status not in (0, *RETRY_STATUSES) or attempt >= self.max_retries:
+                    raise
+                delay = self._delay(attempt, None)
+                if delay >= deadline.left():
+                    raise DownloadRefused(f"{what}: interrupted ({exc}) with too little of its deadline of "
+                                          f"{deadline.seconds:g} s left to retry") from exc
+                log.info("%s interrupted (%s), retry %d in %.1f s", what, exc, attempt + 1, delay)
+                self._sleep(delay)
+                attempt += 1
 
     def _create(self, path: str, body: dict[str, Any], *, params: dict[str, str] | None,
                 lookup: _Recover) -> tuple[dict[str, Any], bool]:

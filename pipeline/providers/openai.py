@@ -27,9 +27,9 @@ import requests
 
 from pipeline.decisions import decision
 from pipeline.providers.backend import JobStatus, PartSpec, Save, read_requests
-from pipeline.providers.download import fetch_url, is_loopback_url
+from pipeline.providers.download import is_loopback_url
 from pipeline.providers.errors import NotFound, ProviderError
-from pipeline.providers.http import RETRY_STATUSES, JsonApi
+from pipeline.providers.http import JsonApi
 from pipeline.providers.job_states import CANCELLED, COMPLETED, EXPIRED, FAILED, IN_PROGRESS
 from pipeline.providers.limits import Deadline, DownloadRefused
 from targets.atomic import atomic_open, write_bytes
@@ -147,22 +147,8 @@ class OpenAIClient(JsonApi):
         """GET /files/{id}/content into `dest` atomically; the bytes written. At most `max_bytes` within `deadline`
         (DownloadRefused past either); a cut body or 429 / 5xx is retried while the deadline allows; 404 NotFound."""
         url = f"{self.base_url}/files/{quote(file_id, safe='')}/content"
-        attempt = 0
-        while True:
-            try:
-                return fetch_url(url, dest, max_bytes=max_bytes, timeout=self.timeout,
-                                 allow_loopback_http=self.allow_loopback_http, session=self._session,
-                                 deadline=deadline, headers=self.auth_headers())
-            except ProviderError as exc:
-                if exc.status not in (0, *RETRY_STATUSES) or attempt >= self.max_retries:
-                    raise
-                delay = self._delay(attempt, None)
-                if delay >= deadline.left():
-                    raise DownloadRefused(f"download of file {file_id}: interrupted ({exc}) with too little of its "
-                                          f"deadline of {deadline.seconds:g} s left to retry") from exc
-                log.info("download of file %s interrupted (%s), retrying", file_id, exc)
-                self._sleep(delay)
-                attempt += 1
+        return self.fetch(url, dest, what=f"download of file {file_id}", max_bytes=max_bytes, deadline=deadline,
+                          headers=self.auth_headers())
 
     # ------------------------------------------------------------------------------------------ batches
 
