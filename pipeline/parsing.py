@@ -8,21 +8,32 @@ Accepted line shapes (original_system.md §4 "Results line"): `{"custom_id"|"cus
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
+import multiprocessing
 import os
 import shutil
+import threading
+import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import msgspec
 import numpy as np
 import orjson
 
 from pipeline.gcpause import gc_paused
 from pipeline.naming import parse_custom_id
+
+log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = (
     "custom_id", "dataset", "item_id", "condition", "temp", "sample_index", "type", "request_id", "finish_reason",
@@ -92,10 +103,12 @@ def _custom_id_fields(cid: str) -> tuple[str, str, str, str, int, str]:
     return fields[0], fields[1], *tail
 
 
-def _cache_counts(usage: dict) -> tuple[int, int]:
+def _cache_counts(usage: object) -> tuple[int, int]:
     """(cache_read_tokens, cache_write_tokens) of a usage dict: Anthropic's `cache_read_input_tokens` /
     `cache_creation_input_tokens`, else OpenAI's `prompt_tokens_details.cached_tokens` as reads; each is
-    `int(float(value))`, 0 when absent, not a number or negative."""
+    `int(float(value))`, 0 when absent, not a number or negative; anything but a dict counts as no usage."""
+    if not isinstance(usage, dict):
+        return 0, 0
     read = usage.get("cache_read_input_tokens")
     write = usage.get("cache_creation_input_tokens")
     if read is None:
@@ -143,26 +156,133 @@ def prediction_fields(obj: dict) -> tuple[str, str, str, str, str, int, str, str
             finish = str(first.get("finish_reason") or "")
         if text is None:
             text = _text(body)
-    usage = (response.get("usage") if is_dict else None) or (body or {}).get("usage") or {}
-    if not isinstance(usage, dict):
-        usage = {}
+    usage = (response.get("usage") if is_dict else None) or (body or {}).get("usage")
     request_id = str(response.get("request_id") or response.get("id") or (body or {}).get("id") or "") if is_dict else ""
+    return (cid, dataset, item_id, condition, temp, sample_index, type_, request_id, finish, (text or "").strip(),
+            *_usage_counts(usage), "" if text is not None else _error_text(obj), *_cache_counts(usage))
+
+
+def _usage_counts(usage: object) -> tuple[int, int, int]:
+    """(prompt, completion, total) tokens of a usage dict, each `int(float(value))`, 0 when that fails; total falls
+    back to prompt + completion. Anything but a dict counts as no usage."""
+    if not isinstance(usage, dict):
+        return 0, 0, 0
     # int(float(value)), 0 when that fails: inlined, this runs three times per result line
     try:
-        prompt = int(float(usage.get("prompt_tokens")))
+        prompt = int(float(usage.get("prompt_tokens")))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         prompt = 0
     try:
-        completion = int(float(usage.get("completion_tokens")))
+        completion = int(float(usage.get("completion_tokens")))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         completion = 0
     try:
-        total = int(float(usage.get("total_tokens"))) or prompt + completion
+        total = int(float(usage.get("total_tokens"))) or prompt + completion  # type: ignore[arg-type]
     except (TypeError, ValueError):
         total = prompt + completion
-    cache_read, cache_write = _cache_counts(usage)
-    return (cid, dataset, item_id, condition, temp, sample_index, type_, request_id, finish, (text or "").strip(),
-            prompt, completion, total, "" if text is not None else _error_text(obj), cache_read, cache_write)
+    return prompt, completion, total
+
+
+_EXACT = 1 << 53  # token counts up to this are unchanged by int(float(n)); larger ones take the slow path
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: Any = None
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    prompt_tokens_details: _Details | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+class _Body(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    id: Any = None
+
+
+class _Response(msgspec.Struct):
+    body: _Body | msgspec.UnsetType = msgspec.UNSET
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    id: Any = None
+    request_id: Any = None
+
+
+class _Line(msgspec.Struct):
+    """The fields of a result line that an answer row reads, typed as the usual answer shape has them; msgspec
+    skips the rest of the line undecoded."""
+
+    custom_id: Any = msgspec.UNSET
+    customId: Any = msgspec.UNSET  # noqa: N815 (the wire name)
+    response: _Response | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Line).decode
+
+
+def _answer_fields(raw: bytes) -> tuple | None:
+    """`prediction_fields` of a line in the usual answer shape, decoding only the fields it reads; None for any
+    other line, which `prediction_fields` then decides. The usual shape: a custom_id whose tail was already
+    checked, `choices[0].message.content` a string, token counts integers below 2**53, usage in one place, and
+    every other field it reads of the type that shape has (tests/test_parsing.py compares the two on many shapes).
+
+    msgspec refuses what json reads differently (NaN, 1e400, lone surrogates), so those lines take the slow path.
+    """
+    try:
+        line = _decode_answer(raw)
+    except msgspec.MsgspecError:
+        return None
+    response = line.response
+    cid = line.custom_id if line.custom_id is not msgspec.UNSET else line.customId
+    if response is None or not isinstance(cid, str) or not cid:
+        return None
+    body = response if response.body is msgspec.UNSET else response.body
+    choices = body.choices
+    if not choices:
+        return None
+    first = choices[0]
+    message = first.message
+    text = message.content if message is not None else None
+    if text is None:
+        return None
+    fields = cid.split("|", 2)
+    tail = _TAILS.get(fields[-1]) if len(fields) == 3 else None
+    if tail is None:
+        return None
+    usage = response.usage
+    if usage is None:
+        usage = body.usage
+    elif body is not response and body.usage is not None:  # which one counts depends on emptiness: slow path
+        return None
+    if usage is None:
+        prompt = completion = total = cache_read = cache_write = 0
+    else:
+        prompt, completion, total = usage.prompt_tokens or 0, usage.completion_tokens or 0, usage.total_tokens
+        cache_read, cache_write = usage.cache_read_input_tokens, usage.cache_creation_input_tokens
+        if cache_read is None and usage.prompt_tokens_details is not None:
+            cache_read = usage.prompt_tokens_details.cached_tokens
+        if not (-_EXACT < prompt < _EXACT and -_EXACT < completion < _EXACT and -_EXACT < (total or 0) < _EXACT
+                and (cache_read or 0) < _EXACT and (cache_write or 0) < _EXACT):
+            return None
+        total = total or prompt + completion
+        cache_read = max(cache_read or 0, 0)
+        cache_write = max(cache_write or 0, 0)
+    return (cid, fields[0], fields[1], *tail, str(response.request_id or response.id or body.id or ""),
+            str(first.finish_reason or ""), text.strip(), prompt, completion, total, "", cache_read, cache_write)
 
 
 _NOT_JSON = object()
@@ -334,7 +454,7 @@ class PredictionColumns:
     STATUSES = ("ok", "provider_error", "truncated")
 
     def __init__(self) -> None:
-        self.cells: dict[tuple[str, str, str, str, str], int] = {}
+        self.cells: dict[str, int] = {}  # "dataset|item_id|type|condition|temp": no field holds a "|"
         self.responses: dict[str, int] = {}
         self.cell = array("i")
         self.status = array("b")
@@ -342,7 +462,7 @@ class PredictionColumns:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays (no pickled objects): what `save` writes and `load_prediction_columns` reads back."""
-        cells = list(self.cells)
+        cells = [key.split("|") for key in self.cells]
         out = {"cell": np.frombuffer(self.cell, dtype=np.int32), "status": np.frombuffer(self.status, dtype=np.int8),
                "response": np.frombuffer(self.response, dtype=np.int32)}
         for k, name in enumerate(CELL_FIELDS):
@@ -470,10 +590,10 @@ def _chunks(path: Path) -> Iterator[tuple[bytes, int]]:
 
 
 def _chunk_rows(path: Path, data: bytes, first_line: int, ids: set[str] | array,
-                columns: PredictionColumns | None = None) -> tuple[str, int]:
+                columns: PredictionColumns | None = None, hash_id: Callable[[str], int] = hash) -> tuple[str, int]:
     """predictions.csv text of the non-blank result lines in `data` (see `_chunks`) and how many are error rows;
     their rows go to `columns` when given. `ids` is either the set of custom_ids seen so far (a repeated one raises
-    here) or an `array("q")` that collects `hash(custom_id)` per row, for `_check_unique` to check afterwards.
+    here) or an `array("q")` that collects `hash_id(custom_id)` per row, for `_check_unique` to check afterwards.
 
     Lines are as `iter_jsonl` reads them: split on "\\n", at most `MAX_LINE_BYTES` long counting the newline,
     whitespace-only lines skipped. Raises ResultsError / ValueError naming the file and line, for the first bad line.
@@ -492,19 +612,12 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, ids: set[str] | array,
             raise _too_long(path, first_line + k)
         if not raw or raw.isspace():
             continue
-        try:
-            obj = _loads(raw)
-        except orjson.JSONDecodeError:  # orjson is stricter than json (NaN, big ints, lone surrogates): json decides
-            obj = _decode_with_json(raw, path, first_line + k)
-        if not isinstance(obj, dict):
-            raise ResultsError(f"{path}:{first_line + k}: expected a JSON object, got {type(obj).__name__}")
-        try:
-            fields = prediction_fields(obj)
-        except ValueError as exc:
-            raise ValueError(f"{path}:{first_line + k}: {exc}") from None
+        fields = _answer_fields(raw)
+        if fields is None:
+            fields = _line_fields(path, raw, first_line + k)
         cid = fields[0]
         if add_hash is not None:
-            add_hash(hash(cid))
+            add_hash(hash_id(cid))
         elif cid in ids:
             raise ValueError(f"{path}:{first_line + k}: custom_id {cid} appears twice in the results")
         else:
@@ -512,10 +625,24 @@ def _chunk_rows(path: Path, data: bytes, first_line: int, ids: set[str] | array,
         errors += fields[13] != ""
         text.append(csv_lines.line(fields))
         if columns is not None:
-            add_cell(cells.setdefault((fields[1], fields[2], fields[6], fields[3], fields[4]), len(cells)))
+            add_cell(cells.setdefault(f"{fields[1]}|{fields[2]}|{fields[6]}|{fields[3]}|{fields[4]}", len(cells)))
             add_status(1 if fields[13].strip() else 2 if fields[8].strip() == "length" else 0)
             add_response(responses.setdefault(fields[9], len(responses)))
     return "".join(text), errors
+
+
+def _line_fields(path: Path, raw: bytes, lineno: int) -> tuple:
+    """`prediction_fields` of any result line; ResultsError / ValueError naming the file and line."""
+    try:
+        obj = _loads(raw)
+    except orjson.JSONDecodeError:  # orjson is stricter than json (NaN, big ints, lone surrogates): json decides
+        obj = _decode_with_json(raw, path, lineno)
+    if not isinstance(obj, dict):
+        raise ResultsError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        return prediction_fields(obj)
+    except ValueError as exc:
+        raise ValueError(f"{path}:{lineno}: {exc}") from None
 
 
 def combine_results(sources: Iterable[Path], out: IO[bytes]) -> None:
@@ -547,32 +674,176 @@ def _check_unique(hashes: array, sources: list[Path]) -> None:
 
 
 def write_predictions(sources: Iterable[Path], out: IO[str], progress: Callable[[int], None] | None = None,
-                      columns: PredictionColumns | None = None) -> ParsedResults:
+                      columns: PredictionColumns | None = None, workers: int | None = None) -> ParsedResults:
     """predictions.csv (header + one row per result line, `prediction_fields`) from the result files in order;
     the same rows go to `columns` when given (the columnar hand-off to scoring).
 
     Streamed in pieces of about `_BLOCK_BYTES`: only a 64-bit hash per custom_id is kept to find repeats (8 bytes a
     row instead of the string in a set; a repeat found at the end, or any error, is reported as a read that keeps
     every custom_id reports it: the first problem in file order). `progress(n)` is told after each of the n first
-    files.
+    files. With `workers` > 1 (default: `parse_workers` of the input size) the pieces are parsed in that many
+    processes and written in order: the same bytes, rows and columns as one process writes.
     Raises ResultsError naming the file and line for an unreadable line, ValueError for a line without a valid
     custom_id and for a custom_id seen twice.
     """
     sources = list(sources)
+    if workers is None:
+        workers = parse_workers(sum(path.stat().st_size for path in sources))
     hashes = array("q")
     parsed = ParsedResults()
     out.write(",".join(PREDICTION_COLUMNS) + "\n")
     try:
-        for done, path in enumerate(sources, 1):
-            for data, first_line in _chunks(path):
-                text, errors = _chunk_rows(path, data, first_line, hashes, columns)
-                parsed.errors += errors
-                out.write(text)
-            if progress:
-                progress(done)
+        if workers > 1:
+            _write_in_processes(sources, out, progress, columns, workers, hashes, parsed)
+        else:
+            for done, path in enumerate(sources, 1):
+                for data, first_line in _chunks(path):
+                    text, errors = _chunk_rows(path, data, first_line, hashes, columns)
+                    parsed.errors += errors
+                    out.write(text)
+                if progress:
+                    progress(done)
     except ValueError:  # ResultsError too: a repeated custom_id before the bad line is the first problem
         _check_unique(hashes, sources)
         raise
     _check_unique(hashes, sources)
     parsed.rows = len(hashes)
     return parsed
+
+
+_PARALLEL_MIN_BYTES = 64 << 20  # below this, starting processes costs more than they save
+_SPAN_BYTES = 8 << 20
+
+
+def parse_workers(total_bytes: int) -> int:
+    """How many processes `write_predictions` parses `total_bytes` of results in: one per usable core (at most 4)
+    for 64 MiB and more, else 1."""
+    if total_bytes < _PARALLEL_MIN_BYTES or multiprocessing.current_process().daemon:  # daemons have no children
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _spans(path: Path) -> Iterator[tuple[int, int]]:
+    """(start, end) byte offsets of newline-aligned pieces of `path` of about `_SPAN_BYTES` (the last one may end
+    without a newline)."""
+    size = path.stat().st_size
+    start = 0
+    with open(path, "rb") as fh:
+        while start < size:
+            end = min(start + _SPAN_BYTES, size)
+            fh.seek(end)
+            while end < size:
+                piece = fh.read(1 << 16)
+                cut = piece.find(b"\n")
+                end = min(end + (cut + 1 if cut >= 0 else len(piece)), size)
+                if cut >= 0 or not piece:
+                    break
+            yield start, end
+            start = end
+
+
+def _span_rows(path: Path, start: int, end: int, with_columns: bool) -> tuple:
+    """`_chunk_rows` of bytes `start:end` of `path`, in a worker process: the CSV text, error count, custom_id
+    hashes (`_stable_hash`: comparable across processes) and (with_columns) the span's own `PredictionColumns` as
+    plain lists and bytes."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start)
+    hashes = array("q")
+    columns = PredictionColumns() if with_columns else None
+    text, errors = _chunk_rows(path, data, 1, hashes, columns, _stable_hash)
+    if columns is None:
+        return text, errors, hashes.tobytes(), None
+    return text, errors, hashes.tobytes(), (list(columns.cells), columns.cell.tobytes(), columns.status.tobytes(),
+                                            list(columns.responses), columns.response.tobytes())
+
+
+def _stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (`hash` of a str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                          signed=True)
+
+
+def _add_span_columns(columns: PredictionColumns, span: tuple) -> None:
+    """Append a span's rows to `columns`, its codes mapped to the global ones (first appearance stays first)."""
+    cells, cell_codes, status, responses, response_codes = span
+    cell_map = np.array([columns.cells.setdefault(c, len(columns.cells)) for c in cells], dtype=np.int32)
+    response_map = np.array([columns.responses.setdefault(r, len(columns.responses)) for r in responses], dtype=np.int32)
+    columns.cell.frombytes(cell_map[np.frombuffer(cell_codes, dtype=np.int32)].tobytes())
+    columns.status.frombytes(status)
+    columns.response.frombytes(response_map[np.frombuffer(response_codes, dtype=np.int32)].tobytes())
+
+
+def _write_in_processes(sources: list[Path], out: IO[str], progress: Callable[[int], None] | None,
+                        columns: PredictionColumns | None, workers: int, hashes: array, parsed: ParsedResults) -> None:
+    """The pieces of `sources` parsed by `workers` processes, at most two per process in flight (bounded memory),
+    merged in file order. Any bad line is reported as the one-process read reports it (`_check_rows`).
+
+    The processes are spawned (no fork of a process that may run threads: luigi's, our thread pools), so they
+    import the main module as multiprocessing does; when they cannot start (a main script without the
+    `if __name__ == "__main__":` guard, no process slots) the rest is parsed in this process, with one log line.
+    """
+    pending: deque[tuple[tuple, Future | None, int | None]] = deque()  # (span args, its job, file done after it)
+    pool: ProcessPoolExecutor | None = worker_pool(workers)
+
+    def merge_oldest() -> None:
+        nonlocal pool
+        args, job, done = pending[0]
+        try:
+            result = job.result() if job is not None else _span_rows(*args)
+        except BrokenProcessPool as exc:
+            log.warning("parse: worker processes stopped (%s); parsing the rest in this process", exc)
+            _stop(pool)
+            pool = None
+            for k, (waiting, _, last) in enumerate(list(pending)):
+                pending[k] = (waiting, None, last)
+            return merge_oldest()
+        except ValueError:
+            _check_rows(sources)  # raises the first problem in file order
+            raise
+        pending.popleft()
+        text, errors, span_hashes, span_columns = result
+        out.write(text)
+        parsed.errors += errors
+        hashes.frombytes(span_hashes)
+        if columns is not None:
+            _add_span_columns(columns, span_columns)
+        if progress and done is not None:
+            progress(done)
+
+    try:
+        for done, path in enumerate(sources, 1):
+            spans = list(_spans(path)) or [(0, 0)]  # an empty file still counts as done in its turn
+            for k, (start, end) in enumerate(spans):
+                args = (path, start, end, columns is not None)
+                pending.append((args, pool.submit(_span_rows, *args) if pool is not None and end else None,
+                                done if k == len(spans) - 1 else None))
+                if len(pending) >= 2 * workers:
+                    merge_oldest()
+        while pending:
+            merge_oldest()
+    finally:
+        _stop(pool)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` spawned processes that exit when this process is gone, however it ends."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a worker process: exit once `parent` is gone (killed with -9, it cannot stop its workers, which would
+    otherwise wait for work forever)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _stop(pool: ProcessPoolExecutor | None) -> None:
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -6,6 +6,9 @@ import csv
 import io
 import json
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,53 @@ def test_rows_match_the_reference_for_every_line_shape(tmp_path: Path) -> None:
     assert parsed.errors == sum(row["error"] != "" for row in map(ref_row, SHAPES))
 
 
+VARIANTS: list[object] = [None, 0, 7, -3, 2**53 - 1, 2**53, 2**60 + 1, 3.0, 2.9, 1e3, "12", "x", "", True, False, [],
+                           [1], {}, {"content": "c"}, {"cached_tokens": 5}, {"cached_tokens": "5"}]
+ABSENT = object()
+
+
+def mutated_lines(rnd: random.Random, n: int, first: int = 100) -> list[str]:
+    """Result lines in the usual shapes (Fireworks: usage in `response`; OpenAI: in `response.body`) with random
+    fields removed, nulled or given a value of another type, plus usage in both places; custom_ids from `first` on."""
+    out = []
+    for i in range(first, first + n):
+        usage: dict[str, object] = {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42,
+                                    "prompt_tokens_details": {"cached_tokens": 8}, "cache_read_input_tokens": 3,
+                                    "cache_creation_input_tokens": 4}
+        choice: dict[str, object] = {"message": {"role": "assistant", "content": f" answer {i} "}, "finish_reason": "stop"}
+        body: dict[str, object] = {"id": f"b{i}", "choices": [choice, {"message": {"content": "n=2"}}], "usage": usage}
+        obj: dict[str, object] = {"custom_id": cid(i), "response": body if i % 2 else {"request_id": f"r{i}", "body": body}}
+        slots = [(usage, key) for key in list(usage)] + [(choice, "message"), (choice, "finish_reason"),
+                                                         (body, "id"), (body, "choices"), (body, "usage"), (obj, "response"),
+                                                         (body["choices"][1], "message")]
+        for target, key in rnd.sample(slots, rnd.randint(0, 3)):
+            value = rnd.choice([ABSENT, *VARIANTS])
+            if value is ABSENT:
+                target.pop(key, None)
+            else:
+                target[key] = value
+        if rnd.random() < 0.1:
+            response = obj.get("response")
+            if isinstance(response, dict):
+                response["usage"] = rnd.choice([{}, {"prompt_tokens": 1}, None])
+        if rnd.random() < 0.05:
+            obj["customId"] = obj.pop("custom_id")
+        out.append(line(obj))
+    return out
+
+
+def test_the_fast_path_gives_the_reference_rows_for_every_field_mutation(tmp_path: Path) -> None:
+    """The msgspec fast path (usual answer shapes) and the general path give the reference's rows, whichever field
+    is missing, null or of another type; the usual shapes do take the fast path."""
+    lines = mutated_lines(random.Random(11), 4000)
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert ours([path])[0] == ref_csv(lines)
+    fast = [parsing._answer_fields(text.encode()) for text in lines]
+    assert all(row == parsing.prediction_fields(json.loads(text)) for row, text in zip(fast, lines, strict=True) if row)
+    assert 0.3 < sum(row is not None for row in fast) / len(lines) < 1, "both paths are exercised"
+
+
 def test_cache_counts_are_the_last_columns(tmp_path: Path) -> None:
     assert PREDICTION_COLUMNS[:14] == ("custom_id", "dataset", "item_id", "condition", "temp", "sample_index", "type",
                                        "request_id", "finish_reason", "response_text", "prompt_tokens",
@@ -251,3 +301,108 @@ def test_combine_copies_the_bytes_as_they_are(tmp_path: Path) -> None:
         combine_results(parts, out)
         out.write(b":tail")
     assert target.read_bytes() == b"head:" + b"".join(p.read_bytes() for p in parts) + b":tail"
+
+
+def parsed_with(paths: list[Path], workers: int) -> tuple[str, parsing.ParsedResults, dict, list[int]]:
+    out, columns, told = io.StringIO(), parsing.PredictionColumns(), []
+    result = write_predictions(paths, out, told.append, columns, workers=workers)
+    return out.getvalue(), result, columns.arrays(), told
+
+
+def same_arrays(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and (a[k] == b[k]).all() for k in a)
+
+
+def test_worker_processes_write_what_one_process_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsed in pieces by two processes: the same CSV bytes, rows, error count, columns (codes in first-appearance
+    order) and progress calls as one process, over several files (one empty, one without a final newline)."""
+    rnd = random.Random(3)
+    lines = mutated_lines(rnd, 3000) + [line(obj) for obj in SHAPES]
+    paths = [tmp_path / f"p{k}.jsonl" for k in range(4)]
+    paths[0].write_text("\n".join(lines[:1700]) + "\n", encoding="utf-8")
+    paths[1].write_text("", encoding="utf-8")
+    paths[2].write_text("\n".join(lines[1700:2900]) + "\n\n", encoding="utf-8")
+    paths[3].write_text("\n".join(lines[2900:]), encoding="utf-8")
+    monkeypatch.setattr(parsing, "_SPAN_BYTES", 20_000)  # many pieces, cut inside lines
+    one = parsed_with(paths, 1)
+    two = parsed_with(paths, 2)
+    assert one[0] == two[0] == ref_csv(lines)
+    assert one[1] == two[1] and one[3] == two[3] == [1, 2, 3, 4]
+    assert same_arrays(one[2], two[2])
+
+
+def test_worker_processes_report_the_first_bad_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = [line(obj) for obj in SHAPES]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(good * 1) + "\n" + "\n".join(mutated_lines(random.Random(1), 400)) + "\n{nope\n",
+                    encoding="utf-8")
+    monkeypatch.setattr(parsing, "_SPAN_BYTES", 5_000)
+    with pytest.raises(ResultsError, match=rf"{path}:{len(good) + 401}: not valid JSON"):
+        parsed_with([path], 2)
+    path.write_text("\n".join(mutated_lines(random.Random(1), 300) + good + good[:1]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{path}:{301 + len(good)}: custom_id .* appears twice"):
+        parsed_with([path], 2)
+
+
+class _BrokenPool:
+    """A process pool whose processes die: every job ends in BrokenProcessPool."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def submit(self, *args: object) -> parsing.Future:
+        future: parsing.Future = parsing.Future()
+        future.set_exception(parsing.BrokenProcessPool("a worker died"))
+        return future
+
+    def shutdown(self, **kwargs: object) -> None:
+        pass
+
+
+def test_when_worker_processes_die_the_rest_is_parsed_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    lines = mutated_lines(random.Random(4), 500)
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(parsing, "_SPAN_BYTES", 10_000)
+    expected = parsed_with([path], 1)
+    monkeypatch.setattr(parsing, "ProcessPoolExecutor", _BrokenPool)
+    with caplog.at_level("WARNING", logger="pipeline.parsing"):
+        got = parsed_with([path], 2)
+    assert got[0] == expected[0] and got[1] == expected[1] and same_arrays(got[2], expected[2])
+    assert [r.getMessage() for r in caplog.records if "parsing the rest in this process" in r.getMessage()] != []
+    assert len(caplog.records) == 1, "one line, not one per piece"
+
+
+def test_parse_workers_only_for_large_inputs() -> None:
+    assert parsing.parse_workers(1 << 20) == 1
+    assert 1 <= parsing.parse_workers(1 << 30) <= 4
+
+
+def test_worker_processes_exit_when_the_parser_is_killed(tmp_path: Path) -> None:
+    script = ("import os, sys\n"
+              "from pipeline.parsing import worker_pool\n"
+              "if __name__ == '__main__':\n"
+              "    pool = worker_pool(2)\n"
+              "    pids = {pool.submit(os.getpid).result() for _ in range(8)}\n"
+              "    print(' '.join(map(str, pids)), flush=True)\n"
+              "    sys.stdin.read()\n")
+    (tmp_path / "hold.py").write_text(script, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "hold.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[1])
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids and all(_alive(pid) for pid in pids)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling for the condition under test, with a deadline
+    assert not any(_alive(pid) for pid in pids), "orphaned parse workers"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().split(") ")[-1][:1] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
