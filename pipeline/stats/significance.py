@@ -276,10 +276,39 @@ def _prepare(per_item: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["temp_key", "type", "condition", "item_key"], kind="mergesort").reset_index(drop=True)
 
 
+class _Copy:
+    """A metric block already submitted for the same items and values: resolved to a copy of that block's result
+    (each scope keeps its own dict, as the FDR step writes q-values into the family's members only)."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+
+class _OncePerItemSet:
+    """`submit` for `_metric_block`s that runs each distinct (items, values, metric) once: a dataset subgroup
+    holding the same items as its block (e.g. the only dataset of a type) has the same resamples and so the same
+    result, which is copied instead of computed again."""
+
+    def __init__(self, submit: Submit) -> None:
+        self.submit = submit
+        self.seen: dict[tuple[str, str], Future] = {}
+
+    def __call__(self, fn: Callable[..., Any], c: np.ndarray, t: np.ndarray, keys: np.ndarray,
+                 cfg: dict[str, Any], metric: str) -> Future | _Copy:
+        digest = hashlib.sha256(np.ascontiguousarray(c).tobytes() + np.ascontiguousarray(t).tobytes())
+        key = (f"{item_set_key(keys)}:{digest.hexdigest()}", metric)
+        if key in self.seen:
+            return _Copy(self.seen[key])
+        self.seen[key] = self.submit(fn, c, t, keys, cfg, metric)
+        return self.seen[key]
+
+
 def _resolved(obj: Any) -> Any:
     """`obj` with every future replaced by its result (dicts and lists are rebuilt, key order kept)."""
     if isinstance(obj, Future):
         return obj.result()
+    if isinstance(obj, _Copy):
+        return copy.deepcopy(obj.future.result())
     if isinstance(obj, dict):
         return {key: _resolved(value) for key, value in obj.items()}
     if isinstance(obj, list):
@@ -365,11 +394,12 @@ def compute_significance(per_item: pd.DataFrame, *, temps: list[float], stats_cf
     frame = _prepare(per_item)
     results: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="stats") as pool:
+        submit = _OncePerItemSet(pool.submit)
         for temp in temps:
             tkey = temp_str(float(temp))
             at_temp = frame[frame["temp_key"] == tkey]
             results[tkey] = {
-                type_: _type_block(at_temp[at_temp["type"] == type_], type_, cfg, pool.submit)
+                type_: _type_block(at_temp[at_temp["type"] == type_], type_, cfg, submit)
                 for type_ in TYPES
                 if (at_temp["type"] == type_).any()
             }
