@@ -42,7 +42,6 @@ import json
 import random
 import re
 import secrets
-from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from pipeline.emulator import payloads
 from pipeline.emulator.api import Emulator, _shaped
 from pipeline.emulator.faults import DELETE_KINDS, FILE_KINDS, WRITE_KINDS, pick, request_set
 from pipeline.emulator.payloads import Payload
-from pipeline.emulator.wire import ROLES, ApiError
+from pipeline.emulator.wire import ROLES, ApiError, multipart_fields
 from targets.atomic import write_bytes
 
 ACCT = "openai"
@@ -109,27 +108,6 @@ def _missing(kind: str, rid: str) -> OpenAIError:
 
 def _hex(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
-def multipart_fields(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """`{name: (filename or None, bytes)}` of a multipart/form-data body."""
-    header = HeaderParser().parsestr(f"Content-Type: {content_type}\r\n\r\n")
-    boundary = header.get_param("boundary")
-    if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str):
-        raise _bad("expected a multipart/form-data body with a boundary")
-    out: dict[str, tuple[str | None, bytes]] = {}
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    for section in (b"\r\n" + body).split(delimiter)[1:]:
-        if section.startswith(b"--"):
-            break
-        head, sep, data = section.partition(b"\r\n\r\n")
-        if not sep:
-            raise _bad("malformed multipart section")
-        part = HeaderParser().parsestr(head.decode("latin-1").lstrip("\r\n"))
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, str):
-            out[name] = (part.get_filename(), data)
-    return out
 
 
 def _query_int(query: dict[str, list[str]], name: str, default: int, top: int) -> int:
@@ -229,7 +207,7 @@ class OpenAIApi:
         if (match := _FILES.fullmatch(path)) is not None:
             file_id, content = match.groups()
             if (method, file_id) == ("POST", None):
-                return self.upload(multipart_fields(content_type, body))
+                return self.upload(multipart_fields(content_type, body, _bad))
             if (method, file_id) == ("GET", None):
                 return self.list_files(query)
             if method == "GET" and file_id is not None:

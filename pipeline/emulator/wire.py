@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
@@ -102,26 +103,38 @@ def dataset_ref(acct: str, ref: Any, field: str) -> str:
     return check_id(match.group(2), field)
 
 
-def parse_multipart_file(content_type: str, body: bytes) -> tuple[str, bytes]:
-    """(filename, bytes) of the `file` field of a multipart/form-data body."""
+def multipart_fields(content_type: str, body: bytes, error: Callable[[str], Exception] = invalid
+                     ) -> dict[str, tuple[str | None, bytes]]:
+    """`{name: (filename or None, bytes)}` of a multipart/form-data body (the first of a repeated name);
+    `error(message)` is raised for a body that is not one."""
     header = HeaderParser().parsestr(f"Content-Type: {content_type}\r\n\r\n")
     boundary = header.get_param("boundary")
     if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str):
-        raise invalid("expected a multipart/form-data body with a boundary")
+        raise error("expected a multipart/form-data body with a boundary")
+    out: dict[str, tuple[str | None, bytes]] = {}
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     for section in (b"\r\n" + body).split(delimiter)[1:]:
         if section.startswith(b"--"):
             break
         head, sep, data = section.partition(b"\r\n\r\n")
         if not sep:
-            raise invalid("malformed multipart section")
+            raise error("malformed multipart section")
         part = HeaderParser().parsestr(head.decode("latin-1").lstrip("\r\n"))
-        if part.get_param("name", header="content-disposition") == "file":
-            filename = Path(part.get_filename() or "input.jsonl").name
-            if not filename or filename.startswith("."):
-                raise invalid(f"invalid file name {filename!r}")
-            return filename, data
-    raise invalid('multipart body has no "file" field')
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            out.setdefault(name, (part.get_filename(), data))
+    return out
+
+
+def parse_multipart_file(content_type: str, body: bytes) -> tuple[str, bytes]:
+    """(filename, bytes) of the `file` field of a multipart/form-data body."""
+    fields = multipart_fields(content_type, body)
+    if "file" not in fields:
+        raise invalid('multipart body has no "file" field')
+    filename = Path(fields["file"][0] or "input.jsonl").name
+    if not filename or filename.startswith("."):
+        raise invalid(f"invalid file name {filename!r}")
+    return filename, fields["file"][1]
 
 
 def request_line(line: str, where: str, seen: set[str]) -> tuple[str, list[dict[str, Any]]]:

@@ -46,7 +46,7 @@ from pipeline.naming import ANTHROPIC_ID_RE, anthropic_id
 from pipeline.parsing import iter_jsonl_lenient
 from pipeline.providers import job_states
 from pipeline.providers.backend import JobStatus, PartSpec, Save
-from pipeline.providers.download import is_loopback_url
+from pipeline.providers.download import is_loopback_url, origin
 from pipeline.providers.errors import NotFound, ProviderError
 from pipeline.providers.http import JsonApi
 from pipeline.providers.limits import Deadline, DownloadLimits, DownloadRefused
@@ -160,17 +160,12 @@ class AnthropicClient(JsonApi):
 
         The URL must be on the API's own scheme and host, since the API key goes with it; interrupted downloads
         (no response, cut body, retryable status) are retried while the deadline allows. 404: NotFound."""
-        if _origin(url) != _origin(self.base_url):
+        if origin(url) != origin(self.base_url):
             raise ValueError(f"refusing results URL on {urlsplit(url).netloc!r}: the API key is only sent to "
                              f"{urlsplit(self.base_url).netloc!r}")
         headers = {**self.auth_headers(), "Accept": "application/binary"}
         return self.fetch(url, dest, what="download of the batch results", max_bytes=max_bytes, deadline=deadline,
                           headers=headers)
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def checked_batch(batch: Any, shown: str) -> dict[str, Any]:

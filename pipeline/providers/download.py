@@ -81,7 +81,8 @@ def _atomic_writer(dest: Path) -> Iterator[IO[bytes]]:
         tmp.unlink(missing_ok=True)
 
 
-def _origin(url: str) -> tuple[str, str]:
+def origin(url: str) -> tuple[str, str]:
+    """(scheme, host[:port]) of `url`, lowercased: where credentials given for it may be sent."""
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
 
@@ -92,7 +93,7 @@ def _open_following_redirects(http: requests.Session, url: str, *, timeout: tupl
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         # Credentials go only to the origin they were given for, never to where a redirect points.
-        sent = dict(headers or {}) if _origin(current) == _origin(url) else {}
+        sent = dict(headers or {}) if origin(current) == origin(url) else {}
         if deadline is not None:
             deadline.check(f"GET {redact_url(current)}")
             # No single wait on the socket may outlast the deadline either.
