@@ -47,10 +47,9 @@ from tests.torture_support import (
     KillPlan,
     Runner,
     TortureResult,
-    exactly_once_problems,
+    end_state_checks,
+    failed_checks,
     leftovers,
-    manifest_problems,
-    output_differences,
     snapshot_outputs,
     torture,
     write_config,
@@ -109,23 +108,12 @@ def torture_run(reference: dict[str, Any], name: str, plan: KillPlan,
           f"datasets created: {len(calls.get('dataset_creates', {}))}, "
           f"409 conflicts: {sum(calls.get('job_create_conflicts', {}).values())} job / "
           f"{sum(calls.get('dataset_create_conflicts', {}).values())} dataset")
-    checks = {"during the torture": result.problems}
-    if result.final.returncode == 0:
-        checks.update({
-            "exactly once": exactly_once_problems(calls, runner.run_dir),
-            "identical to the reference": output_differences(reference["outputs"], runner.run_dir),
-            "manifests validate": manifest_problems(runner.run_dir),
-            "no leftovers": leftovers(runner.root),
-            "plan finds nothing to run": [] if "0 to run" in (out := runner.plan()) else [out[-2000:]],
-        })
-    else:
-        checks["final invocation exits 0"] = [f"exit {result.final.returncode}:\n{result.final.tail(40)}"]
+    checks = end_state_checks(runner, result, reference["outputs"], calls)
     return {"result": result, "checks": checks, "faults": fault_view, "runner": runner}
 
 
 def failures(outcome: dict[str, Any], *, known: tuple[str, ...] = ()) -> str:
-    return "\n".join(f"{check}:\n  " + "\n  ".join(problems) for check, problems in outcome["checks"].items()
-                     if problems and check not in known)
+    return failed_checks(outcome["checks"], known=known)
 
 
 def uncovered_phases(result: TortureResult) -> list[str]:

@@ -22,10 +22,8 @@ from tests.torture_support import (
     KillPlan,
     Runner,
     TortureResult,
-    exactly_once_problems,
-    leftovers,
-    manifest_problems,
-    output_differences,
+    end_state_checks,
+    failed_checks,
     snapshot_outputs,
     torture,
     write_config,
@@ -59,19 +57,8 @@ def tortured(tmp_path: Path, api: str, plan: KillPlan, faults: list[dict[str, An
         result = torture(runner, first.points, plan, emulator.calls)
         calls = emulator.calls()
     print(f"\n[{api}] {result.summary()}")
-    checks: dict[str, Any] = {"during the torture": result.problems}
-    assert result.final.returncode == 0, f"exit {result.final.returncode}:\n{result.final.tail(40)}\n{result.summary()}"
-    checks.update({
-        "exactly once": exactly_once_problems(calls, runner.run_dir, api,
-                                              resent_at_most=MAX_CONCURRENT * len(result.kills)),
-        "identical to the reference": output_differences(outputs, runner.run_dir),
-        "manifests validate": manifest_problems(runner.run_dir),
-        "no leftovers": leftovers(runner.root),
-        "plan finds nothing to run": [] if "0 to run" in (out := runner.plan()) else [out[-2000:]],
-    })
-    failed = "\n".join(f"{check}:\n  " + "\n  ".join(map(str, problems))
-                       for check, problems in checks.items() if problems)
-    assert not failed, f"{failed}\n\n{result.summary()}"
+    checks = end_state_checks(runner, result, outputs, calls, api, resent_at_most=MAX_CONCURRENT * len(result.kills))
+    assert not failed_checks(checks), f"{failed_checks(checks)}\n\n{result.summary()}"
     return result
 
 

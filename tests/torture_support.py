@@ -522,3 +522,29 @@ def leftovers(root: Path) -> list[str]:
     temps = [p for p in root.rglob(f".*{TMP_MARK}*")]
     scratch = [p for p in root.rglob(".download*") if p.is_dir() and any(p.iterdir())]
     return [str(p.relative_to(root)) for p in sorted(temps + scratch)]
+
+
+def end_state_checks(runner: Runner, result: TortureResult, reference: dict[str, bytes],
+                     calls: dict[str, dict[str, int]], api: str = "fireworks", resent_at_most: int = 0
+                     ) -> dict[str, list[str]]:
+    """Every check of a tortured run once it ended, by check: the final invocation exits 0, each batch was created
+    exactly once, the outputs equal the reference's, the manifests validate, nothing is left behind, and a plan
+    finds nothing to run."""
+    checks: dict[str, list[str]] = {"during the torture": list(result.problems)}
+    if result.final.returncode != 0:
+        checks["final invocation exits 0"] = [f"exit {result.final.returncode}:\n{result.final.tail(40)}"]
+        return checks
+    checks.update({
+        "exactly once": exactly_once_problems(calls, runner.run_dir, api, resent_at_most=resent_at_most),
+        "identical to the reference": output_differences(reference, runner.run_dir),
+        "manifests validate": manifest_problems(runner.run_dir),
+        "no leftovers": leftovers(runner.root),
+        "plan finds nothing to run": [] if "0 to run" in (out := runner.plan()) else [out[-2000:]],
+    })
+    return checks
+
+
+def failed_checks(checks: dict[str, list[str]], *, known: tuple[str, ...] = ()) -> str:
+    """The checks with problems (except `known` ones), one block each; empty when all passed."""
+    return "\n".join(f"{check}:\n  " + "\n  ".join(map(str, problems)) for check, problems in checks.items()
+                     if problems and check not in known)
