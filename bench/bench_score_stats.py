@@ -300,7 +300,13 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     import pipeline.stats.significance as significance
     from pipeline.data.prepared import read_prepared
-    from pipeline.parsing import PredictionColumns, combine_results, load_prediction_columns, write_predictions
+    from pipeline.parsing import (
+        PredictionColumns,
+        combine_results,
+        load_prediction_columns,
+        parse_workers,
+        write_predictions,
+    )
     from pipeline.scoring.score import ScoredColumns, per_item_csv_blocks
     from targets.atomic import dumps_json
 
@@ -316,6 +322,10 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         columns = PredictionColumns()
         with open(pred_path, "w", encoding="utf-8", newline="") as out:
             n_rows = write_predictions(sources, out, columns=columns).rows
+    workers = parse_workers(sum(path.stat().st_size for path in sources))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    parse_cpu = {"workers": workers, "children_cpu": children.ru_utime + children.ru_stime,
+                 "children_peak": children.ru_maxrss * 1024}
     with timer("parse", "save predictions.npz"):
         with open(work / "ours_predictions.npz", "wb") as fh:
             columns.save(fh)
@@ -360,7 +370,8 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         result = significance.compute_significance(per_item, temps=list(TEMPS), stats_cfg={})
     with timer("stats", "write significance.json"):
         (work / "ours_significance.json").write_text(dumps_json(result), encoding="utf-8")
-    return {"steps": timer.steps, "rows": n_rows, "per_item_rows": n_per_item, "hot": hot, "peak_rss": peak_rss_bytes()}
+    return {"steps": timer.steps, "rows": n_rows, "per_item_rows": n_per_item, "hot": hot, "peak_rss": peak_rss_bytes(),
+            "parse_processes": parse_cpu}
 
 
 def worker_original(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -505,6 +516,11 @@ def report(data: dict[str, Any], ours: dict[str, Any], orig: dict[str, Any], s_o
     print(_row("floor: orjson.loads of every line", floor, None,
                f"(any parse that decodes each line; caps the overall ratio at {_ratio(totals['orig'], floor):.1f}x)"))
     print(f"{'peak RSS (VmHWM, own subprocess)':<46}{_gib(ours['peak_rss']):>10}  {_gib(orig['peak_rss']):>12}")
+    procs = ours["parse_processes"]
+    if procs["workers"] > 1:
+        print(f"  parse ran in {procs['workers']} worker processes (one per usable core, at most 4) besides ours: "
+              f"their CPU {procs['children_cpu']:.2f} s; the largest one's peak RSS {_gib(procs['children_peak'])} "
+              "(ru_maxrss, not in the peak above). The original parses in one process.")
     per_pair = orig["walsh"]["per_pair"]
     print(f"  HL: the original answered {len(big)} of {len(orig['hl_sizes'])} HL calls (n = {sorted(set(big))}) with the "
           f"median; EXTRAPOLATED their O(n²) loop from {per_pair * 1e9:.0f} ns/pair (measured at n = "
