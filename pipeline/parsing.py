@@ -46,7 +46,8 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 _TAILS: dict[str, tuple[str, str, int, str]] = {}  # checked custom_id tails: (condition, temp, sample_index, type)
 _TAILS_MAX = 1 << 16
 _BLOCK_BYTES = 1 << 22
-_loads = orjson.loads  # about 3x json.loads on result lines; any line it refuses is decided by json.loads
+_loads = msgspec.json.Decoder().decode  # about 3x json.loads on result lines, with the same values (integers of
+# any size); what it refuses (NaN, 1e400, lone surrogates, a BOM) is decided by json.loads
 
 
 class ResultsError(ValueError):
@@ -288,16 +289,37 @@ def _answer_fields(raw: bytes) -> tuple | None:
 _NOT_JSON = object()
 
 
+class _DecodedByJson(dict):
+    """A result object that only json could decode (NaN, 1e400, lone surrogates): `result_lines` writes it back
+    with json, as orjson would write those values as null or refuse them."""
+
+
 def _decode_line(raw: bytes) -> object:
-    """`json.loads(raw)`, or `_NOT_JSON` when it fails; orjson first (about 3x faster), json for what it refuses
-    (NaN, big integers, lone surrogates), so the accepted lines and their values are json's."""
+    """`json.loads(raw)`, or `_NOT_JSON` when it fails; msgspec first (about 3x faster), json for what it refuses
+    (NaN, 1e400, lone surrogates), so the accepted lines and their values are json's (an object only json could
+    decode is a `_DecodedByJson`)."""
     try:
         return _loads(raw)
-    except orjson.JSONDecodeError:
+    except msgspec.MsgspecError:
         try:
-            return json.loads(raw)
+            obj = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return _NOT_JSON
+        return _DecodedByJson(obj) if type(obj) is dict else obj
+
+
+def result_lines(objects: Iterable[dict]) -> bytes:
+    """A part's results.jsonl: one object per line, keys sorted (the same bytes whatever order the provider sent
+    the keys in). orjson writes UTF-8; what it cannot write exactly (a `_DecodedByJson` object, passed through as a
+    dict subclass; an integer beyond 64 bits) json writes, in ASCII escapes, which json reads back exactly."""
+    dumps, option = orjson.dumps, orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_APPEND_NEWLINE
+    lines = []
+    for obj in objects:
+        try:
+            lines.append(dumps(obj, option=option))
+        except TypeError:  # orjson.JSONEncodeError
+            lines.append(json.dumps(obj, sort_keys=True).encode("ascii") + b"\n")
+    return b"".join(lines)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -635,7 +657,7 @@ def _line_fields(path: Path, raw: bytes, lineno: int) -> tuple:
     """`prediction_fields` of any result line; ResultsError / ValueError naming the file and line."""
     try:
         obj = _loads(raw)
-    except orjson.JSONDecodeError:  # orjson is stricter than json (NaN, big ints, lone surrogates): json decides
+    except msgspec.MsgspecError:  # msgspec is stricter than json (NaN, 1e400, lone surrogates): json decides
         obj = _decode_with_json(raw, path, lineno)
     if not isinstance(obj, dict):
         raise ResultsError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import budget
-from pipeline.parsing import check_part_results, has_answer, input_custom_ids, line_custom_id, merge_results, missing_result
+from pipeline.parsing import (
+    check_part_results,
+    has_answer,
+    input_custom_ids,
+    line_custom_id,
+    merge_results,
+    missing_result,
+    result_lines,
+)
 from pipeline.plan import PartRef, build_key, remote_ids
 from pipeline.progress import Progress
 from pipeline.provider import make_backend
@@ -38,7 +46,7 @@ from pipeline.tasks.remote import (
     wait,
 )
 from targets import store
-from targets.atomic import write_bytes, write_text, writer_tag
+from targets.atomic import write_bytes, writer_tag
 from targets.crashpoints import crashpoint
 from targets.fingerprint import fingerprint, sha256_file
 from targets.manifest import BuildManifest, PartRecord, TrialManifest
@@ -126,7 +134,7 @@ class DownloadPart(PartTask):
             found = [by_id.get(c) or missing_result(c, reason) for c in expected]
         progress.update(2, f"writing {len(found):,} results")
         results = self.layout.part_results(self.trial, self.jkey)
-        write_text(results, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
+        write_bytes(results, result_lines(found))
         entry = artifact_record(self.layout, results, job_key=self.jkey, rows=len(found), input_sha256=ref.sha256,
                                 request_sha256=ref.request_sha256,
                                 missing=len(missing), errors=sum(1 for o in found if not has_answer(o)))
