@@ -10,28 +10,36 @@ a run: (temp, condition) shards of 2 temps x 2 conditions x K=10 samples, cut in
 largest batch file OpenAI accepts). Each part has its request file (custom_ids in input order) and the
 provider's output file (Fireworks output-line shape, shuffled, ~0.1 % error lines, ~0.5 % `length`).
 Then, each phase in its own subprocess (its peak RSS is that process's VmHWM):
-- download: per part, what DownloadPart.run does once the output file is on disk (a LOCAL-FILE merge, not
-  through the FireworksClient): `input_custom_ids`, `merge_results`, missing ids as `missing_result`, the
-  results.jsonl write (sorted-key JSON lines), then `check_part_results` (the done predicate);
+- download: per part, what DownloadPart.run / fetch / download do, over loopback HTTP from the offline emulator:
+  the emulator (its own process, started before the phase and stopped after it, so neither its time nor its
+  memory counts) serves each part's provider file as the `BIJOutputSet.jsonl` of a READY output dataset, as a
+  finished job leaves it; the phase fetches it through `FireworksClient.download_dataset` (`:getDownloadEndpoint`,
+  signed URLs) bounded by `DownloadLimits.for_part` and a `Deadline`, after `ensure_free_space`, then `unpack`,
+  `merge_results` against the part's `input_custom_ids`, missing ids as `missing_result`, the atomic results.jsonl
+  write (sorted-key JSON lines), then `check_part_results` (the done predicate); timed in steps (read requests,
+  http fetch, unpack + merge, write, check);
 - parse: what ParsePredictions.run does: `combine_results`, `write_predictions` into predictions.csv with the
   columnar `PredictionColumns`, saved as predictions.npz;
 - score: what ScorePredictions.run does with the columnar hand-off: `load_prediction_columns`, the prepared
   items, `ScoredColumns`, per_item_scores.csv, scored_rows.npz, the summary;
 - stats: what ComputeStats.run does: per_item_scores.csv, `compute_significance` (default stats config), JSON.
 It prints the verdict first, then seconds per million lines at each size, the ratio largest/smallest size per
-phase and in total (target <= 1.2x) and the peak RSS of each phase (target < 2 GiB). Exit 0 only when every
-target is met.
+phase and in total (target <= 1.2x) and the peak RSS of each phase (target < 2 GiB), then the download and parse
+steps per million lines. Exit 0 only when every target is met.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +56,9 @@ K = 10
 PHASES = ("download", "parse", "score", "stats")
 TARGET_RATIO = 1.2
 TARGET_PEAK = 2 * 1024**3
+ACCOUNT = "emulator"  # the account pipeline.provider.client_environ gives the client of an emulator run
+MAX_TOKENS = 512  # config/experiment.yaml max_new_tokens of open_book (the larger): DownloadPart.limits' input
+DOWNLOAD_STEPS = ("read requests", "http fetch", "unpack + merge", "write", "check")
 
 
 # ---------------------------------------------------------------- data
@@ -139,26 +150,96 @@ def _parts(work: Path) -> list[str]:
     return sorted(p.name for p in (work / "requests").iterdir())
 
 
-def phase_download(work: Path) -> dict[str, Any]:
-    from pipeline.parsing import check_part_results, input_custom_ids, line_custom_id, merge_results, missing_result
+def output_dataset_id(part: str) -> str:
+    """The emulator output dataset serving `part` (`part_0003.jsonl` -> `bench-part-0003`)."""
+    return "bench-" + Path(part).stem.replace("_", "-")
 
+
+@contextmanager
+def serving_outputs(work: Path) -> Iterator[str]:
+    """The base URL of an emulator process serving each part's provider file as the output of a finished job: an
+    output dataset (the record `Emulator._write_output` stores) whose `BIJOutputSet.jsonl` is that file, hard-linked
+    (the 10M data is 5 GB), and an empty `error-data` (a job's output always has it). Stopped on exit."""
+    from pipeline.emulator.api import ERROR_FILE, OUTPUT_FILE, output_dataset_record
+    from pipeline.emulator.process import ensure_emulator, stop_emulator
+    from pipeline.emulator.store import Store
+
+    state = work / "emulator_state"
+    stop_emulator(state)  # one left by an interrupted run would keep serving the old state
+    shutil.rmtree(state, ignore_errors=True)
+    store = Store(state)
+    now = time.time_ns()
+    for name in _parts(work):
+        dataset = output_dataset_id(name)
+        files_dir = store.files_dir(ACCOUNT, dataset)
+        files_dir.mkdir(parents=True)
+        provider = work / "provider" / name
+        try:
+            os.link(provider, files_dir / OUTPUT_FILE)
+        except OSError:  # another file system, or no hard links there
+            shutil.copyfile(provider, files_dir / OUTPUT_FILE)
+        (files_dir / ERROR_FILE).write_bytes(b"")
+        with open(work / "requests" / name, "rb") as fh:  # one provider line per request, as generate() writes
+            lines = sum(1 for _ in fh)
+        store.put(ACCOUNT, "datasets", output_dataset_record(
+            f"accounts/{ACCOUNT}/datasets/{dataset}", f"accounts/{ACCOUNT}/batchInferenceJobs/{dataset}",
+            {OUTPUT_FILE: provider.stat().st_size, ERROR_FILE: 0}, example_count=lines, end_ns=now))
+    # No job is created, so the emulator's job latency plays no part; idle exit only if this process dies.
+    url = ensure_emulator(state, answer_key=None)
+    try:
+        yield url
+    finally:
+        stop_emulator(state)
+
+
+def phase_download(work: Path, base_url: str) -> dict[str, Any]:
+    from pipeline.parsing import check_part_results, input_custom_ids, line_custom_id, merge_results, missing_result
+    from pipeline.provider import EMULATOR_BACKOFF_S, EMULATOR_KEY
+    from pipeline.providers.fireworks import FireworksClient
+    from pipeline.providers.limits import Deadline, DownloadLimits, ensure_free_space
+    from pipeline.tasks.download import unpack
+    from targets.atomic import write_text
+
+    # As make_backend builds the client of an emulator run: its URL (loopback http allowed), a placeholder key.
+    client = FireworksClient.from_env({"FIREWORKS_API_KEY": EMULATOR_KEY, "FIREWORKS_ACCOUNT_ID": ACCOUNT,
+                                       "FIREWORKS_BASE_URL": base_url})
+    client.backoff_s = EMULATOR_BACKOFF_S
     out_dir = work / "results"
     out_dir.mkdir(exist_ok=True)
+    scratch = work / ".download"  # what a part downloads and unpacks; removed after each part, as DownloadPart.fetch
+    steps = dict.fromkeys(DOWNLOAD_STEPS, 0.0)
     rows = bad = 0
-    for name in _parts(work):  # as DownloadPart.run, once the provider's output file is on disk
+    for name in _parts(work):  # as DownloadPart.run, fetch and download, one attempt (the data is complete)
+        dataset = output_dataset_id(name)
+        what = f"download of {name} (output dataset {dataset})"
+        started = time.perf_counter()
         expected = input_custom_ids(work / "requests" / name)
-        found, _problems = merge_results([work / "provider" / name], expected)
+        limits = DownloadLimits.for_part(len(expected), max_tokens=MAX_TOKENS)
+        read = time.perf_counter()
+        try:
+            ensure_free_space(scratch, limits.max_bytes, what)
+            files = client.download_dataset(dataset, scratch / "rest", max_bytes=limits.max_bytes,
+                                            deadline=Deadline(limits.deadline_s, what))
+            fetched = time.perf_counter()
+            ensure_free_space(scratch, limits.max_bytes, f"unpacking the {what}")
+            found, _problems = merge_results(unpack(files, scratch / "unpacked", limits.max_bytes), expected)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         answered = {line_custom_id(o) for o in found}
         missing = [c for c in expected if c not in answered]
         if missing:
             by_id = {line_custom_id(o): o for o in found}
             found = [by_id.get(c) or missing_result(c, "no result") for c in expected]
-        (out_dir / name).write_text("".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found),
-                                    encoding="utf-8")
+        merged = time.perf_counter()
+        write_text(out_dir / name, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
+        written = time.perf_counter()
         check = check_part_results(out_dir / name, expected)  # DownloadPart's done predicate
         rows += check.rows
         bad += not check.valid
-    return {"rows": rows, "invalid_parts": bad}
+        for step, seconds in zip(DOWNLOAD_STEPS, (read - started, fetched - read, merged - fetched, written - merged,
+                                                  time.perf_counter() - written), strict=True):
+            steps[step] += seconds
+    return {"rows": rows, "invalid_parts": bad, "steps": steps}
 
 
 def phase_parse(work: Path) -> dict[str, Any]:
@@ -221,14 +302,17 @@ def phase_stats(work: Path) -> dict[str, Any]:
     return {"per_item_rows": len(per_item)}
 
 
-PHASE_FUNCS = {"download": phase_download, "parse": phase_parse, "score": phase_score, "stats": phase_stats}
+PHASE_FUNCS = {"parse": phase_parse, "score": phase_score, "stats": phase_stats}  # download needs its emulator
 
 
 def run_phase(name: str, work: Path) -> dict[str, Any]:
     """`name` in a fresh interpreter: its wall time (after the imports, which do not grow with the lines) and
-    peak RSS."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--phase", name, "--workdir", str(work)],
-                          stdout=subprocess.PIPE, text=True, check=False)
+    peak RSS. The download phase's emulator runs around it, in a process of its own."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--workdir", str(work)]
+    with serving_outputs(work) if name == "download" else nullcontext(None) as url:
+        if url is not None:
+            argv += ["--emulator-url", url]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"phase {name} failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -244,7 +328,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, help="where the data goes (default /tmp/scale_bench); kept and reused "
                     "when given, deleted at the end otherwise")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--emulator-url", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.phase == "download" and not args.emulator_url:
+        ap.error("--phase download needs --emulator-url (run_phase starts the emulator)")
     default = "100000,1000000" if args.quick else "1000000,10000000"
     args.sizes = [int(s) for s in (args.lines or default).split(",")]
     return args
@@ -257,11 +344,16 @@ def main(argv: list[str]) -> int:
         import pandas  # noqa: F401
 
         import pipeline.parsing
+        import pipeline.providers.fireworks
         import pipeline.scoring.score
-        import pipeline.stats.significance  # noqa: F401
+        import pipeline.stats.significance
+        import pipeline.tasks.download  # noqa: F401
 
         start = time.perf_counter()
-        result = PHASE_FUNCS[args.phase](args.workdir)
+        if args.phase == "download":
+            result = phase_download(args.workdir, args.emulator_url)
+        else:
+            result = PHASE_FUNCS[args.phase](args.workdir)
         print(json.dumps({**result, "seconds": time.perf_counter() - start, "peak_rss": gen.peak_rss_bytes()}))
         return 0
     root = args.workdir or Path("/tmp/scale_bench")
@@ -308,12 +400,15 @@ def report(sizes: list[int], data: dict[int, dict[str, Any]], results: dict[int,
             cells.append(f"{per_million(size, phase):10.2f}   {peak / 1024**3:8.2f}")
         ratio = per_million(large, phase) / per_million(small, phase)
         print(f"{phase or 'total':<10}" + "".join(f"{c:>26}" for c in cells) + f"{ratio:7.2f}x")
-    for size in sizes:
-        steps = results[size]["parse"]["steps"]
-        print(f"  parse at {size:,}: " + ", ".join(f"{k} {v / (data[size]['lines'] / 1e6):.2f} s/M" for k, v in steps.items()))
+    for phase in ("download", "parse"):
+        for size in sizes:
+            steps = results[size][phase]["steps"]
+            print(f"  {phase} at {size:,}: "
+                  + ", ".join(f"{k} {v / (data[size]['lines'] / 1e6):.2f} s/M" for k, v in steps.items()))
     for size in sizes:
         print(f"  {size:,}: {data[size]}; rows parsed {results[size]['parse']['rows']:,}, per-item rows "
-              f"{results[size]['score']['per_item_rows']:,}; download is a local-file merge (no HTTP)")
+              f"{results[size]['score']['per_item_rows']:,}; download over loopback HTTP from the emulator "
+              "(FireworksClient.download_dataset)")
     return 0 if passed else 1
 
 

@@ -465,10 +465,18 @@ class Emulator:
             data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
             write_bytes(files_dir / name, data)
             files[name] = len(data)
-        self.store.put(acct, "datasets", {
-            "id": output_id, "name": record["outputDatasetId"], "displayName": "", "exampleCount": len(results),
-            "format": "FORMAT_UNSPECIFIED", "userUploaded": False, "state": "READY", "sourceJobName": record["name"],
-            "files": files, "pending": {}, "create_ns": end_ns, "update_ns": end_ns})
+        self.store.put(acct, "datasets", output_dataset_record(record["outputDatasetId"], record["name"], files,
+                                                               example_count=len(results), end_ns=end_ns))
+
+
+def output_dataset_record(name: str, job_name: str, files: dict[str, int], *, example_count: int,
+                          end_ns: int) -> dict[str, Any]:
+    """The stored record of job `job_name`'s output dataset `name` (`accounts/<acct>/datasets/<id>`): READY, holding
+    `files` ({file name: bytes}, already under `Store.files_dir`). Public so that a benchmark can serve outputs of
+    its own making exactly as a job's (bench/bench_download_scale.py)."""
+    return {"id": name.rsplit("/", 1)[-1], "name": name, "displayName": "", "exampleCount": example_count,
+            "format": "FORMAT_UNSPECIFIED", "userUploaded": False, "state": "READY", "sourceJobName": job_name,
+            "files": files, "pending": {}, "create_ns": end_ns, "update_ns": end_ns}
 
 
 def _progress(record: dict[str, Any], total: int, results: list[dict[str, Any]],
