@@ -193,12 +193,19 @@ def serving_outputs(work: Path) -> Iterator[str]:
 
 
 def phase_download(work: Path, base_url: str) -> dict[str, Any]:
-    from pipeline.parsing import check_part_results, input_custom_ids, line_custom_id, merge_results, missing_result
+    from pipeline.parsing import (
+        check_part_results,
+        input_custom_ids,
+        line_custom_id,
+        merge_results,
+        missing_result,
+        result_lines,
+    )
     from pipeline.provider import EMULATOR_BACKOFF_S, EMULATOR_KEY
     from pipeline.providers.fireworks import FireworksClient
     from pipeline.providers.limits import Deadline, DownloadLimits, ensure_free_space
     from pipeline.tasks.download import unpack
-    from targets.atomic import write_text
+    from targets.atomic import write_bytes
 
     # As make_backend builds the client of an emulator run: its URL (loopback http allowed), a placeholder key.
     client = FireworksClient.from_env({"FIREWORKS_API_KEY": EMULATOR_KEY, "FIREWORKS_ACCOUNT_ID": ACCOUNT,
@@ -231,7 +238,7 @@ def phase_download(work: Path, base_url: str) -> dict[str, Any]:
             by_id = {line_custom_id(o): o for o in found}
             found = [by_id.get(c) or missing_result(c, "no result") for c in expected]
         merged = time.perf_counter()
-        write_text(out_dir / name, "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in found))
+        write_bytes(out_dir / name, result_lines(found))
         written = time.perf_counter()
         check = check_part_results(out_dir / name, expected)  # DownloadPart's done predicate
         rows += check.rows
