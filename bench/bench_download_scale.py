@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -361,7 +362,11 @@ def main(argv: list[str]) -> int:
             result = phase_download(args.workdir, args.emulator_url)
         else:
             result = PHASE_FUNCS[args.phase](args.workdir)
-        print(json.dumps({**result, "seconds": time.perf_counter() - start, "peak_rss": gen.peak_rss_bytes()}))
+        seconds = time.perf_counter() - start
+        # parse's worker processes (pipeline.parsing.parse_workers) count too: the largest one's peak, their CPU
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(json.dumps({**result, "seconds": seconds, "peak_rss": max(gen.peak_rss_bytes(), children.ru_maxrss * 1024),
+                          "children_cpu": children.ru_utime + children.ru_stime}))
         return 0
     root = args.workdir or Path("/tmp/scale_bench")
     results: dict[int, dict[str, dict[str, Any]]] = {}
@@ -412,6 +417,11 @@ def report(sizes: list[int], data: dict[int, dict[str, Any]], results: dict[int,
             steps = results[size][phase]["steps"]
             print(f"  {phase} at {size:,}: "
                   + ", ".join(f"{k} {v / (data[size]['lines'] / 1e6):.2f} s/M" for k, v in steps.items()))
+    for size in sizes:
+        cpu = results[size]["parse"].get("children_cpu", 0.0)
+        if cpu:
+            print(f"  parse at {size:,}: worker processes' CPU {cpu / (data[size]['lines'] / 1e6):.2f} s/M "
+                  "(pipeline.parsing.parse_workers; the peak above includes the largest worker's)")
     for size in sizes:
         print(f"  {size:,}: {data[size]}; rows parsed {results[size]['parse']['rows']:,}, per-item rows "
               f"{results[size]['score']['per_item_rows']:,}; download over loopback HTTP from the emulator "

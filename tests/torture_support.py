@@ -548,3 +548,35 @@ def failed_checks(checks: dict[str, list[str]], *, known: tuple[str, ...] = ()) 
     """The checks with problems (except `known` ones), one block each; empty when all passed."""
     return "\n".join(f"{check}:\n  " + "\n  ".join(map(str, problems)) for check, problems in checks.items()
                      if problems and check not in known)
+
+
+LOCAL_MAX_CONCURRENT = 4  # provider.max_concurrent_requests of the local runs (the default)
+
+
+def tortured_provider_run(tmp_path: Path, api: str, plan: KillPlan, faults: list[dict[str, Any]] | None = None,
+                          rid: str = "torture") -> TortureResult:
+    """A reference run, then a tortured one, each against a fresh emulator speaking `api` with `faults`; asserts
+    every end-state check (a local server may answer at most the requests in flight at each kill twice)."""
+    (tmp_path / "shared").mkdir()
+    config = write_config(tmp_path / "shared", api=api)
+    with EmulatorProcess(tmp_path / "reference-emulator") as emulator:
+        if faults:
+            emulator.set_faults(faults)
+        reference = Runner(rid=rid, root=tmp_path / "reference", config=config, base_url=emulator.base_url,
+                           logs=tmp_path / "reference-logs")
+        first = reference.run()
+    assert first.returncode == 0, first.tail(40)
+    outputs = snapshot_outputs(reference.run_dir)
+    assert len(outputs) == 2 * len(COMPARED_FILES), sorted(outputs)
+
+    with EmulatorProcess(tmp_path / "torture-emulator") as emulator:
+        if faults:
+            emulator.set_faults(faults)
+        runner = Runner(rid=rid, root=tmp_path / "torture", config=config, base_url=emulator.base_url,
+                        logs=tmp_path / "torture-logs")
+        result = torture(runner, first.points, plan, emulator.calls)
+        calls = emulator.calls()
+    print(f"\n[{api}] {result.summary()}")
+    checks = end_state_checks(runner, result, outputs, calls, api, resent_at_most=LOCAL_MAX_CONCURRENT * len(result.kills))
+    assert not failed_checks(checks), f"{failed_checks(checks)}\n\n{result.summary()}"
+    return result
