@@ -786,11 +786,20 @@ def _stable_hash(text: str) -> int:
                           signed=True)
 
 
+def _global_codes(table: dict[str, int], keys: list[str]) -> np.ndarray:
+    """The codes of distinct `keys` in `table`, new keys added in their order with the next codes (as
+    `table.setdefault(key, len(table))` for each, with the loops in C: a span has about one key per row)."""
+    fresh = set(keys).difference(table)
+    if fresh:
+        start = len(table)
+        table.update(zip(filter(fresh.__contains__, keys), range(start, start + len(fresh)), strict=True))
+    return np.fromiter(map(table.__getitem__, keys), dtype=np.int32, count=len(keys))
+
+
 def _add_span_columns(columns: PredictionColumns, span: tuple) -> None:
     """Append a span's rows to `columns`, its codes mapped to the global ones (first appearance stays first)."""
     cells, cell_codes, status, responses, response_codes = span
-    cell_map = np.array([columns.cells.setdefault(c, len(columns.cells)) for c in cells], dtype=np.int32)
-    response_map = np.array([columns.responses.setdefault(r, len(columns.responses)) for r in responses], dtype=np.int32)
+    cell_map, response_map = _global_codes(columns.cells, cells), _global_codes(columns.responses, responses)
     columns.cell.frombytes(cell_map[np.frombuffer(cell_codes, dtype=np.int32)].tobytes())
     columns.status.frombytes(status)
     columns.response.frombytes(response_map[np.frombuffer(response_codes, dtype=np.int32)].tobytes())
