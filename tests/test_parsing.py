@@ -203,7 +203,7 @@ def test_cache_counts_are_the_last_columns(tmp_path: Path) -> None:
         ("20", "5"), ("16", "0"), ("0", "0"), ("0", "2")]
 
 
-def test_json_that_orjson_refuses_goes_through_json(tmp_path: Path) -> None:
+def test_json_that_the_fast_decoder_refuses_goes_through_json(tmp_path: Path) -> None:
     lines = ['{"custom_id": "' + cid(0) + '", "response": {"content": "nan", "usage": {"prompt_tokens": NaN}}}',
              '{"custom_id": "' + cid(1) + '", "response": {"content": "big", "usage": {"prompt_tokens": ' + str(2**70) + "}}}",
              '{"custom_id": "' + cid(2) + '", "response": {"content": "lone \\ud800 surrogate"}}']
@@ -406,3 +406,22 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ")[-1][:1] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_result_lines_write_back_exactly_what_was_read() -> None:
+    """results.jsonl lines: json reads back the values of the line they came from (NaN, 1e400, integers beyond 64 bits,
+    lone surrogates, non-ASCII text included), with sorted keys, so the provider's key order does not matter."""
+    raw = [b'{"b": 1, "a": {"z": NaN, "y": [1e400, -0.0]}}', b'{"custom_id": "x", "n": 123456789012345678901234567890}',
+           b'{"n": -9223372036854775809, "s": "lone \\ud800 surrogate"}',
+           json.dumps({"t": "Théâtre «Odéon» 北京 \u2028 \"q\" \\", "f": 1.5e-07, "i": 2**64 - 1},
+                      ensure_ascii=False).encode(),
+           b'{"nested": {"b": [{"d": 1, "c": 2}], "a": null}, "e": true}']
+    objects = [parsing._decode_line(line) for line in raw]
+    written = parsing.result_lines(objects).splitlines()
+    assert len(written) == len(raw)
+    for line, out in zip(raw, written, strict=True):
+        canonical = [json.dumps(json.loads(text), sort_keys=True) for text in (out, line)]  # NaN equals itself
+        assert canonical[0] == canonical[1], out
+        assert list(json.loads(out)) == sorted(json.loads(line)), "keys sorted"
+    reordered = [parsing._decode_line(json.dumps(dict(reversed(json.loads(line).items()))).encode()) for line in raw]
+    assert parsing.result_lines(reordered) == parsing.result_lines(objects)
