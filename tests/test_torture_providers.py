@@ -20,8 +20,9 @@ from tests.torture_support import KillPlan, tortured_provider_run
 pytestmark = [pytest.mark.torture, pytest.mark.slow]
 SEED = int(os.environ.get("TORTURE_SEED", "20251124"))
 # Anthropic and local runs have fewer crash points per part (no upload step): a denser body plan for 50+ kills.
-# OpenAI's sparser one still kills in every phase (59 kills, measured).
-PLANS = {"openai": KillPlan(seed=SEED, body_kills=24, tail_max_step=12, parent_kills=3),
+# (A sparser OpenAI plan of 24 body kills gave 59 kills on a quiet machine but 49 under CI load, where the parent
+# kills land elsewhere: the plans keep a wide margin over 50.)
+PLANS = {"openai": KillPlan(seed=SEED, body_kills=56, tail_max_step=6, parent_kills=3),
          "anthropic": KillPlan(seed=SEED, body_kills=90, tail_max_step=4, parent_kills=3),
          "local": KillPlan(seed=SEED, body_kills=90, tail_max_step=4, parent_kills=3)}
 
