@@ -197,10 +197,9 @@ def phase_download(work: Path, base_url: str) -> dict[str, Any]:
     from pipeline.parsing import (
         check_part_results,
         input_custom_ids,
-        line_custom_id,
         merge_results,
-        missing_result,
         result_lines,
+        with_missing,
     )
     from pipeline.provider import EMULATOR_BACKOFF_S, EMULATOR_KEY
     from pipeline.providers.fireworks import FireworksClient
@@ -233,11 +232,7 @@ def phase_download(work: Path, base_url: str) -> dict[str, Any]:
             found, _problems = merge_results(unpack(files, scratch / "unpacked", limits.max_bytes), expected)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        answered = {line_custom_id(o) for o in found}
-        missing = [c for c in expected if c not in answered]
-        if missing:
-            by_id = {line_custom_id(o): o for o in found}
-            found = [by_id.get(c) or missing_result(c, "no result") for c in expected]
+        found, _missing = with_missing(found, expected, "no result")
         merged = time.perf_counter()
         write_bytes(out_dir / name, result_lines(found))
         written = time.perf_counter()

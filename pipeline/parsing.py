@@ -237,8 +237,8 @@ _decode_answer = msgspec.json.Decoder(_Line).decode
 
 def _answer_fields(raw: bytes) -> tuple | None:
     """`prediction_fields` of a line in the usual answer shape, decoding only the fields it reads; None for any
-    other line, which `prediction_fields` then decides. The usual shape: a custom_id whose tail was already
-    checked, `choices[0].message.content` a string, token counts integers below 2**53, usage in one place, and
+    other line, which `prediction_fields` then decides. The usual shape: a valid custom_id,
+    `choices[0].message.content` a string, token counts integers below 2**53, usage in one place, and
     every other field it reads of the type that shape has (tests/test_parsing.py compares the two on many shapes).
 
     msgspec refuses what json reads differently (NaN, 1e400, lone surrogates), so those lines take the slow path.
@@ -260,9 +260,9 @@ def _answer_fields(raw: bytes) -> tuple | None:
     text = message.content if message is not None else None
     if text is None:
         return None
-    fields = cid.split("|", 2)
-    tail = _TAILS.get(fields[-1]) if len(fields) == 3 else None
-    if tail is None:
+    try:
+        id_fields = _custom_id_fields(cid)
+    except ValueError:  # the general path reports it, naming the file and line
         return None
     usage = response.usage
     if usage is None:
@@ -282,7 +282,7 @@ def _answer_fields(raw: bytes) -> tuple | None:
         total = total or prompt + completion
         cache_read = max(cache_read or 0, 0)
         cache_write = max(cache_write or 0, 0)
-    return (cid, fields[0], fields[1], *tail, str(response.request_id or response.id or body.id or ""),
+    return (cid, *id_fields, str(response.request_id or response.id or body.id or ""),
             str(first.finish_reason or ""), text.strip(), prompt, completion, total, "", cache_read, cache_write)
 
 
@@ -438,6 +438,17 @@ def merge_results(sources: Iterable[Path], expected: list[str]) -> tuple[list[di
 def missing_result(custom_id: str, reason: str) -> dict:
     """The line that accounts for a request the provider returned nothing for."""
     return {"custom_id": custom_id, "error": {"code": "missing", "message": reason}}
+
+
+def with_missing(found: list[dict], expected: list[str], reason: str) -> tuple[list[dict], list[str]]:
+    """(`found` in `expected` order with a `missing_result` for each request it has no line for, those requests);
+    `found` as it is when it answers every request (as `merge_results` returns it: in input order)."""
+    answered = {line_custom_id(o) for o in found}
+    missing = [c for c in expected if c not in answered]
+    if not missing:
+        return found, missing
+    by_id = {line_custom_id(o): o for o in found}
+    return [by_id.get(c) or missing_result(c, reason) for c in expected], missing
 
 
 class _CsvLines:

@@ -22,8 +22,8 @@ from pipeline.parsing import (
     input_custom_ids,
     line_custom_id,
     merge_results,
-    missing_result,
     result_lines,
+    with_missing,
 )
 from pipeline.plan import PartRef, build_key, remote_ids
 from pipeline.progress import Progress
@@ -124,14 +124,11 @@ class DownloadPart(PartTask):
         progress.update(1, f"checking {len(found):,} lines against {len(expected):,} requests")
         if make_backend(self.run_ctx).resends_failed:
             found = self.resend_failed(ref, record, found, expected)
-        answered = {line_custom_id(o) for o in found}
-        missing = [c for c in expected if c not in answered]
+        reason = f"no result in output dataset {record.output_dataset_id} (job {record.provider_state})"
+        found, missing = with_missing(found, expected, reason)
         if missing:
-            reason = f"no result in output dataset {record.output_dataset_id} (job {record.provider_state})"
             log.warning("part %s: %d of %d requests have no result; recorded as provider errors (%s)",
                         self.jkey, len(missing), len(expected), problems[0] if problems else reason)
-            by_id = {line_custom_id(o): o for o in found}
-            found = [by_id.get(c) or missing_result(c, reason) for c in expected]
         progress.update(2, f"writing {len(found):,} results")
         results = self.layout.part_results(self.trial, self.jkey)
         write_bytes(results, result_lines(found))
